@@ -1,0 +1,1 @@
+"""mtls-fleet broker: an amqtt-based MQTT broker that requires client certificates."""

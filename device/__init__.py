@@ -1,0 +1,1 @@
+"""mtls-fleet devices: simulated certificate-holding devices built on paho-mqtt."""

@@ -1,0 +1,65 @@
+"""mtls-fleet's fleet controller: certificate authority, registry, provisioning, revocation.
+
+The public API; the CLI (:mod:`fleet.cli`) is a thin layer over it.
+"""
+
+from fleet.bundles import export_pkcs12
+from fleet.ca import CertificateAuthority, RevokedEntry, create_intermediate_ca, create_root_ca
+from fleet.config import FleetConfig
+from fleet.durations import parse_duration, parse_instant, parse_positive_duration
+from fleet.errors import (
+    CertificateError,
+    FleetError,
+    ProvisioningInterrupted,
+    RegistryError,
+    UnknownDeviceError,
+    UsageError,
+    WorkspaceError,
+)
+from fleet.identity import DeviceIdentity, identity_from_certificate
+from fleet.keys import KeyType, generate_private_key
+from fleet.provisioning import (
+    ProvisionResult,
+    ProvisionSpec,
+    provision_devices,
+    provision_from_csr,
+)
+from fleet.registry import DeviceRecord, Registry
+from fleet.revocation import RevocationResult, publish_crl, revoke_device
+from fleet.workspace import Workspace, WorkspacePaths, init_workspace, issue_broker_certificate
+
+__all__ = [
+    "CertificateAuthority",
+    "CertificateError",
+    "DeviceIdentity",
+    "DeviceRecord",
+    "FleetConfig",
+    "FleetError",
+    "KeyType",
+    "ProvisionResult",
+    "ProvisionSpec",
+    "ProvisioningInterrupted",
+    "Registry",
+    "RegistryError",
+    "RevocationResult",
+    "RevokedEntry",
+    "UnknownDeviceError",
+    "UsageError",
+    "Workspace",
+    "WorkspaceError",
+    "WorkspacePaths",
+    "create_intermediate_ca",
+    "create_root_ca",
+    "export_pkcs12",
+    "generate_private_key",
+    "identity_from_certificate",
+    "init_workspace",
+    "issue_broker_certificate",
+    "parse_duration",
+    "parse_instant",
+    "parse_positive_duration",
+    "provision_devices",
+    "provision_from_csr",
+    "publish_crl",
+    "revoke_device",
+]

@@ -1,0 +1,406 @@
+"""The ``fleet`` command line: thin commands over the library; only this layer exits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from cryptography import x509
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleet.bundles import export_pkcs12
+from fleet.ca import REVOCATION_REASONS, parse_revocation_reason
+from fleet.config import FleetConfig
+from fleet.durations import parse_instant, parse_positive_duration
+from fleet.errors import FleetError
+from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
+from fleet.inspect import describe_certificate
+from fleet.keys import KeyType
+from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
+from fleet.registry import DeviceRecord
+from fleet.revocation import publish_crl, revoke_device
+from fleet.workspace import DEFAULT_DIR, Workspace, init_workspace
+
+app = typer.Typer(
+    name="fleet",
+    help="mtls-fleet: a certificate authority, registry and test bench for mutual-TLS IoT fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+crl_app = typer.Typer(
+    help="Publish and inspect the certificate revocation list.", no_args_is_help=True
+)
+app.add_typer(crl_app, name="crl")
+
+out = Console()
+err = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DirOption = Annotated[
+    Path, typer.Option("--dir", "-d", help="The fleet workspace directory.", envvar="FLEET_DIR")
+]
+
+
+def _friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn a :class:`FleetError` into one line on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except FleetError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@_friendly_errors
+def init(
+    directory: DirOption = DEFAULT_DIR,
+    trust_domain: Annotated[
+        str, typer.Option(help="SPIFFE trust domain of device identities.")
+    ] = "fleet.local",
+    key_type: Annotated[
+        str, typer.Option(help="ec-p256, ec-p384, rsa2048 or rsa3072.")
+    ] = "ec-p256",
+    host: Annotated[
+        list[str] | None, typer.Option(help="Extra broker host name or IP (repeatable).")
+    ] = None,
+    device_valid_for: Annotated[str, typer.Option(help="Default device validity.")] = "90d",
+    crl_valid_for: Annotated[
+        str, typer.Option(help="CRL lifetime: nextUpdate - thisUpdate.")
+    ] = "7d",
+    crl_url: Annotated[
+        str | None, typer.Option(help="CRL distribution point URL embedded in certificates.")
+    ] = None,
+) -> None:
+    """Create a workspace: root and issuing CA, broker certificate, empty CRL, registry."""
+    config = FleetConfig(
+        trust_domain=validate_trust_domain(trust_domain),
+        key_type=KeyType.parse(key_type),
+        device_valid_for=parse_positive_duration(device_valid_for),
+        crl_valid_for=parse_positive_duration(crl_valid_for),
+        crl_url=crl_url,
+    )
+    workspace = init_workspace(directory, config=config, hosts=host or ())
+    out.print(
+        f"initialised fleet workspace [bold]{directory}[/] (trust domain {config.trust_domain})"
+    )
+    out.print(f"  trust anchor   {workspace.paths.root_cert}")
+    out.print(f"  broker chain   {workspace.paths.server_cert}")
+    out.print(f"  CRL            {workspace.paths.crl}")
+    out.print(f"  registry       {workspace.paths.db}")
+
+
+@app.command()
+@_friendly_errors
+def provision(
+    directory: DirOption = DEFAULT_DIR,
+    count: Annotated[int, typer.Option("--count", "-n", help="How many devices.")] = 1,
+    prefix: Annotated[
+        str, typer.Option(help="Device ids are PREFIX-00001, PREFIX-00002, ...")
+    ] = "device",
+    tier: Annotated[str, typer.Option(help=f"One of {', '.join(TIERS)}.")] = "bronze",
+    env: Annotated[str, typer.Option(help=f"One of {', '.join(ENVIRONMENTS)}.")] = "prod",
+    valid_for: Annotated[
+        str | None, typer.Option(help="Validity, e.g. 90d, 12h, 30s (default: the workspace's).")
+    ] = None,
+    not_before: Annotated[
+        str | None, typer.Option(help="Start of validity: ISO 8601, 'now' or relative (-2d, +1h).")
+    ] = None,
+    key_type: Annotated[
+        str | None, typer.Option(help="ec-p256, ec-p384, rsa2048 or rsa3072.")
+    ] = None,
+    csr: Annotated[
+        Path | None, typer.Option(help="Sign this device-generated CSR instead (needs --id).")
+    ] = None,
+    device_id: Annotated[str | None, typer.Option("--id", help="Device id for --csr.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes to use (default: one per core).")
+    ] = None,
+) -> None:
+    """Create devices, each with its own key and certificate (or sign one device's CSR)."""
+    workspace = Workspace.open(directory)
+    now = dt.datetime.now(dt.UTC)
+    validity = parse_positive_duration(valid_for) if valid_for else None
+    start = parse_instant(not_before, now=now) if not_before else None
+    if csr is not None:
+        _provision_csr(
+            workspace, csr, device_id, tier=tier, env=env, valid_for=validity, not_before=start
+        )
+        return
+    if device_id is not None:
+        raise FleetError("--id is only used with --csr; use --prefix and --count for new keys")
+    spec = ProvisionSpec(
+        count=count,
+        prefix=prefix,
+        tier=tier,
+        env=env,
+        valid_for=validity,
+        not_before=start,
+        key_type=KeyType.parse(key_type) if key_type else None,
+    )
+    spec.validate()
+    with _progress_reporter("provisioning") as report:
+        result = provision_devices(workspace, spec, workers=workers, progress=report, now=now)
+    rate = len(result.device_ids) / result.elapsed_s if result.elapsed_s else float("inf")
+    first, last = result.device_ids[0], result.device_ids[-1]
+    span = first if first == last else f"{first} .. {last}"
+    out.print(
+        f"provisioned {len(result.device_ids)} devices ({span}) in {result.elapsed_s:.2f} s "
+        f"({rate:,.0f} devices/s, {result.workers} process(es)); tier {spec.tier}, env {spec.env}, "
+        f"valid {result.not_before:%Y-%m-%d %H:%M:%S} .. {result.not_after:%Y-%m-%d %H:%M:%S} UTC",
+        highlight=False,
+    )
+
+
+def _provision_csr(
+    workspace: Workspace,
+    csr: Path,
+    device_id: str | None,
+    **options: Any,
+) -> None:
+    if device_id is None:
+        raise FleetError("--csr needs --id: the id the device will have")
+    try:
+        data = csr.read_bytes()
+    except OSError as exc:
+        raise FleetError(f"{csr}: cannot read the CSR ({exc.strerror})") from exc
+    cert = provision_from_csr(workspace, data, device_id=device_id, **options)
+    out.print(
+        f"signed the CSR of {device_id}: serial {cert.serial_number:X}, "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC -> "
+        f"{workspace.paths.device_cert(device_id)}",
+        highlight=False,
+    )
+
+
+class _progress_reporter:
+    """A rich progress bar on a terminal; a plain line at every tenth elsewhere (CI logs)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.reported_tenth = -1
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        if err.is_terminal:
+            # auto_refresh=False: no refresh thread, so worker processes can be forked safely.
+            self.progress = Progress(
+                TextColumn(self.label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                auto_refresh=False,
+                transient=True,
+            )
+            self.progress.start()
+        return self.report
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task(self.label, total=total)
+            self.progress.update(self.task, completed=done)
+            self.progress.refresh()
+            return
+        tenth = done * 10 // total
+        if tenth > self.reported_tenth:
+            self.reported_tenth = tenth
+            print(f"{self.label}: {done}/{total}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+@_friendly_errors
+def revoke(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to revoke.")],
+    directory: DirOption = DEFAULT_DIR,
+    reason: Annotated[
+        str, typer.Option(help=f"One of {', '.join(REVOCATION_REASONS)}.")
+    ] = "unspecified",
+) -> None:
+    """Revoke a device and publish a fresh CRL (DIR/ca/crl.pem, replaced atomically)."""
+    flag = parse_revocation_reason(reason)
+    workspace = Workspace.open(directory)
+    result = revoke_device(workspace, device_id, reason=flag)
+    if not result.changed:
+        out.print(f"{device_id} was already revoked; nothing changed")
+        return
+    serials = ", ".join(format(s, "X") for s in result.revoked_serials)
+    out.print(
+        f"revoked {device_id} (serial {serials}, reason {reason}); "
+        f"CRL #{result.crl_number} published to {workspace.paths.crl}",
+        highlight=False,
+    )
+
+
+def _device_json(
+    workspace: Workspace, record: DeviceRecord, now: dt.datetime, soon: dt.timedelta
+) -> dict[str, Any]:
+    key_path = workspace.paths.device_key(record.device_id)
+    return {
+        "id": record.device_id,
+        "serial": format(record.serial, "X"),
+        "tier": record.tier,
+        "env": record.env,
+        "status": record.effective_status(now),
+        "key_type": record.key_type,
+        "not_before": record.not_before.isoformat(),
+        "not_after": record.not_after.isoformat(),
+        "days_left": round((record.not_after - now).total_seconds() / 86400, 2),
+        "expiring_soon": record.status != "revoked" and now < record.not_after <= now + soon,
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "revocation_reason": record.revocation_reason,
+        "cert_path": str(workspace.paths.device_cert(record.device_id)),
+        "key_path": str(key_path) if record.key_source == "generated" else None,
+    }
+
+
+_STATUSES = ("active", "revoked", "expired", "not-yet-valid")
+
+
+@app.command()
+@_friendly_errors
+def inventory(
+    directory: DirOption = DEFAULT_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    expiring_within: Annotated[
+        str | None, typer.Option(help="Only devices whose certificate ends within this (e.g. 7d).")
+    ] = None,
+    status: Annotated[str | None, typer.Option(help=f"Only one of {', '.join(_STATUSES)}.")] = None,
+    limit: Annotated[
+        int, typer.Option(help="Show at most this many rows in the table (0: all).")
+    ] = 0,
+) -> None:
+    """List devices with their certificate status and expiry."""
+    if status is not None and status not in _STATUSES:
+        raise FleetError(f"invalid --status {status!r}: choose one of {', '.join(_STATUSES)}")
+    workspace = Workspace.open(directory)
+    now = dt.datetime.now(dt.UTC)
+    soon = parse_positive_duration(expiring_within) if expiring_within else dt.timedelta(days=7)
+    records = workspace.registry.devices(not_after_before=now + soon if expiring_within else None)
+    if expiring_within:
+        records = [r for r in records if r.status != "revoked" and r.not_after > now]
+    if status is not None:
+        records = [r for r in records if r.effective_status(now) == status]
+    rows = [_device_json(workspace, r, now, soon) for r in records]
+    if as_json:
+        json.dump(
+            {"generated_at": now.isoformat(), "count": len(rows), "devices": rows},
+            sys.stdout,
+            indent=2,
+        )
+        sys.stdout.write("\n")
+        return
+    shown = rows[:limit] if limit > 0 else rows
+    table = Table(title=f"{len(rows)} device(s) in {directory}")
+    for column in (
+        "id",
+        "serial",
+        "tier",
+        "env",
+        "status",
+        "not_after (UTC)",
+        "days left",
+        "expiring",
+    ):
+        table.add_column(column, justify="right" if column == "days left" else "left")
+    for row in shown:
+        table.add_row(
+            row["id"],
+            row["serial"][:16] + ("…" if len(row["serial"]) > 16 else ""),
+            row["tier"],
+            row["env"],
+            _styled_status(row["status"]),
+            row["not_after"][:19].replace("T", " "),
+            f"{row['days_left']:.1f}",
+            "[yellow]soon[/]" if row["expiring_soon"] else "",
+        )
+    out.print(table)
+    if len(shown) < len(rows):
+        out.print(f"... and {len(rows) - len(shown)} more (use --limit 0 or --json for all)")
+
+
+def _styled_status(status: str) -> str:
+    colour = {"active": "green", "revoked": "red", "expired": "red", "not-yet-valid": "yellow"}[
+        status
+    ]
+    return f"[{colour}]{status}[/]"
+
+
+@app.command()
+@_friendly_errors
+def show(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to show.")],
+    directory: DirOption = DEFAULT_DIR,
+) -> None:
+    """Print one device's registry record and its decoded certificate."""
+    workspace = Workspace.open(directory)
+    now = dt.datetime.now(dt.UTC)
+    record = workspace.registry.get(device_id)
+    table = Table(title=f"device {device_id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in _device_json(workspace, record, now, dt.timedelta(days=7)).items():
+        table.add_row(key, "-" if value is None else str(value))
+    cert_path = workspace.paths.device_cert(device_id)
+    certificate = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    table.add_section()
+    for key, value in describe_certificate(certificate).items():
+        table.add_row(f"cert.{key}", value)
+    out.print(table)
+
+
+@app.command()
+@_friendly_errors
+def export(
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to export.")],
+    p12: Annotated[Path, typer.Option("--p12", help="Output PKCS#12 file (written 0600).")],
+    directory: DirOption = DEFAULT_DIR,
+    password: Annotated[
+        str | None, typer.Option(help="Encrypt the bundle with this password (none: unencrypted).")
+    ] = None,
+) -> None:
+    """Write a device's key, certificate and CA chain as a PKCS#12 bundle."""
+    workspace = Workspace.open(directory)
+    path = export_pkcs12(workspace, device_id, p12, password=password)
+    out.print(f"wrote {path} (key, certificate and CA chain of {device_id})")
+
+
+@crl_app.command("publish")
+@_friendly_errors
+def crl_publish(directory: DirOption = DEFAULT_DIR) -> None:
+    """Sign a fresh CRL now (run it before nextUpdate, e.g. from cron, to keep brokers fed)."""
+    workspace = Workspace.open(directory)
+    crl = publish_crl(workspace)
+    out.print(
+        f"published CRL #{crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number} "
+        f"with {len(list(crl))} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``fleet`` console script."""
+    app()
+
+
+__all__ = ["app", "main"]

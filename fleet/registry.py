@@ -1,0 +1,375 @@
+"""The device registry: one SQLite database (WAL), every change in one transaction.
+
+Devices and their certificates are separate tables so a device can hold a history of
+certificates (rotation, renewal). A device row is ``pending`` while a provisioning run writes its
+files and becomes ``active`` in the same transaction as the rest of its batch; readers never see
+pending rows, and an interrupted batch is deleted with its files (see :mod:`fleet.provisioning`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from fleet.ca import RevokedEntry
+from fleet.errors import RegistryError, UnknownDeviceError, WorkspaceError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id          TEXT PRIMARY KEY,
+    tier        TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
+    key_source  TEXT NOT NULL CHECK (key_source IN ('generated', 'csr')),
+    serial      TEXT NOT NULL,
+    batch_id    TEXT,
+    created_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_batch ON devices(batch_id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS certificates (
+    serial            TEXT PRIMARY KEY,
+    device_id         TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    key_type          TEXT NOT NULL,
+    not_before        TEXT NOT NULL,
+    not_after         TEXT NOT NULL,
+    status            TEXT NOT NULL
+                      CHECK (status IN ('pending', 'active', 'superseded', 'revoked')),
+    issued_at         TEXT NOT NULL,
+    revoked_at        TEXT,
+    revocation_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
+CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(status) WHERE status = 'revoked';
+"""
+
+
+def format_time(value: dt.datetime) -> str:
+    """Registry timestamps: UTC, second precision, fixed width, so text order is time order."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """A device about to be recorded, with the certificate it is being issued."""
+
+    device_id: str
+    serial: int
+    tier: str
+    env: str
+    key_type: str
+    key_source: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A device as the registry holds it, with its current certificate."""
+
+    device_id: str
+    serial: int
+    tier: str
+    env: str
+    status: str
+    key_source: str
+    key_type: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+
+    def is_expired(self, now: dt.datetime) -> bool:
+        return self.not_after <= now
+
+    def effective_status(self, now: dt.datetime) -> str:
+        """``revoked`` wins over ``expired``, which wins over ``not-yet-valid`` and ``active``."""
+        if self.status == "revoked":
+            return "revoked"
+        if self.is_expired(now):
+            return "expired"
+        if self.not_before > now:
+            return "not-yet-valid"
+        return self.status
+
+
+_DEVICE_COLUMNS = """
+    d.id, c.serial, d.tier, d.env, d.status, d.key_source, c.key_type, c.not_before, c.not_after,
+    d.created_at, d.updated_at, c.revoked_at, c.revocation_reason
+"""
+
+
+def _record(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row[0],
+        serial=int(row[1], 16),
+        tier=row[2],
+        env=row[3],
+        status=row[4],
+        key_source=row[5],
+        key_type=row[6],
+        not_before=parse_time(row[7]),
+        not_after=parse_time(row[8]),
+        created_at=parse_time(row[9]),
+        updated_at=parse_time(row[10]),
+        revoked_at=parse_time(row[11]) if row[11] else None,
+        revocation_reason=row[12],
+    )
+
+
+class Registry:
+    """Access to ``fleet.db``. One instance per thread; SQLite serialises writers."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        if not create and not path.exists():
+            raise WorkspaceError(
+                f"{path}: registry missing; run 'fleet init' to create the workspace"
+            )
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        if create:
+            with self.transaction():
+                # executescript() would COMMIT first: run the statements one by one instead.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; rolls back on any exception, Ctrl-C included."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def next_crl_number(self) -> int:
+        """Increment and return the CRL number (RFC 5280: monotonically increasing)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+            number = int(row[0]) + 1 if row else 1
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('crl_number', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(number),),
+            )
+        return number
+
+    # -- provisioning -----------------------------------------------------------------------
+
+    def next_sequence(self, prefix: str) -> int:
+        """One more than the highest ``<prefix>-<number>`` id in use (1 for a new prefix)."""
+        pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)$")
+        rows = self._db.execute(
+            "SELECT id FROM devices WHERE id >= ? AND id < ?", (f"{prefix}-", f"{prefix}.")
+        )
+        numbers = [int(m.group(1)) for (device_id,) in rows if (m := pattern.match(device_id))]
+        return max(numbers, default=0) + 1
+
+    def taken_ids(self, device_ids: Iterable[str]) -> set[str]:
+        ids = list(device_ids)
+        taken: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT id FROM devices WHERE id IN ({marks})", chunk)
+            taken.update(row[0] for row in rows)
+        return taken
+
+    def add_pending(self, batch_id: str, devices: Iterable[NewDevice], *, now: dt.datetime) -> None:
+        """Record a batch as pending, in one transaction, before any of its files exist."""
+        stamp = format_time(now)
+        devices = list(devices)
+        try:
+            with self.transaction() as db:
+                db.executemany(
+                    "INSERT INTO devices(id, tier, env, status, key_source, serial, batch_id, "
+                    "created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            d.device_id,
+                            d.tier,
+                            d.env,
+                            d.key_source,
+                            serial_hex(d.serial),
+                            batch_id,
+                            stamp,
+                            stamp,
+                        )
+                        for d in devices
+                    ],
+                )
+                db.executemany(
+                    "INSERT INTO certificates(serial, device_id, key_type, not_before, not_after, "
+                    "status, issued_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                    [
+                        (
+                            serial_hex(d.serial),
+                            d.device_id,
+                            d.key_type,
+                            format_time(d.not_before),
+                            format_time(d.not_after),
+                            stamp,
+                        )
+                        for d in devices
+                    ],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(
+                f"cannot record the new devices: {exc}; the registry is unchanged"
+            ) from exc
+
+    def activate_batch(self, batch_id: str) -> int:
+        """Make a pending batch visible, in one transaction. Returns the number of devices."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE certificates SET status = 'active' WHERE status = 'pending' AND device_id IN "
+                "(SELECT id FROM devices WHERE batch_id = ? AND status = 'pending')",
+                (batch_id,),
+            )
+            cursor = db.execute(
+                "UPDATE devices SET status = 'active', batch_id = NULL "
+                "WHERE batch_id = ? AND status = 'pending'",
+                (batch_id,),
+            )
+            return cursor.rowcount
+
+    def pending_batches(self) -> dict[str, list[str]]:
+        """Batches whose provisioning run did not finish: batch id -> device ids."""
+        batches: dict[str, list[str]] = {}
+        for batch_id, device_id in self._db.execute(
+            "SELECT batch_id, id FROM devices WHERE status = 'pending' ORDER BY id"
+        ):
+            batches.setdefault(batch_id, []).append(device_id)
+        return batches
+
+    def delete_batch(self, batch_id: str) -> int:
+        """Forget a pending batch (its certificates go with it, by cascade)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM devices WHERE batch_id = ? AND status = 'pending'", (batch_id,)
+            )
+            return cursor.rowcount
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, device_id: str) -> DeviceRecord:
+        row = self._db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
+            "WHERE d.id = ? AND d.status != 'pending'",
+            (device_id,),
+        ).fetchone()
+        if row is None:
+            raise UnknownDeviceError(device_id)
+        return _record(row)
+
+    def devices(
+        self,
+        *,
+        status: str | None = None,
+        not_after_before: dt.datetime | None = None,
+    ) -> list[DeviceRecord]:
+        """Every visible device in id order, optionally filtered by stored status or expiry."""
+        clauses = ["d.status != 'pending'"]
+        params: list[str] = []
+        if status is not None:
+            clauses.append("d.status = ?")
+            params.append(status)
+        if not_after_before is not None:
+            clauses.append("c.not_after <= ?")
+            params.append(format_time(not_after_before))
+        rows = self._db.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
+            f"WHERE {' AND '.join(clauses)} ORDER BY d.id",
+            params,
+        )
+        return [_record(row) for row in rows]
+
+    def count(self) -> int:
+        return int(
+            self._db.execute("SELECT COUNT(*) FROM devices WHERE status != 'pending'").fetchone()[0]
+        )
+
+    # -- revocation -------------------------------------------------------------------------
+
+    def revoke(self, device_id: str, reason: x509.ReasonFlags, *, now: dt.datetime) -> list[int]:
+        """Revoke every unrevoked certificate of ``device_id`` and mark the device revoked.
+
+        Returns the serials revoked now: empty when the device was already revoked.
+        """
+        stamp = format_time(now)
+        reason_name = reason.name.replace("_", "-")
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT status FROM devices WHERE id = ? AND status != 'pending'", (device_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownDeviceError(device_id)
+            serials = [
+                r[0]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status IN ('active', 'superseded')",
+                    (device_id,),
+                )
+            ]
+            db.execute(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                "WHERE device_id = ? AND status IN ('active', 'superseded')",
+                (stamp, reason_name, device_id),
+            )
+            db.execute(
+                "UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ? AND status != 'revoked'",
+                (stamp, device_id),
+            )
+        return [int(serial, 16) for serial in serials]
+
+    def revoked_entries(self) -> list[RevokedEntry]:
+        """Every revoked certificate, for the CRL."""
+        rows = self._db.execute(
+            "SELECT serial, revoked_at, revocation_reason FROM certificates "
+            "WHERE status = 'revoked' ORDER BY revoked_at, serial"
+        )
+        return [
+            RevokedEntry(
+                serial=int(serial, 16),
+                revoked_at=parse_time(revoked_at),
+                reason=x509.ReasonFlags[reason.replace("-", "_")],
+            )
+            for serial, revoked_at, reason in rows
+        ]

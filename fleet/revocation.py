@@ -1,0 +1,68 @@
+"""Revoking devices and publishing the CRL (``DIR/ca/crl.pem``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from fleet.files import replace_atomically
+from fleet.workspace import Workspace
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationResult:
+    device_id: str
+    revoked_serials: list[int]
+    crl_number: int | None
+
+    @property
+    def changed(self) -> bool:
+        """False when the device had been revoked already (nothing was done)."""
+        return bool(self.revoked_serials)
+
+
+def revoke_device(
+    workspace: Workspace,
+    device_id: str,
+    *,
+    reason: x509.ReasonFlags = x509.ReasonFlags.unspecified,
+    now: dt.datetime | None = None,
+) -> RevocationResult:
+    """Revoke every live certificate of ``device_id`` and publish a fresh CRL.
+
+    Revoking a revoked device changes nothing and publishes nothing.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    serials = workspace.registry.revoke(device_id, reason, now=now)
+    if not serials:
+        return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
+    crl = publish_crl(workspace, now=now)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=number)
+
+
+def publish_crl(
+    workspace: Workspace, *, now: dt.datetime | None = None
+) -> x509.CertificateRevocationList:
+    """Sign a CRL of every revoked certificate and atomically replace ``crl.pem`` with it.
+
+    The ``crl`` lock orders concurrent publishers, and each one reads the registry after taking
+    it, so the file on disk always reflects the latest revocation (never an older snapshot).
+    """
+    now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    with workspace.lock("crl"):
+        crl = workspace.ca.build_crl(
+            workspace.registry.revoked_entries(),
+            crl_number=workspace.registry.next_crl_number(),
+            this_update=now,
+            next_update=now + workspace.config.crl_valid_for,
+        )
+        replace_atomically(workspace.paths.crl, crl.public_bytes(Encoding.PEM))
+    return crl
+
+
+def load_crl(workspace: Workspace) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl(workspace.paths.crl.read_bytes())
