@@ -40,8 +40,8 @@ crl_app = typer.Typer(
 )
 app.add_typer(crl_app, name="crl")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")

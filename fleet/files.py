@@ -11,7 +11,7 @@ PUBLIC_MODE = 0o644
 PRIVATE_DIR_MODE = 0o700
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
+def _write_new(path: str | Path, data: bytes, mode: int) -> None:
     # O_EXCL: never overwrite; the mode is applied at creation, so a secret is never readable by
     # others, not even for an instant (no chmod after writing).
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -23,12 +23,12 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def write_secret(path: Path, data: bytes) -> None:
+def write_secret(path: str | Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 holding ``data`` (a private key, a PKCS#12 bundle)."""
     _write_new(path, data, SECRET_MODE)
 
 
-def write_public(path: Path, data: bytes) -> None:
+def write_public(path: str | Path, data: bytes) -> None:
     """Create ``path`` with mode 0644 holding ``data`` (a certificate, a CRL)."""
     _write_new(path, data, PUBLIC_MODE)
 

@@ -13,10 +13,12 @@ rolls them back the same way (files first, rows last, so a crash during a rollba
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +26,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from cryptography import x509
@@ -109,7 +110,7 @@ def provision_devices(
     not_after = not_before + (spec.valid_for or workspace.config.device_valid_for)
     key_type = spec.key_type or workspace.config.key_type
     workers = max(1, workers or os.cpu_count() or 1)
-    with workspace.lock("provision"), _sigterm_as_interrupt():
+    with workspace.lock("provision"), _stop_on_signals() as stop:
         workspace.roll_back_pending()
         registry = workspace.registry
         first = registry.next_sequence(spec.prefix)
@@ -141,7 +142,8 @@ def provision_devices(
                 not_before=not_before,
                 not_after=not_after,
             )
-            used = _run_jobs(workspace.ca, job, workers=workers, progress=progress)
+            stop.check()
+            used = _run_jobs(workspace.ca, job, workers=workers, progress=progress, stop=stop)
             registry.activate_batch(batch_id)
         except BaseException as exc:
             rolled_back = workspace.roll_back_pending(batch_id)
@@ -187,7 +189,7 @@ def provision_from_csr(
         device_id=device_id, tier=tier, env=env, trust_domain=workspace.config.trust_domain
     )
     cert = workspace.ca.sign_csr(csr, identity, not_before=start, not_after=end)
-    with workspace.lock("provision"), _sigterm_as_interrupt():
+    with workspace.lock("provision"), _stop_on_signals():
         workspace.roll_back_pending()
         if workspace.registry.taken_ids([device_id]):
             raise UsageError(f"device {device_id!r} already exists; choose another --id")
@@ -220,10 +222,15 @@ _worker_ca: CertificateAuthority | None = None
 
 
 def _init_worker(
-    root_pem: bytes, issuing_pem: bytes, issuing_key_pem: bytes, crl_url: str | None
+    parent_pid: int,
+    root_pem: bytes,
+    issuing_pem: bytes,
+    issuing_key_pem: bytes,
+    crl_url: str | None,
 ) -> None:
     global _worker_ca
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop, not us
+    _die_with_parent(parent_pid)
     _worker_ca = CertificateAuthority(
         root_cert=x509.load_pem_x509_certificate(root_pem),
         issuing_cert=x509.load_pem_x509_certificate(issuing_pem),
@@ -232,29 +239,43 @@ def _init_worker(
     )
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this worker when its parent dies (e.g. ``kill -9`` of ``fleet``).
+
+    Without it an orphaned worker could go on writing files while the next command rolls the
+    dead run back. Elsewhere the inherited ``provision`` lock still keeps the rollback waiting.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _run_in_worker(job: _ChunkJob) -> int:
     assert _worker_ca is not None, "worker started without its CA"
     return _write_devices(_worker_ca, job)
 
 
 def _write_devices(ca: CertificateAuthority, job: _ChunkJob) -> int:
-    devices_dir = Path(job.devices_dir)
+    template = ca.device_template(
+        key_type=job.key_type, not_before=job.not_before, not_after=job.not_after
+    )
+    issuing_pem = ca.issuing_pem
     for device_id, serial in job.devices:
         identity = DeviceIdentity(
             device_id=device_id, tier=job.tier, env=job.env, trust_domain=job.trust_domain
         )
         key = generate_private_key(job.key_type)
-        cert = ca.issue_device(
-            identity,
-            key.public_key(),
-            not_before=job.not_before,
-            not_after=job.not_after,
-            serial=serial,
-        )
-        directory = devices_dir / device_id
+        cert = template.issue(identity, key.public_key(), serial=serial)
+        directory = os.path.join(job.devices_dir, device_id)
         os.mkdir(directory, PRIVATE_DIR_MODE)
-        write_secret(directory / "key.pem", private_key_pem(key))
-        write_public(directory / "cert.pem", cert.public_bytes(Encoding.PEM) + ca.issuing_pem)
+        write_secret(os.path.join(directory, "key.pem"), private_key_pem(key))
+        write_public(
+            os.path.join(directory, "cert.pem"), cert.public_bytes(Encoding.PEM) + issuing_pem
+        )
     return len(job.devices)
 
 
@@ -276,13 +297,19 @@ def _split(job: _ChunkJob, pieces: int) -> list[_ChunkJob]:
 
 
 def _run_jobs(
-    ca: CertificateAuthority, job: _ChunkJob, *, workers: int, progress: ProgressCallback | None
+    ca: CertificateAuthority,
+    job: _ChunkJob,
+    *,
+    workers: int,
+    progress: ProgressCallback | None,
+    stop: _StopRequest,
 ) -> int:
     """Produce every device of ``job``; returns the number of processes used."""
     total = len(job.devices)
     if workers == 1 or total < _POOL_THRESHOLD:
         done = 0
         for chunk in _split(job, max(1, total // 100)):
+            stop.check()
             done += _write_devices(ca, chunk)
             if progress:
                 progress(done, total)
@@ -294,6 +321,7 @@ def _run_jobs(
         mp_context=multiprocessing.get_context("fork" if _single_threaded() else "forkserver"),
         initializer=_init_worker,
         initargs=(
+            os.getpid(),
             ca.root_cert.public_bytes(Encoding.PEM),
             ca.issuing_pem,
             private_key_pem(ca.issuing_key),
@@ -304,7 +332,8 @@ def _run_jobs(
         pending: set[Future[int]] = {pool.submit(_run_in_worker, chunk) for chunk in chunks}
         done = 0
         while pending:
-            finished, pending = wait(pending, return_when="FIRST_COMPLETED")
+            stop.check()
+            finished, pending = wait(pending, timeout=0.1, return_when="FIRST_COMPLETED")
             for future in finished:
                 done += future.result()  # re-raises a worker's error here
             if progress:
@@ -321,18 +350,40 @@ def _single_threaded() -> bool:
     return threading.active_count() == 1
 
 
+class _StopRequest:
+    """Set by a signal handler; polled by the work loop at points where stopping is safe."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 @contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while provisioning, so ``kill`` also rolls back cleanly."""
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a stop request instead of an exception at a random point.
+
+    An exception raised asynchronously inside ``concurrent.futures`` can leave one of its locks
+    held and hang the shutdown; the handler therefore only sets a flag, and the work loop
+    raises ``KeyboardInterrupt`` where the rollback can run safely. A signal the process
+    inherited as ignored stays ignored.
+    """
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
 
-    def _raise(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def _request(signum: int, frame: FrameType | None) -> None:
+        stop.requested = True
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _request)
     try:
-        yield
+        yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -215,40 +215,34 @@ class Registry:
     def add_pending(self, batch_id: str, devices: Iterable[NewDevice], *, now: dt.datetime) -> None:
         """Record a batch as pending, in one transaction, before any of its files exist."""
         stamp = format_time(now)
-        devices = list(devices)
+        formatted: dict[dt.datetime, str] = {}  # a batch shares its validity: format it once
+
+        def fmt(value: dt.datetime) -> str:
+            if value not in formatted:
+                formatted[value] = format_time(value)
+            return formatted[value]
+
+        device_rows = []
+        certificate_rows = []
+        for d in devices:
+            serial = serial_hex(d.serial)
+            device_rows.append(
+                (d.device_id, d.tier, d.env, d.key_source, serial, batch_id, stamp, stamp)
+            )
+            certificate_rows.append(
+                (serial, d.device_id, d.key_type, fmt(d.not_before), fmt(d.not_after), stamp)
+            )
         try:
             with self.transaction() as db:
                 db.executemany(
                     "INSERT INTO devices(id, tier, env, status, key_source, serial, batch_id, "
                     "created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            d.device_id,
-                            d.tier,
-                            d.env,
-                            d.key_source,
-                            serial_hex(d.serial),
-                            batch_id,
-                            stamp,
-                            stamp,
-                        )
-                        for d in devices
-                    ],
+                    device_rows,
                 )
                 db.executemany(
                     "INSERT INTO certificates(serial, device_id, key_type, not_before, not_after, "
                     "status, issued_at) VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-                    [
-                        (
-                            serial_hex(d.serial),
-                            d.device_id,
-                            d.key_type,
-                            format_time(d.not_before),
-                            format_time(d.not_after),
-                            stamp,
-                        )
-                        for d in devices
-                    ],
+                    certificate_rows,
                 )
         except sqlite3.IntegrityError as exc:
             raise RegistryError(
