@@ -12,6 +12,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from cryptography import x509
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -311,28 +312,19 @@ def inventory(
         sys.stdout.write("\n")
         return
     shown = rows[:limit] if limit > 0 else rows
-    table = Table(title=f"{len(rows)} device(s) in {directory}")
-    for column in (
-        "id",
-        "serial",
-        "tier",
-        "env",
-        "status",
-        "not_after (UTC)",
-        "days left",
-        "expiring",
-    ):
-        table.add_column(column, justify="right" if column == "days left" else "left")
+    table = Table(title=f"{len(rows)} device(s) in {directory}", box=box.SIMPLE_HEAD)
+    for column in ("id", "serial", "tier", "env", "status", "expires (UTC)", "days left"):
+        table.add_column(column, no_wrap=True, justify="right" if column == "days left" else "left")
     for row in shown:
+        days = f"{row['days_left']:.1f}"
         table.add_row(
             row["id"],
-            row["serial"][:16] + ("…" if len(row["serial"]) > 16 else ""),
+            row["serial"][:8] + "…",
             row["tier"],
             row["env"],
             _styled_status(row["status"]),
-            row["not_after"][:19].replace("T", " "),
-            f"{row['days_left']:.1f}",
-            "[yellow]soon[/]" if row["expiring_soon"] else "",
+            row["not_after"][:16].replace("T", " "),
+            f"[yellow]{days} soon[/]" if row["expiring_soon"] else days,
         )
     out.print(table)
     if len(shown) < len(rows):
