@@ -312,9 +312,11 @@ def inventory(
         sys.stdout.write("\n")
         return
     shown = rows[:limit] if limit > 0 else rows
-    table = Table(title=f"{len(rows)} device(s) in {directory}", box=box.SIMPLE_HEAD)
-    for column in ("id", "serial", "tier", "env", "status", "expires (UTC)", "days left"):
-        table.add_column(column, no_wrap=True, justify="right" if column == "days left" else "left")
+    table = Table(
+        title=f"{len(rows)} device(s) in {directory}", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for column in ("id", "serial", "tier", "env", "status", "expires (UTC)", "days"):
+        table.add_column(column, no_wrap=True, justify="right" if column == "days" else "left")
     for row in shown:
         days = f"{row['days_left']:.1f}"
         table.add_row(
