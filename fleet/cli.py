@@ -21,7 +21,7 @@ from fleet.bundles import export_pkcs12
 from fleet.ca import REVOCATION_REASONS, parse_revocation_reason
 from fleet.config import FleetConfig
 from fleet.durations import parse_instant, parse_positive_duration
-from fleet.errors import FleetError
+from fleet.errors import FleetError, UsageError
 from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
 from fleet.inspect import describe_certificate
 from fleet.keys import KeyType
@@ -390,6 +390,56 @@ def crl_publish(directory: DirOption = DEFAULT_DIR) -> None:
         f"with {len(list(crl))} revoked certificate(s), next update {crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC",
         highlight=False,
     )
+
+
+@app.command("broker")
+@_friendly_errors
+def broker_command(
+    directory: DirOption = DEFAULT_DIR,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="MQTT over TLS port (0: any free port).")] = 8883,
+    metrics_port: Annotated[
+        int, typer.Option(help="Prometheus /metrics port on the same host (-1: off).")
+    ] = 9883,
+    env: Annotated[
+        str | None, typer.Option(help="Admit only certificates of this environment (prod or dev).")
+    ] = None,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds allowed for TLS and CONNECT.")
+    ] = 10.0,
+    revocation_policy: Annotated[
+        str, typer.Option(help="When the CRL is past nextUpdate: fail-closed or fail-open.")
+    ] = "fail-closed",
+    emit_mosquitto_conf: Annotated[
+        Path | None,
+        typer.Option(help="Write a Mosquitto config for this workspace to FILE and exit."),
+    ] = None,
+) -> None:
+    """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
+    from broker.cli import emit_mosquitto_config, run_broker
+    from broker.config import BrokerSettings, RevocationPolicy
+
+    workspace = Workspace.open(directory)
+    if emit_mosquitto_conf is not None:
+        emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port)
+        out.print(f"wrote {emit_mosquitto_conf}: mosquitto -c {emit_mosquitto_conf}")
+        return
+    try:
+        policy = RevocationPolicy(revocation_policy)
+    except ValueError:
+        raise UsageError(
+            f"invalid --revocation-policy {revocation_policy!r}: use fail-closed or fail-open"
+        ) from None
+    settings = BrokerSettings(
+        workspace=workspace.paths.root,
+        host=host,
+        port=port,
+        metrics_port=None if metrics_port < 0 else metrics_port,
+        env=env,
+        handshake_timeout=handshake_timeout,
+        revocation_policy=policy,
+    )
+    run_broker(settings, announce=lambda line: print(line, flush=True))
 
 
 def main() -> None:

@@ -1,0 +1,43 @@
+"""Broker settings as a typed, validated dataclass."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.errors import UsageError
+from fleet.identity import ENVIRONMENTS
+
+
+class RevocationPolicy(enum.StrEnum):
+    """What to do when the CRL's nextUpdate has passed (nobody published a fresh one)."""
+
+    FAIL_CLOSED = "fail-closed"  # refuse every new handshake until a fresh CRL arrives
+    FAIL_OPEN = "fail-open"  # admit, still enforce the revocations already known, and flag it
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """How ``fleet broker`` runs. ``port=0`` picks a free port (tests)."""
+
+    workspace: Path
+    host: str = "127.0.0.1"
+    port: int = 8883
+    metrics_port: int | None = 9883
+    env: str | None = None  # refuse certificates of the other environment when set
+    handshake_timeout: float = 10.0
+    revocation_policy: RevocationPolicy = RevocationPolicy.FAIL_CLOSED
+    crl_poll_interval: float = 0.05
+    max_connect_bytes: int = 64 * 1024
+    event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
+
+    def __post_init__(self) -> None:
+        if self.env is not None and self.env not in ENVIRONMENTS:
+            raise UsageError(f"invalid --env {self.env!r}: choose one of {', '.join(ENVIRONMENTS)}")
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"invalid --port {self.port}: use 0-65535")
+        if self.handshake_timeout <= 0:
+            raise UsageError("--handshake-timeout must be positive")
+        if self.crl_poll_interval <= 0:
+            raise UsageError("the CRL poll interval must be positive")

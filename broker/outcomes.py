@@ -1,0 +1,82 @@
+"""Every connection attempt ends in exactly one outcome; this module names and classifies them."""
+
+from __future__ import annotations
+
+import enum
+
+from OpenSSL import SSL
+
+
+class Outcome(enum.StrEnum):
+    """How a connection attempt ended. Topic-rights refusals are not attempts: they are counted
+    per request in ``mtls_acl_denied_total{action}`` and logged as ``acl_denied`` events."""
+
+    OK = "ok"
+    NO_CERTIFICATE = "no_certificate"
+    UNKNOWN_CA = "unknown_ca"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    REVOKED = "revoked"
+    BAD_EKU = "bad_eku"
+    CRL_STALE = "crl_stale"
+    IDENTITY_MISMATCH = "identity_mismatch"
+    ENV_MISMATCH = "env_mismatch"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    OTHER = "other"
+
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h).
+_VERIFY_CODES: dict[int, Outcome] = {
+    2: Outcome.UNKNOWN_CA,  # unable to get issuer certificate
+    9: Outcome.NOT_YET_VALID,
+    10: Outcome.EXPIRED,
+    11: Outcome.CRL_STALE,  # CRL not yet valid
+    12: Outcome.CRL_STALE,  # CRL has expired: the fail-closed policy at work
+    18: Outcome.UNKNOWN_CA,  # self-signed leaf
+    19: Outcome.UNKNOWN_CA,  # self-signed certificate in chain
+    20: Outcome.UNKNOWN_CA,  # unable to get local issuer certificate
+    21: Outcome.UNKNOWN_CA,  # unable to verify the first certificate
+    23: Outcome.REVOKED,
+    26: Outcome.BAD_EKU,  # unsupported certificate purpose
+}
+
+_PROTOCOL_REASONS = (
+    "wrong version number",
+    "http request",
+    "unknown protocol",
+    "unexpected message",
+    "record layer failure",
+    "packet length too long",
+    "record length mismatch",
+    "unsupported protocol",
+    "bad packet length",
+    "no shared cipher",
+    "invalid alert",
+    "decode error",
+)
+
+
+def classify_verify_error(code: int) -> Outcome:
+    return _VERIFY_CODES.get(code, Outcome.OTHER)
+
+
+def openssl_reason(exc: SSL.Error) -> str:
+    """The OpenSSL reason strings of ``exc``, joined (e.g. 'peer did not return a certificate')."""
+    parts = []
+    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        if isinstance(entry, tuple) and entry:
+            parts.append(str(entry[-1]))
+    return "; ".join(parts) or str(exc) or type(exc).__name__
+
+
+def classify_tls_error(exc: SSL.Error, verify_code: int | None) -> Outcome:
+    """Classify a failed server-side handshake from the verify code or the OpenSSL reason."""
+    if verify_code is not None:
+        return classify_verify_error(verify_code)
+    reason = openssl_reason(exc).lower()
+    if "did not return a certificate" in reason or "certificate required" in reason:
+        return Outcome.NO_CERTIFICATE
+    if any(marker in reason for marker in _PROTOCOL_REASONS):
+        return Outcome.PROTOCOL_ERROR
+    return Outcome.OTHER

@@ -1,0 +1,345 @@
+"""FleetBroker: our accept loop and policy in front of an amqtt broker core."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker
+from OpenSSL import SSL, crypto
+
+from broker.config import BrokerSettings, RevocationPolicy
+from broker.connection import PeerConnection
+from broker.metrics import BrokerMetrics
+from broker.outcomes import Outcome
+from broker.tls import BrokerError, CrlState, build_server_context, load_crl, load_issuers
+from fleet.workspace import WorkspacePaths
+
+log = logging.getLogger("mtls_fleet.broker")
+events_log = logging.getLogger("mtls_fleet.broker.events")
+
+_LISTENER = "default"  # amqtt requires a listener of this name; ours is external
+Event = dict[str, Any]
+
+
+def _amqtt_config() -> dict[str, Any]:
+    return {
+        "listeners": {_LISTENER: {"type": "external"}},
+        "plugins": {
+            "broker.plugins.CertificateIdentityPlugin": {},
+            "broker.plugins.TierTopicPlugin": {},
+        },
+    }
+
+
+class FleetBroker:
+    """An MQTT broker that requires client certificates and enforces revocation live.
+
+    ``await start()`` binds and serves; ``await stop()`` closes everything. ``events`` keeps the
+    latest structured events (rejections, forced disconnects, CRL changes) for tools and tests.
+    """
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.paths = WorkspacePaths(settings.workspace)
+        self.metrics = BrokerMetrics()
+        self.events: deque[Event] = deque(maxlen=10_000)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._issuers = load_issuers(self.paths)
+        self._crl: CrlState = load_crl(self.paths.crl, self._issuers)
+        self._crl_signature: tuple[int, int, int] | None = None
+        self.tls_context: SSL.Context = self._build_context(self._crl)
+        self._connections: set[PeerConnection] = set()
+        self._by_serial: dict[int, set[PeerConnection]] = {}
+        self._sessions: dict[str, PeerConnection] = {}
+        self._event_listeners: list[Callable[[Event], None]] = []
+        self._server: asyncio.Server | None = None
+        self._amqtt: Broker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stale_timer: asyncio.TimerHandle | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._amqtt = Broker(_amqtt_config(), loop=loop)
+        await self._amqtt.start()
+        try:
+            self._server = await loop.create_server(
+                lambda: PeerConnection(self),
+                self.settings.host,
+                self.settings.port,
+                backlog=4096,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            await self._amqtt.shutdown()
+            raise BrokerError(
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
+            ) from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        self._crl_signature = self._stat_crl()
+        self._install_crl_metrics(self._crl)
+        self._schedule_staleness(self._crl)
+        self._tasks.append(loop.create_task(self._watch_crl()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self._connections):
+            peer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._amqtt is not None:
+            await self._amqtt.shutdown()
+        self.metrics.close()
+
+    async def __aenter__(self) -> FleetBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.settings.host}:{self.port}"
+
+    @property
+    def connected_devices(self) -> set[str]:
+        return set(self._sessions)
+
+    # -- TLS context and CRL ----------------------------------------------------------------
+
+    def _build_context(self, crl: CrlState) -> SSL.Context:
+        stale = crl.is_stale(dt.datetime.now(dt.UTC))
+        check = not (stale and self.settings.revocation_policy is RevocationPolicy.FAIL_OPEN)
+        return build_server_context(self.paths, crl=crl, check_crl=check, verify_callback=_verify)
+
+    def _stat_crl(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.paths.crl)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    async def _watch_crl(self) -> None:
+        """Pick up every new CRL within one poll interval, without a restart."""
+        while True:
+            await asyncio.sleep(self.settings.crl_poll_interval)
+            signature = self._stat_crl()
+            if signature is None or signature == self._crl_signature:
+                continue
+            self._crl_signature = signature
+            try:
+                crl = await asyncio.to_thread(load_crl, self.paths.crl, self._issuers)
+            except BrokerError as exc:
+                log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
+                self.log_event("crl_rejected", None, detail=str(exc))
+                continue
+            if crl.number < self._crl.number:
+                log.error(
+                    "CRL #%s is older than #%s in force; ignored", crl.number, self._crl.number
+                )
+                continue
+            await self.install_crl(crl)
+
+    async def install_crl(self, crl: CrlState) -> None:
+        """Use ``crl`` for new handshakes and close every live session it revokes."""
+        self.tls_context = await asyncio.to_thread(self._build_context, crl)
+        self._crl = crl
+        self._install_crl_metrics(crl)
+        self._schedule_staleness(crl)
+        self.log_event(
+            "crl_installed", None, detail=f"CRL #{crl.number}, {len(crl.revoked)} revoked"
+        )
+        for serial in crl.revoked & self._by_serial.keys():
+            for peer in list(self._by_serial.get(serial, ())):
+                peer.close_by_broker("revoked")
+
+    def _install_crl_metrics(self, crl: CrlState) -> None:
+        self.metrics.crl_number.set(crl.number)
+        self.metrics.crl_next_update.set(crl.next_update.timestamp())
+        self.metrics.crl_stale.set(1 if crl.is_stale(dt.datetime.now(dt.UTC)) else 0)
+
+    def _schedule_staleness(self, crl: CrlState) -> None:
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+        delay = (crl.next_update - dt.datetime.now(dt.UTC)).total_seconds()
+        loop = asyncio.get_running_loop()
+        self._stale_timer = loop.call_later(max(0.0, delay), self._crl_went_stale, crl)
+
+    def _crl_went_stale(self, crl: CrlState) -> None:
+        if crl is not self._crl:
+            return
+        self.metrics.crl_stale.set(1)
+        policy = self.settings.revocation_policy
+        consequence = (
+            "refusing every new handshake until a fresh CRL is published"
+            if policy is RevocationPolicy.FAIL_CLOSED
+            else "admitting handshakes without CRL checks (known revocations still enforced)"
+        )
+        log.error(
+            "CRL #%s passed its nextUpdate %s: %s (--revocation-policy %s); run 'fleet crl publish'",
+            crl.number,
+            crl.next_update.isoformat(),
+            consequence,
+            policy.value,
+        )
+        self.log_event("crl_stale", None, detail=f"policy {policy.value}: {consequence}")
+        if policy is RevocationPolicy.FAIL_OPEN:
+            self.tls_context = self._build_context(crl)
+
+    # -- connections (called by PeerConnection) ---------------------------------------------
+
+    def connection_opened(self, peer: PeerConnection) -> None:
+        self._connections.add(peer)
+
+    def connection_closed(self, peer: PeerConnection) -> None:
+        self._connections.discard(peer)
+        serial = peer.serial if peer.handshaken else None
+        if serial is not None and serial in self._by_serial:
+            self._by_serial[serial].discard(peer)
+            if not self._by_serial[serial]:
+                del self._by_serial[serial]
+        if peer.authorized and peer.identity is not None:
+            if self._sessions.get(peer.identity.device_id) is peer:
+                del self._sessions[peer.identity.device_id]
+            self.metrics.connected.dec()
+
+    def handshake_seconds(self, seconds: float, *, ok: bool) -> None:
+        self.metrics.handshake_seconds.labels("ok" if ok else "failed").observe(seconds)
+
+    def handshake_accepted(self, peer: PeerConnection) -> bool:
+        """After a good handshake: enforce known revocations when the CRL check was off."""
+        serial = peer.serial
+        assert serial is not None
+        if self._crl.is_stale(dt.datetime.now(dt.UTC)):
+            if serial in self._crl.revoked:
+                self.record(
+                    peer, Outcome.REVOKED, "revoked in the last known CRL (stale, fail-open)"
+                )
+                peer.close()
+                return False
+            self.metrics.stale_admissions.inc()
+        self._by_serial.setdefault(serial, set()).add(peer)
+        return True
+
+    async def serve_mqtt(
+        self, peer: PeerConnection, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        assert self._amqtt is not None
+        try:
+            await self._amqtt.external_connected(reader, writer, _LISTENER)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.log_event("mqtt_error", peer, detail=f"{type(exc).__name__}: {exc}")
+
+    def authorize_connect(self, peer: PeerConnection, client_id: str | None) -> bool:
+        """CONNECT: the client id must be the certificate's device id, the env the broker's."""
+        identity = peer.identity
+        assert identity is not None
+        if client_id != identity.device_id:
+            self.record(
+                peer,
+                Outcome.IDENTITY_MISMATCH,
+                f"client id {client_id!r} is not the certificate's device id {identity.device_id!r}",
+            )
+            return False
+        if self.settings.env is not None and identity.env != self.settings.env:
+            self.record(
+                peer,
+                Outcome.ENV_MISMATCH,
+                f"{identity.env} certificate refused by a {self.settings.env} broker",
+            )
+            return False
+        previous = self._sessions.get(identity.device_id)
+        if previous is not None and previous is not peer:
+            previous.close_by_broker("takeover")
+        self._sessions[identity.device_id] = peer
+        peer.authorized = True
+        self.metrics.connected.inc()
+        self.record(peer, Outcome.OK, None)
+        return True
+
+    def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:
+        self.metrics.acl_denied.labels(action).inc()
+        self.log_event("acl_denied", peer, detail=f"{action} {topic}")
+
+    def session_ended_by_broker(self, peer: PeerConnection, reason: str) -> None:
+        self.metrics.sessions_closed.labels(reason).inc()
+        self.log_event("session_closed", peer, reason=reason)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def record(self, peer: PeerConnection, outcome: Outcome, detail: str | None) -> None:
+        """Count the attempt's single outcome; log and keep an event for every rejection."""
+        if peer.outcome is not None:
+            return
+        peer.outcome = outcome
+        self.metrics.connections.labels(outcome.value).inc()
+        if outcome is not Outcome.OK:
+            self.log_event("rejected", peer, reason=outcome.value, detail=detail)
+
+    def log_event(self, event: str, peer: PeerConnection | None, **fields: Any) -> None:
+        record: Event = {
+            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "event": event,
+        }
+        if peer is not None:
+            serial = peer.serial
+            record |= {
+                "device": peer.device_id,
+                "serial": format(serial, "X") if serial is not None else None,
+                "peer": peer.peer_address,
+            }
+        record |= {key: value for key, value in fields.items() if value is not None}
+        self.events.append(record)
+        if self.settings.event_log:
+            events_log.warning(json.dumps(record))
+        for listener in list(self._event_listeners):
+            listener(record)
+
+    async def wait_for_event(self, predicate: Callable[[Event], bool], timeout: float) -> Event:
+        """Return the first past or future event matching ``predicate`` (TimeoutError if none)."""
+        for record in self.events:
+            if predicate(record):
+                return record
+        found: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+        def listener(record: Event) -> None:
+            if predicate(record) and not found.done():
+                found.set_result(record)
+
+        self._event_listeners.append(listener)
+        try:
+            return await asyncio.wait_for(found, timeout)
+        finally:
+            self._event_listeners.remove(listener)
+
+
+def _verify(
+    connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
+    """OpenSSL's verdict stands; we only remember the leaf and the first error, for the logs."""
+    peer = connection.get_app_data()
+    if isinstance(peer, PeerConnection):
+        if depth == 0:
+            peer.leaf = cert
+        if not ok and peer.verify_code is None:
+            peer.verify_code = errnum
+    return bool(ok)
