@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pwd
 import signal
 import sys
 from collections.abc import Callable
@@ -59,6 +60,9 @@ def mosquitto_config(workspace: Workspace, *, host: str = "127.0.0.1", port: int
             f"# {paths.root.resolve()}. Devices authenticate with their certificates only; the",
             "# certificate CN (the device id) becomes the MQTT username.",
             "# After 'fleet revoke', send Mosquitto SIGHUP so that it rereads the CRL.",
+            "# Mosquitto started as root drops to the user named here; the workspace owner can",
+            "# read the broker key (mode 0600) and the CA directory (mode 0700).",
+            f"user {_owner(paths.root)}",
             "per_listener_settings true",
             f"listener {port} {host}",
             "protocol mqtt",
@@ -73,6 +77,13 @@ def mosquitto_config(workspace: Workspace, *, host: str = "127.0.0.1", port: int
             "",
         ]
     )
+
+
+def _owner(path: Path) -> str:
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except KeyError:
+        return str(path.stat().st_uid)
 
 
 def emit_mosquitto_config(workspace: Workspace, out: Path, *, host: str, port: int) -> None:

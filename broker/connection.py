@@ -158,6 +158,10 @@ class PeerConnection(asyncio.Protocol):
             self._handshake_failed(classify_tls_error(exc, self.verify_code), exc)
             return
         self._flush()
+        if self.verify_code is not None:  # never admit a chain the verify callback saw fail
+            failure = SSL.Error([("", "", "certificate verify failed")])
+            self._handshake_failed(classify_tls_error(failure, self.verify_code), failure)
+            return
         self.handshaken = True
         self._timers[0].cancel()
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=True)
@@ -170,6 +174,10 @@ class PeerConnection(asyncio.Protocol):
             self.close()
             return
         self.rights = rights_for(self.identity.device_id, self.identity.tier)
+        if self._seconds_left() <= 0:  # OpenSSL compares whole seconds; we do not
+            self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")
+            self.close()
+            return
         if not self.broker.handshake_accepted(self):
             return
         self._schedule_expiry()
@@ -190,12 +198,14 @@ class PeerConnection(asyncio.Protocol):
         )
         self.abort()
 
+    def _seconds_left(self) -> float:
+        assert self.certificate is not None
+        return (self.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+
     def _schedule_expiry(self) -> None:
         """A session never outlives its certificate: close it at notAfter."""
-        assert self.certificate is not None
-        remaining = (self.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
         loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(max(0.0, remaining), self.close_by_broker, "expired"))
+        self._timers.append(loop.call_later(self._seconds_left(), self.close_by_broker, "expired"))
 
     def _flush(self) -> None:
         assert self.tls is not None and self.transport is not None

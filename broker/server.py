@@ -226,10 +226,15 @@ class FleetBroker:
         self.metrics.handshake_seconds.labels("ok" if ok else "failed").observe(seconds)
 
     def handshake_accepted(self, peer: PeerConnection) -> bool:
-        """After a good handshake: enforce known revocations when the CRL check was off."""
+        """After a good handshake: apply the stale-CRL policy at the exact instant."""
         serial = peer.serial
         assert serial is not None
         if self._crl.is_stale(dt.datetime.now(dt.UTC)):
+            if self.settings.revocation_policy is RevocationPolicy.FAIL_CLOSED:
+                # OpenSSL refuses a stale CRL from the next whole second on; we do it exactly.
+                self.record(peer, Outcome.CRL_STALE, f"CRL #{self._crl.number} is past nextUpdate")
+                peer.close()
+                return False
             if serial in self._crl.revoked:
                 self.record(
                     peer, Outcome.REVOKED, "revoked in the last known CRL (stale, fail-open)"
@@ -335,11 +340,20 @@ class FleetBroker:
 def _verify(
     connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
-    """OpenSSL's verdict stands; we only remember the leaf and the first error, for the logs."""
+    """Remember the leaf and the first error for the logs; the verdict stays a failure.
+
+    OpenSSL stops at the first error it is told about, often at the intermediate (an unknown
+    CA), before the leaf is ever shown. So an error above the leaf is noted and verification
+    allowed to reach the leaf, where the failure is returned. The connection also refuses any
+    handshake that noted an error, should OpenSSL finish without asking about the leaf.
+    """
     peer = connection.get_app_data()
-    if isinstance(peer, PeerConnection):
-        if depth == 0:
-            peer.leaf = cert
-        if not ok and peer.verify_code is None:
-            peer.verify_code = errnum
-    return bool(ok)
+    if not isinstance(peer, PeerConnection):
+        return bool(ok)
+    if depth == 0:
+        peer.leaf = cert
+    if not ok and peer.verify_code is None:
+        peer.verify_code = errnum
+    if depth > 0:
+        return True if peer.verify_code is not None else bool(ok)
+    return peer.verify_code is None and bool(ok)

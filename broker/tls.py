@@ -95,6 +95,9 @@ def build_server_context(
         context.use_privatekey_file(str(paths.server_key))
         context.check_privatekey()
         context.load_verify_locations(str(paths.root_cert))
+        # The issuing intermediate is known too, so a device that presents only its leaf (as
+        # many TLS stacks and `openssl s_client -cert` do) still chains up to the root.
+        context.load_verify_locations(str(paths.issuing_cert))
         context.load_client_ca(str(paths.root_cert).encode())
     except SSL.Error as exc:
         raise BrokerError(
