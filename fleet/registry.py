@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -141,7 +143,7 @@ def _record(row: sqlite3.Row) -> DeviceRecord:
 
 
 class Registry:
-    """Access to ``fleet.db``. One instance per thread; SQLite serialises writers."""
+    """Access to ``fleet.db``, safe to share between threads; SQLite serialises writers."""
 
     def __init__(self, path: Path, *, create: bool = False) -> None:
         if not create and not path.exists():
@@ -149,7 +151,12 @@ class Registry:
                 f"{path}: registry missing; run 'fleet init' to create the workspace"
             )
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        # One connection shared by the threads of this process, one at a time (the lock);
+        # other processes are kept apart by SQLite's own locking.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            path, isolation_level=None, timeout=30.0, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -169,13 +176,18 @@ class Registry:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``; rolls back on any exception, Ctrl-C included."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Iterable[object] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
 
     # -- meta -------------------------------------------------------------------------------
 
@@ -196,7 +208,7 @@ class Registry:
     def next_sequence(self, prefix: str) -> int:
         """One more than the highest ``<prefix>-<number>`` id in use (1 for a new prefix)."""
         pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)$")
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT id FROM devices WHERE id >= ? AND id < ?", (f"{prefix}-", f"{prefix}.")
         )
         numbers = [int(m.group(1)) for (device_id,) in rows if (m := pattern.match(device_id))]
@@ -208,7 +220,7 @@ class Registry:
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT id FROM devices WHERE id IN ({marks})", chunk)
+            rows = self._query(f"SELECT id FROM devices WHERE id IN ({marks})", chunk)
             taken.update(row[0] for row in rows)
         return taken
 
@@ -267,7 +279,7 @@ class Registry:
     def pending_batches(self) -> dict[str, list[str]]:
         """Batches whose provisioning run did not finish: batch id -> device ids."""
         batches: dict[str, list[str]] = {}
-        for batch_id, device_id in self._db.execute(
+        for batch_id, device_id in self._query(
             "SELECT batch_id, id FROM devices WHERE status = 'pending' ORDER BY id"
         ):
             batches.setdefault(batch_id, []).append(device_id)
@@ -284,14 +296,14 @@ class Registry:
     # -- queries ----------------------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceRecord:
-        row = self._db.execute(
+        rows = self._query(
             f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
             "WHERE d.id = ? AND d.status != 'pending'",
             (device_id,),
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             raise UnknownDeviceError(device_id)
-        return _record(row)
+        return _record(rows[0])
 
     def devices(
         self,
@@ -308,7 +320,7 @@ class Registry:
         if not_after_before is not None:
             clauses.append("c.not_after <= ?")
             params.append(format_time(not_after_before))
-        rows = self._db.execute(
+        rows = self._query(
             f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
             f"WHERE {' AND '.join(clauses)} ORDER BY d.id",
             params,
@@ -316,9 +328,7 @@ class Registry:
         return [_record(row) for row in rows]
 
     def count(self) -> int:
-        return int(
-            self._db.execute("SELECT COUNT(*) FROM devices WHERE status != 'pending'").fetchone()[0]
-        )
+        return int(self._query("SELECT COUNT(*) FROM devices WHERE status != 'pending'")[0][0])
 
     # -- revocation -------------------------------------------------------------------------
 
@@ -355,7 +365,7 @@ class Registry:
 
     def revoked_entries(self) -> list[RevokedEntry]:
         """Every revoked certificate, for the CRL."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT serial, revoked_at, revocation_reason FROM certificates "
             "WHERE status = 'revoked' ORDER BY revoked_at, serial"
         )
