@@ -442,6 +442,21 @@ def broker_command(
     run_broker(settings, announce=lambda line: print(line, flush=True))
 
 
+@app.command()
+@_friendly_errors
+def demo(
+    directory: DirOption = Path("demo-fleet"),
+    devices: Annotated[int, typer.Option(help="How many devices to simulate.")] = 200,
+) -> None:
+    """Build a fleet, run it on the embedded broker, and revoke one device live."""
+    from fleet.demo import print_summary, run_demo
+
+    if devices < 2:
+        raise UsageError(f"invalid --devices {devices}: the demo needs at least 2")
+    result = run_demo(directory, devices=devices, console=out)
+    print_summary(result, out)
+
+
 def main() -> None:
     """Entry point of the ``fleet`` console script."""
     app()

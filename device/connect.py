@@ -1,0 +1,86 @@
+"""TCP connect and TLS handshake without blocking the event loop.
+
+paho's own ``connect`` performs a blocking handshake, which would serialise thousands of
+devices. Here the handshake is driven step by step on a non-blocking socket, so many devices
+handshake concurrently on one loop; the finished socket is then handed to paho.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSocket:
+    sock: ssl.SSLSocket
+    tcp_seconds: float
+    tls_seconds: float
+
+
+async def open_tls_socket(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    server_name: str | None = None,
+    timeout: float = 10.0,
+    source_ip: str | None = None,
+) -> TlsSocket:
+    """Connect to ``host:port`` and complete the TLS handshake; raises on any failure."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = infos[0]
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    try:
+        if source_ip:
+            raw.bind((source_ip, 0))
+        started = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(raw, address)
+            connected = time.perf_counter()
+            tls = context.wrap_socket(
+                raw, server_hostname=server_name or host, do_handshake_on_connect=False
+            )
+            await _handshake(loop, tls)
+    except BaseException:
+        raw.close()
+        raise
+    done = time.perf_counter()
+    return TlsSocket(tls, connected - started, done - connected)
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await _ready(loop, sock, readable=True)
+        except ssl.SSLWantWriteError:
+            await _ready(loop, sock, readable=False)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, *, readable: bool) -> None:
+    future: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    fd = sock.fileno()
+    if readable:
+        loop.add_reader(fd, wake)
+    else:
+        loop.add_writer(fd, wake)
+    try:
+        await future
+    finally:
+        if readable:
+            loop.remove_reader(fd)
+        else:
+            loop.remove_writer(fd)

@@ -1,0 +1,340 @@
+"""A simulated device: paho-mqtt with its own certificate, driven from an asyncio loop.
+
+paho exposes socket callbacks for exactly this: the loop watches each device's socket and
+calls paho when it is readable or writable; one timer per loop runs paho's keepalive work for
+every device. No thread per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from device.connect import open_tls_socket
+from device.outcomes import ConnectAttempt, ConnectOutcome, alert_name, classify_tls_failure
+from device.tls import device_tls_context
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSettings:
+    """How one simulated device behaves."""
+
+    device_id: str
+    cert: Path
+    key: Path
+    trust_anchor: Path
+    host: str = "127.0.0.1"
+    port: int = 8883
+    server_name: str | None = "localhost"
+    qos: int = 1
+    publish_every: float = 10.0
+    payload_size: int = 64
+    keepalive: int = 60
+    mqtt_version: int = 4  # 4: MQTT 3.1.1, 5: MQTT 5
+    connect_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    source_ip: str | None = None
+
+
+@dataclass
+class DeviceStats:
+    attempts: list[ConnectAttempt] = field(default_factory=list)
+    sent: int = 0
+    acknowledged: int = 0
+    received: int = 0
+    disconnects: list[str] = field(default_factory=list)
+
+
+class _ObservedSocket:
+    """The TLS socket paho reads and writes, keeping the TLS error (alert) paho would hide."""
+
+    def __init__(self, sock: ssl.SSLSocket, on_error: Callable[[ssl.SSLError], None]) -> None:
+        self._sock = sock
+        self._on_error = on_error
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self._sock.recv(size)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            self._on_error(exc)
+            raise
+
+    def send(self, data: bytes) -> int:
+        return self._sock.send(data)
+
+    def pending(self) -> int:
+        return self._sock.pending()
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _PreparedSocketClient(mqtt.Client):
+    """A paho client that uses a socket we connected and handshook without blocking."""
+
+    prepared: _ObservedSocket | None = None
+
+    def _create_socket(self) -> Any:
+        sock, self.prepared = self.prepared, None
+        if sock is None:
+            raise ConnectionError("no prepared TLS socket")
+        return sock
+
+
+class PahoDriver:
+    """Runs paho's periodic work (keepalive, retries) for every device of one loop."""
+
+    def __init__(self) -> None:
+        self._clients: set[mqtt.Client] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, client: mqtt.Client) -> None:
+        self._clients.add(client)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def discard(self, client: mqtt.Client) -> None:
+        self._clients.discard(client)
+
+    def _tick(self) -> None:
+        for client in list(self._clients):
+            client.loop_misc()
+        self._handle = (
+            asyncio.get_running_loop().call_later(1.0, self._tick) if self._clients else None
+        )
+
+
+class Device:
+    """One device: connect with classification, publish telemetry, reconnect with backoff."""
+
+    def __init__(
+        self, settings: DeviceSettings, driver: PahoDriver, *, context: ssl.SSLContext | None = None
+    ) -> None:
+        self.settings = settings
+        self.stats = DeviceStats()
+        self._driver = driver
+        self._context = context
+        self._loop = asyncio.get_running_loop()
+        self._client = self._new_client()
+        self._connack: asyncio.Future[tuple[str, str | None]] | None = None
+        self._disconnected = asyncio.Event()
+        self._tls_error: str | None = None
+        self._seq = 0
+        self.connected = False
+
+    @property
+    def device_id(self) -> str:
+        return self.settings.device_id
+
+    # -- certificates -----------------------------------------------------------------------
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS context, built on first use and reused across reconnects."""
+        if self._context is None:
+            s = self.settings
+            self._context = device_tls_context(s.trust_anchor, s.cert, s.key, device_id=s.device_id)
+        return self._context
+
+    def swap_certificate(self, cert: Path, key: Path) -> None:
+        """Use a renewed certificate for the next handshake; the live session is kept."""
+        s = self.settings
+        self._context = device_tls_context(s.trust_anchor, cert, key, device_id=s.device_id)
+
+    # -- paho wiring ------------------------------------------------------------------------
+
+    def _new_client(self) -> _PreparedSocketClient:
+        s = self.settings
+        protocol = (
+            MQTTProtocolVersion.MQTTv5 if s.mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
+        )
+        client = _PreparedSocketClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.device_id,
+            protocol=protocol,
+            reconnect_on_failure=False,
+        )
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.connect_async(s.host, s.port, keepalive=s.keepalive)
+        return client
+
+    def _socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._loop.add_reader(sock, self._readable, sock)
+        self._driver.add(client)
+
+    def _readable(self, sock: _ObservedSocket) -> None:
+        # Bytes TLS has already decrypted do not wake the selector: drain them too.
+        while self._client.loop_read() == mqtt.MQTT_ERR_SUCCESS and sock.pending():
+            pass
+
+    def _socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._driver.discard(client)
+
+    def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._loop.add_writer(sock, client.loop_write)
+
+    def _unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(
+                ("refused", str(reason)) if reason.is_failure else ("ok", None)
+            )
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        detail = self._tls_error or str(reason)
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(("lost", detail))
+        if self.connected:
+            self.connected = False
+            self.stats.disconnects.append(detail)
+        self._disconnected.set()
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        self.stats.acknowledged += 1
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        self.stats.received += 1
+
+    def _note_tls_error(self, exc: ssl.SSLError) -> None:
+        self._tls_error = alert_name(exc) or getattr(exc, "reason", None) or str(exc)
+
+    # -- connecting -------------------------------------------------------------------------
+
+    async def connect(self) -> ConnectAttempt:
+        """One attempt: TCP, TLS, CONNECT/CONNACK, classified and timed."""
+        s = self.settings
+        try:
+            tls = await open_tls_socket(
+                s.host,
+                s.port,
+                self.context(),
+                server_name=s.server_name,
+                timeout=s.connect_timeout,
+                source_ip=s.source_ip,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            failure, reason = classify_tls_failure(exc)
+            return self._record(ConnectAttempt(s.device_id, failure, reason))
+        self._tls_error = None
+        self._disconnected.clear()
+        self._connack = self._loop.create_future()
+        self._client.prepared = _ObservedSocket(tls.sock, self._note_tls_error)
+        started = time.perf_counter()
+        self._client.reconnect()
+        connack = self._connack
+        try:
+            result, detail = await asyncio.wait_for(connack, s.connect_timeout)
+        except TimeoutError:
+            self._client.disconnect()
+            return self._record(
+                ConnectAttempt(
+                    s.device_id,
+                    ConnectOutcome.TIMEOUT,
+                    "no CONNACK",
+                    tls.tcp_seconds,
+                    tls.tls_seconds,
+                )
+            )
+        mqtt_seconds = time.perf_counter() - started
+        if result == "ok":
+            self.connected = True
+            self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
+            outcome: ConnectOutcome = ConnectOutcome.CONNECTED
+        elif result == "refused":
+            outcome = ConnectOutcome.CONNACK_REFUSED
+        else:
+            outcome = ConnectOutcome.REJECTED_BY_BROKER
+        return self._record(
+            ConnectAttempt(
+                s.device_id, outcome, detail, tls.tcp_seconds, tls.tls_seconds, mqtt_seconds
+            )
+        )
+
+    def _record(self, attempt: ConnectAttempt) -> ConnectAttempt:
+        self.stats.attempts.append(attempt)
+        return attempt
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    def publish_telemetry(self) -> None:
+        s = self.settings
+        self._seq += 1
+        body = {"seq": self._seq, "ts": time.time(), "temperature": round(random.gauss(21, 2), 2)}
+        payload = json.dumps(body).encode()
+        payload += b" " * max(0, s.payload_size - len(payload))
+        self._client.publish(f"devices/{s.device_id}/telemetry", payload, qos=s.qos)
+        self.stats.sent += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected and publishing until ``stop``; back off with full jitter between tries."""
+        failures = 0
+        while not stop.is_set():
+            attempt = await self.connect()
+            if attempt.outcome is ConnectOutcome.CONNECTED:
+                failures = 0
+                await self._publish_until_disconnected(stop)
+                continue
+            failures += 1
+            cap = min(self.settings.backoff_cap, self.settings.backoff_base * 2**failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), random.uniform(0, cap))
+        await self.close()
+
+    async def _publish_until_disconnected(self, stop: asyncio.Event) -> None:
+        interval = self.settings.publish_every
+        await asyncio.sleep(random.uniform(0, interval))  # spread the fleet's publications
+        while self.connected and not stop.is_set():
+            self.publish_telemetry()
+            waiters = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._disconnected.wait()),
+            }
+            _, pending = await asyncio.wait(
+                waiters, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+
+    async def close(self) -> None:
+        if self.connected:
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), 5)
+        self.connected = False

@@ -1,0 +1,57 @@
+"""The one place that builds a device's TLS context: strict about the broker, as the broker is
+strict about the device (only the fleet's root as trust anchor, hostname checked, TLS >= 1.2)."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from fleet.errors import CertificateError
+
+
+def device_tls_context(
+    trust_anchor: Path,
+    cert: Path,
+    key: Path,
+    *,
+    device_id: str,
+    check_hostname: bool = True,
+    keylog_file: str | None = None,
+) -> ssl.SSLContext:
+    """A client context holding the device's chain and key.
+
+    ``trust_anchor`` is the *only* CA trusted (no system store). ``SSLKEYLOGFILE`` (or
+    ``keylog_file``) writes TLS secrets for Wireshark. Errors name the device and the reason.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and hostname checks
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    try:
+        context.load_verify_locations(cafile=str(trust_anchor))
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(
+            f"cannot load trust anchor {trust_anchor}: {exc}", device_id=device_id
+        ) from exc
+    for path in (cert, key):
+        if not path.is_file():
+            raise CertificateError(f"missing {path}", device_id=device_id)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except PermissionError as exc:
+        raise CertificateError(
+            f"cannot read {exc.filename}: permission denied", device_id=device_id
+        ) from exc
+    except ssl.SSLError as exc:
+        reason = (
+            "the key does not match the certificate"
+            if "KEY_VALUES_MISMATCH" in str(exc)
+            else str(exc)
+        )
+        raise CertificateError(
+            f"unusable certificate or key ({reason})", device_id=device_id
+        ) from exc
+    keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
+    if keylog:
+        context.keylog_filename = keylog
+    return context

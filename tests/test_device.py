@@ -1,0 +1,206 @@
+"""Simulated devices (paho on asyncio) against the embedded broker: outcomes seen client-side."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import shutil
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from broker import BrokerSettings, FleetBroker
+from device import (
+    ConnectAttempt,
+    ConnectOutcome,
+    Device,
+    DeviceSettings,
+    PahoDriver,
+    device_tls_context,
+)
+from fleet import (
+    CertificateError,
+    FleetConfig,
+    ProvisionSpec,
+    Workspace,
+    init_workspace,
+    issue_broker_certificate,
+    provision_devices,
+    revoke_device,
+)
+from fleet.demo import run_demo
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def fleet(workspace: Workspace) -> Workspace:
+    provision_devices(workspace, ProvisionSpec(count=3, prefix="dev"))
+    return workspace
+
+
+def _settings(ws: Workspace, device_id: str, port: int, **overrides: object) -> DeviceSettings:
+    paths = ws.paths
+    options: dict[str, Any] = {"port": port, "publish_every": 0.2, "backoff_cap": 0.5}
+    options.update(overrides)
+    return DeviceSettings(
+        device_id,
+        paths.device_cert(device_id),
+        paths.device_key(device_id),
+        paths.root_cert,
+        **options,
+    )
+
+
+async def _broker(ws: Workspace) -> FleetBroker:
+    broker = FleetBroker(
+        BrokerSettings(workspace=ws.paths.root, port=0, metrics_port=None, event_log=False)
+    )
+    await broker.start()
+    return broker
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def test_connect_publish_and_phase_timings(fleet: Workspace) -> None:
+    async def scenario() -> None:
+        broker = await _broker(fleet)
+        try:
+            device = Device(_settings(fleet, "dev-00001", broker.port or 0), PahoDriver())
+            attempt = await device.connect()
+            assert attempt.outcome is ConnectOutcome.CONNECTED, attempt
+            assert (
+                attempt.tcp_seconds is not None
+                and attempt.tls_seconds is not None
+                and attempt.mqtt_seconds is not None
+            )
+            assert attempt.tls_seconds > 0
+            device.publish_telemetry()
+            device.publish_telemetry()
+            for _ in range(200):
+                if device.stats.acknowledged == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert device.stats.acknowledged == 2, "QoS 1 publications are acknowledged"
+            await device.close()
+        finally:
+            await broker.stop()
+
+    run(scenario())
+
+
+def test_revoked_device_is_cut_off_and_then_refused_with_the_alert(fleet: Workspace) -> None:
+    async def scenario() -> None:
+        broker = await _broker(fleet)
+        try:
+            driver = PahoDriver()
+            victim = Device(_settings(fleet, "dev-00002", broker.port or 0), driver)
+            other = Device(_settings(fleet, "dev-00003", broker.port or 0), driver)
+            assert (await victim.connect()).outcome is ConnectOutcome.CONNECTED
+            assert (await other.connect()).outcome is ConnectOutcome.CONNECTED
+            await asyncio.to_thread(revoke_device, fleet, "dev-00002")
+            await asyncio.wait_for(victim.wait_disconnected(), 5)
+            again = await victim.connect()
+            assert again.outcome is ConnectOutcome.REJECTED_BY_BROKER
+            assert again.detail == "certificate_revoked"
+            assert other.connected
+            await other.close()
+        finally:
+            await broker.stop()
+
+    run(scenario())
+
+
+def test_the_device_refuses_a_rogue_broker_and_a_wrong_hostname(
+    fleet: Workspace, tmp_path: Path
+) -> None:
+    rogue = init_workspace(tmp_path / "rogue", config=FleetConfig())
+    # the broker presents a certificate from a CA the devices do not trust
+    shutil.copy(rogue.paths.server_cert, fleet.paths.server_cert)
+    shutil.copy(rogue.paths.server_key, fleet.paths.server_key)
+
+    async def scenario(server_name: str | None) -> tuple[ConnectOutcome, str | None]:
+        broker = await _broker(fleet)
+        try:
+            attempt = await Device(
+                _settings(fleet, "dev-00001", broker.port or 0, server_name=server_name),
+                PahoDriver(),
+            ).connect()
+            return attempt.outcome, attempt.detail
+        finally:
+            await broker.stop()
+
+    outcome, detail = run(scenario("localhost"))
+    assert outcome is ConnectOutcome.BROKER_UNTRUSTED
+    assert detail and "unable to get local issuer certificate" in detail
+
+    issue_broker_certificate(fleet.paths, fleet.ca)  # a fleet certificate again, for localhost only
+    outcome, detail = run(scenario("broker.example"))
+    assert outcome is ConnectOutcome.BROKER_UNTRUSTED
+    assert detail and "Hostname mismatch" in detail
+
+
+def test_expired_broker_certificate_is_refused(fleet: Workspace) -> None:
+    now = dt.datetime.now(dt.UTC)
+    issue_broker_certificate(fleet.paths, fleet.ca, now=now - dt.timedelta(days=400))
+
+    async def scenario() -> tuple[ConnectOutcome, str | None]:
+        broker = await _broker(fleet)
+        try:
+            attempt = await Device(
+                _settings(fleet, "dev-00001", broker.port or 0), PahoDriver()
+            ).connect()
+            return attempt.outcome, attempt.detail
+        finally:
+            await broker.stop()
+
+    outcome, detail = run(scenario())
+    assert outcome is ConnectOutcome.BROKER_UNTRUSTED and detail and "expired" in detail
+
+
+def test_a_target_that_is_not_listening_is_a_network_error(fleet: Workspace) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+
+        async def attempt_once() -> ConnectAttempt:
+            return await Device(_settings(fleet, "dev-00001", port), PahoDriver()).connect()
+
+        attempt = run(attempt_once())
+    assert attempt.outcome is ConnectOutcome.NETWORK_ERROR
+
+
+def test_a_key_that_does_not_match_names_the_device(fleet: Workspace) -> None:
+    paths = fleet.paths
+    with pytest.raises(
+        CertificateError,
+        match=r"device 'dev-00001': unusable certificate or key \(the key does not match",
+    ):
+        device_tls_context(
+            paths.root_cert,
+            paths.device_cert("dev-00001"),
+            paths.device_key("dev-00002"),
+            device_id="dev-00001",
+        )
+    with pytest.raises(CertificateError, match=r"device 'dev-00001': missing .*nope\.pem"):
+        device_tls_context(
+            paths.root_cert,
+            paths.device_cert("dev-00001"),
+            paths.root / "nope.pem",
+            device_id="dev-00001",
+        )
+
+
+def test_the_demo_tells_its_story(tmp_path: Path) -> None:
+    result = run_demo(tmp_path / "demo", devices=20)
+    assert result.connected_before == 20
+    assert result.still_connected == 19
+    assert result.acknowledged == result.sent > 0
+    assert result.broker_outcomes["revoked"] >= 1
+    assert "connected" in result.victim_attempts[0]
+    assert any("certificate_revoked" in a for a in result.victim_attempts[1:])
