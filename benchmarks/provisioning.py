@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -91,9 +90,15 @@ def _in_parallel(function: Callable[[int], int], count: int, processes: int) -> 
         list(pool.map(function, [share] * processes))
 
 
-def run(base: Path, *, count: int = 10_000) -> list[Figure]:
-    """Measure and return the figures; ``base`` is emptied first and left for inspection."""
-    shutil.rmtree(base, ignore_errors=True)
+def run(root: Path, *, count: int = 10_000) -> list[Figure]:
+    """Measure and return the figures, in a fresh directory under ``root``.
+
+    Earlier runs are removed only after measuring: on this machine's ext4 (mounted with
+    ``discard``), creating files right after deleting tens of thousands is several times
+    slower, which would measure the deletion rather than provisioning.
+    """
+    previous = [p for p in root.glob("run-*") if p.is_dir()] if root.exists() else []
+    base = root / f"run-{time.time_ns()}"
     base.mkdir(parents=True)
     cores = os.cpu_count() or 1
     figures = []

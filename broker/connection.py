@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from broker.acl import TopicRights, rights_for
@@ -89,8 +90,6 @@ class PeerConnection(asyncio.Protocol):
         if self.certificate is None:
             return None
         if binary_form:
-            from cryptography.hazmat.primitives.serialization import Encoding
-
             return self.certificate.public_bytes(Encoding.DER)
         return {}
 

@@ -226,9 +226,15 @@ class FleetBroker:
         self.metrics.handshake_seconds.labels("ok" if ok else "failed").observe(seconds)
 
     def handshake_accepted(self, peer: PeerConnection) -> bool:
-        """After a good handshake: apply the stale-CRL policy at the exact instant."""
+        """After a good handshake: the CRL in force now decides, and the stale-CRL policy."""
         serial = peer.serial
         assert serial is not None
+        if serial in self._crl.revoked:
+            # The handshake began on the context of an older CRL and ended after a newer one
+            # was installed: the newer one decides.
+            self.record(peer, Outcome.REVOKED, f"revoked in CRL #{self._crl.number}")
+            peer.close()
+            return False
         if self._crl.is_stale(dt.datetime.now(dt.UTC)):
             if self.settings.revocation_policy is RevocationPolicy.FAIL_CLOSED:
                 # OpenSSL refuses a stale CRL from the next whole second on; we do it exactly.

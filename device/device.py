@@ -125,7 +125,10 @@ class PahoDriver:
 
 
 class Device:
-    """One device: connect with classification, publish telemetry, reconnect with backoff."""
+    """One device: connect with classification, publish telemetry, reconnect with backoff.
+
+    Create it inside the running event loop that will drive it.
+    """
 
     def __init__(
         self, settings: DeviceSettings, driver: PahoDriver, *, context: ssl.SSLContext | None = None

@@ -30,6 +30,16 @@ def openssl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([binary, *args], capture_output=True, text=True, check=check, timeout=60)
 
 
+def openssl_verify(workspace: Workspace, cert: Path, *extra: str, purpose: str) -> str:
+    """``openssl verify`` of ``cert`` against the workspace's root and intermediate: its output."""
+    paths = workspace.paths
+    result = openssl(
+        "verify", "-CAfile", str(paths.root_cert), "-untrusted", str(paths.issuing_cert),
+        "-purpose", purpose, *extra, str(cert), check=False,
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
 @pytest.fixture
 def cli() -> Callable[..., Result]:
     """Invoke the ``fleet`` CLI in-process; returns click's Result (exit_code, stdout, stderr)."""

@@ -26,7 +26,7 @@ from fleet import (
     provision_devices,
     provision_from_csr,
 )
-from tests.conftest import openssl
+from tests.conftest import openssl, openssl_verify
 
 
 def _chain(workspace: Workspace, device_id: str) -> list[x509.Certificate]:
@@ -34,20 +34,9 @@ def _chain(workspace: Workspace, device_id: str) -> list[x509.Certificate]:
 
 
 def _verify(workspace: Workspace, device_id: str, *extra: str) -> str:
-    paths = workspace.paths
-    result = openssl(
-        "verify",
-        "-CAfile",
-        str(paths.root_cert),
-        "-untrusted",
-        str(paths.issuing_cert),
-        "-purpose",
-        "sslclient",
-        *extra,
-        str(paths.device_cert(device_id)),
-        check=False,
+    return openssl_verify(
+        workspace, workspace.paths.device_cert(device_id), *extra, purpose="sslclient"
     )
-    return result.stdout + result.stderr
 
 
 def assert_registry_matches_files(workspace: Workspace) -> None:

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleet import FleetConfig, KeyType, Workspace, WorkspaceError, init_workspace
-from tests.conftest import openssl
+from tests.conftest import openssl, openssl_verify
 
 
 def _mode(path: Path) -> int:
@@ -51,18 +51,8 @@ def test_intermediate_has_path_length_zero_and_chains_to_root(workspace: Workspa
 
 
 def test_openssl_verifies_the_broker_chain(workspace: Workspace) -> None:
-    paths = workspace.paths
-    result = openssl(
-        "verify",
-        "-CAfile",
-        str(paths.root_cert),
-        "-untrusted",
-        str(paths.issuing_cert),
-        "-purpose",
-        "sslserver",
-        str(paths.server_cert),
-    )
-    assert result.stdout.strip().endswith(": OK")
+    output = openssl_verify(workspace, workspace.paths.server_cert, purpose="sslserver")
+    assert output.strip().endswith(": OK")
 
 
 def test_broker_certificate_names_localhost_loopback_and_extra_hosts(tmp_path: Path) -> None:
