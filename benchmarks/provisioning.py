@@ -139,4 +139,6 @@ def run(root: Path, *, count: int = 10_000) -> list[Figure]:
     figures.append(
         _timed("bare file system mkdir + 2 files", share * cores, cores, _files_in_parallel)
     )
+    for old in previous:
+        shutil.rmtree(old, ignore_errors=True)
     return figures
