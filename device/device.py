@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from device.connect import open_tls_socket
 from device.outcomes import ConnectAttempt, ConnectOutcome, alert_name, classify_tls_failure
 from device.tls import device_tls_context
+from fleet.errors import CertificateError
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +132,22 @@ class Device:
     """
 
     def __init__(
-        self, settings: DeviceSettings, driver: PahoDriver, *, context: ssl.SSLContext | None = None
+        self,
+        settings: DeviceSettings,
+        driver: PahoDriver,
+        *,
+        context: ssl.SSLContext | None = None,
+        connect_gate: asyncio.Semaphore | None = None,
+        on_attempt: Callable[[ConnectAttempt], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stats = DeviceStats()
         self._driver = driver
         self._context = context
+        self._gate = connect_gate  # caps handshakes in flight across a swarm
+        self._on_attempt = on_attempt
+        self._all_acknowledged = asyncio.Event()
+        self._all_acknowledged.set()
         self._loop = asyncio.get_running_loop()
         self._client = self._new_client()
         self._connack: asyncio.Future[tuple[str, str | None]] | None = None
@@ -241,12 +252,24 @@ class Device:
 
     async def connect(self) -> ConnectAttempt:
         """One attempt: TCP, TLS, CONNECT/CONNACK, classified and timed."""
+        if self._gate is None:
+            return await self._connect()
+        async with self._gate:
+            return await self._connect()
+
+    async def _connect(self) -> ConnectAttempt:
         s = self.settings
+        try:
+            context = self.context()
+        except CertificateError as exc:
+            return self._record(
+                ConnectAttempt(s.device_id, ConnectOutcome.CREDENTIALS_ERROR, exc.reason)
+            )
         try:
             tls = await open_tls_socket(
                 s.host,
                 s.port,
-                self.context(),
+                context,
                 server_name=s.server_name,
                 timeout=s.connect_timeout,
                 source_ip=s.source_ip,
@@ -291,6 +314,8 @@ class Device:
 
     def _record(self, attempt: ConnectAttempt) -> ConnectAttempt:
         self.stats.attempts.append(attempt)
+        if self._on_attempt is not None:
+            self._on_attempt(attempt)
         return attempt
 
     async def wait_disconnected(self) -> None:
@@ -302,6 +327,8 @@ class Device:
         body = {"seq": self._seq, "ts": time.time(), "temperature": round(random.gauss(21, 2), 2)}
         payload = json.dumps(body).encode()
         payload += b" " * max(0, s.payload_size - len(payload))
+        if s.qos > 0:
+            self._all_acknowledged.clear()
         self._client.publish(f"devices/{s.device_id}/telemetry", payload, qos=s.qos)
         self.stats.sent += 1
 
@@ -314,6 +341,8 @@ class Device:
                 failures = 0
                 await self._publish_until_disconnected(stop)
                 continue
+            if attempt.outcome is ConnectOutcome.CREDENTIALS_ERROR:
+                break  # retrying cannot mend a missing or mismatched key
             failures += 1
             cap = min(self.settings.backoff_cap, self.settings.backoff_base * 2**failures)
             with contextlib.suppress(TimeoutError):
@@ -335,8 +364,11 @@ class Device:
             for waiter in pending:
                 waiter.cancel()
 
-    async def close(self) -> None:
+    async def close(self, *, ack_grace: float = 3.0) -> None:
+        """Wait (up to ``ack_grace`` s) for outstanding QoS 1 acknowledgements, then disconnect."""
         if self.connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_acknowledged.wait(), ack_grace)
             self._client.disconnect()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), 5)

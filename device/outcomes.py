@@ -14,6 +14,7 @@ class ConnectOutcome(enum.StrEnum):
     CONNACK_REFUSED = "connack_refused"
     TIMEOUT = "timeout"
     NETWORK_ERROR = "network_error"
+    CREDENTIALS_ERROR = "credentials_error"  # the device's own key or certificate is unusable
 
 
 @dataclass(frozen=True, slots=True)

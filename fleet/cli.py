@@ -444,6 +444,60 @@ def broker_command(
 
 @app.command()
 @_friendly_errors
+def swarm(
+    directory: DirOption = DEFAULT_DIR,
+    devices: Annotated[int, typer.Option(help="How many provisioned devices to run.")] = 100,
+    ramp: Annotated[str, typer.Option(help="Connection rate, e.g. 300/s.")] = "300/s",
+    publish_every: Annotated[str, typer.Option(help="Telemetry interval per device.")] = "10s",
+    qos: Annotated[int, typer.Option(help="QoS of telemetry (0 or 1).")] = 1,
+    duration: Annotated[str, typer.Option(help="How long the run lasts.")] = "1m",
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="mqtts://HOST:PORT of any mTLS broker (default: start the embedded one)."
+        ),
+    ] = None,
+    server_name: Annotated[
+        str, typer.Option(help="Host name the broker certificate must carry.")
+    ] = "localhost",
+    processes: Annotated[
+        str, typer.Option(help="Shard processes: auto (one per core) or N.")
+    ] = "auto",
+    in_flight: Annotated[int, typer.Option(help="Most handshakes in flight per process.")] = 100,
+    payload_size: Annotated[int, typer.Option(help="Telemetry payload bytes.")] = 64,
+    mqtt_version: Annotated[str, typer.Option("--mqtt", help="3.1.1 or 5.")] = "3.1.1",
+    source_ips: Annotated[
+        str | None,
+        typer.Option(help="Spread connections over source addresses, e.g. 127.0.0.2-127.0.0.9."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the summary as JSON.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No live view (for CI logs).")] = False,
+) -> None:
+    """Connect provisioned devices, each with its own certificate, and keep them publishing."""
+    from device.swarm_command import SwarmRequest, run_swarm_command
+
+    request = SwarmRequest.parse(
+        workspace=Workspace.open(directory),
+        devices=devices,
+        ramp=ramp,
+        publish_every=publish_every,
+        qos=qos,
+        duration=duration,
+        target=target,
+        server_name=server_name,
+        processes=processes,
+        in_flight=in_flight,
+        payload_size=payload_size,
+        mqtt_version=mqtt_version,
+        source_ips=source_ips,
+    )
+    run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
+
+
+@app.command()
+@_friendly_errors
 def demo(
     directory: DirOption = Path("demo-fleet"),
     devices: Annotated[int, typer.Option(help="How many devices to simulate.")] = 200,

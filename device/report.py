@@ -1,0 +1,52 @@
+"""Live progress and the final summary of a swarm run, rendered with rich."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from device.stats import SwarmStats
+
+
+def progress_table(stats: SwarmStats, *, title: str) -> Table:
+    """The live view: refreshed a few times a second while the swarm runs."""
+    table = Table(title=title, show_header=False, min_width=60)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("elapsed", f"{stats.elapsed:.1f} s")
+    table.add_row("connected now", f"{stats.connected_now:,} / {stats.devices:,}")
+    for outcome, count in sorted(stats.attempts.items()):
+        table.add_row(f"attempts: {outcome}", f"{count:,}")
+    table.add_row("messages sent / acknowledged", f"{stats.sent:,} / {stats.acknowledged:,}")
+    table.add_row(
+        "connect p50 / p99", f"{stats.percentile_ms(50):.1f} / {stats.percentile_ms(99):.1f} ms"
+    )
+    return table
+
+
+def summary_table(stats: SwarmStats) -> Table:
+    summary = stats.summary()
+    table = Table(title="swarm summary", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("devices", f"{summary['devices']:,}")
+    table.add_row("connection attempts", f"{summary['attempts']:,}")
+    for outcome, count in summary["outcomes"].items():
+        table.add_row(f"  {outcome}", f"{count:,}")
+    for detail, count in list(summary["failure_details"].items())[:10]:
+        table.add_row(f"  {detail}", f"{count:,}")
+    table.add_row("connected at the deadline", f"{summary['connected_at_deadline']:,}")
+    messages = summary["messages"]
+    table.add_row(
+        "QoS messages",
+        f"{messages['sent']:,} sent, {messages['acknowledged']:,} acknowledged, {messages['lost']:,} lost",
+    )
+    latency = summary["connect_latency_ms"]
+    table.add_row(
+        "connect latency (TCP+TLS+CONNACK)",
+        f"p50 {latency['p50']:.1f} ms, p90 {latency['p90']:.1f} ms, p99 {latency['p99']:.1f} ms, max {latency['max']:.1f} ms",
+    )
+    if summary["ramp_rate"]:
+        table.add_row(
+            "ramp", f"{summary['ramp_rate']:,.0f} connects/s over {summary['ramp_seconds']:.1f} s"
+        )
+    return table

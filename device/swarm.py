@@ -1,0 +1,262 @@
+"""The swarm engine: thousands of devices per process, sharded over processes.
+
+A :class:`Swarm` runs one shard on the current event loop: it creates devices lazily at the
+configured ramp rate (an identity costs nothing until its turn comes), caps handshakes in
+flight, keeps every device publishing, stops at the deadline and reports
+:class:`~device.stats.SwarmStats`. :func:`run_swarm` shards a fleet over processes and merges
+their statistics; the CLI is a thin layer over it, and other runners can drive shards directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from device.device import Device, DeviceSettings, PahoDriver
+from device.stats import SwarmStats
+from fleet.errors import FleetError
+
+ProgressCallback = Callable[[SwarmStats], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmConfig:
+    """One shard's work. Paths follow the fleet workspace layout (``devices/<id>/...``)."""
+
+    workspace: Path
+    device_ids: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8883
+    server_name: str | None = "localhost"
+    ramp_per_second: float = 300.0
+    max_in_flight: int = 100
+    publish_every: float = 10.0
+    qos: int = 1
+    payload_size: int = 64
+    duration: float = 60.0
+    mqtt_version: int = 4
+    connect_timeout: float = 10.0
+    source_ips: tuple[str, ...] = ()
+
+
+class Swarm:
+    """One shard of devices on the running event loop."""
+
+    def __init__(self, config: SwarmConfig) -> None:
+        self.config = config
+        self.stats = SwarmStats(devices=len(config.device_ids))
+        self.devices: list[Device] = []
+        self._started = 0.0
+
+    def _settings(self, index: int, device_id: str) -> DeviceSettings:
+        c = self.config
+        device_dir = c.workspace / "devices" / device_id
+        return DeviceSettings(
+            device_id=device_id,
+            cert=device_dir / "cert.pem",
+            key=device_dir / "key.pem",
+            trust_anchor=c.workspace / "ca" / "root.crt",
+            host=c.host,
+            port=c.port,
+            server_name=c.server_name,
+            qos=c.qos,
+            publish_every=c.publish_every,
+            payload_size=c.payload_size,
+            mqtt_version=c.mqtt_version,
+            connect_timeout=c.connect_timeout,
+            source_ip=c.source_ips[index % len(c.source_ips)] if c.source_ips else None,
+        )
+
+    def snapshot(self) -> SwarmStats:
+        stats = self.stats
+        stats.connected_now = sum(1 for d in self.devices if d.connected)
+        stats.sent = sum(d.stats.sent for d in self.devices)
+        stats.acknowledged = sum(d.stats.acknowledged for d in self.devices)
+        stats.disconnects = sum(len(d.stats.disconnects) for d in self.devices)
+        stats.elapsed = time.perf_counter() - self._started if self._started else 0.0
+        return stats
+
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        progress_every: float = 0.25,
+    ) -> SwarmStats:
+        """Ramp up, run until the deadline or ``stop``, drain acknowledgements, report."""
+        stop = stop or asyncio.Event()
+        c = self.config
+        driver = PahoDriver()
+        gate = asyncio.Semaphore(c.max_in_flight)
+        self._started = time.perf_counter()
+        deadline = asyncio.get_running_loop().call_later(c.duration, stop.set)
+        reporter = asyncio.create_task(self._report(stop, on_progress, progress_every))
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for index, device_id in enumerate(c.device_ids):
+                due = self._started + index / c.ramp_per_second
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    break
+                device = Device(
+                    self._settings(index, device_id),
+                    driver,
+                    connect_gate=gate,
+                    on_attempt=self.stats.record,
+                )
+                self.devices.append(device)
+                tasks.append(asyncio.create_task(device.run(stop)))
+            await self._wait_ramp_done(stop)
+            await stop.wait()
+            self.stats.connected_at_deadline = sum(1 for d in self.devices if d.connected)
+        finally:
+            stop.set()
+            deadline.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+        return self.snapshot()
+
+    async def _wait_ramp_done(self, stop: asyncio.Event) -> None:
+        """Note when every device has had its first attempt (the achieved ramp)."""
+        while not stop.is_set():
+            if all(d.stats.attempts for d in self.devices) and len(self.devices) == len(
+                self.config.device_ids
+            ):
+                self.stats.ramp_seconds = time.perf_counter() - self._started
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def _report(
+        self, stop: asyncio.Event, on_progress: ProgressCallback | None, every: float
+    ) -> None:
+        while on_progress is not None:
+            on_progress(self.snapshot())
+            await asyncio.sleep(every)
+
+
+# -- several processes ------------------------------------------------------------------------
+
+
+def split(device_ids: list[str], shards: int) -> list[tuple[str, ...]]:
+    """Deal ``device_ids`` round-robin into ``shards`` groups (empty groups dropped)."""
+    return [group for group in (tuple(device_ids[k::shards]) for k in range(shards)) if group]
+
+
+def _event_loop_runner() -> Callable[[Any], Any]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def _shard_main(config: SwarmConfig, messages: Any, stop_flag: Any, index: int) -> None:
+    """Entry point of a shard process: run, stream snapshots, send the final one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def watch_parent() -> None:
+            while not stop_flag.is_set():
+                await asyncio.sleep(0.1)
+            stop.set()
+
+        watcher = asyncio.create_task(watch_parent())
+        swarm = Swarm(config)
+        final = await swarm.run(
+            stop, on_progress=lambda s: messages.put((index, "progress", s.to_wire()))
+        )
+        watcher.cancel()
+        messages.put((index, "final", final.to_wire()))
+
+    try:
+        _event_loop_runner()(main())
+    except Exception as exc:  # reported to the parent, which prints it; never a silent death
+        messages.put((index, "error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_swarm(
+    config: SwarmConfig,
+    *,
+    processes: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> SwarmStats:
+    """Run ``config.device_ids`` over ``processes`` shard processes (default: one per core).
+
+    Ctrl-C stops every shard cleanly; the summary of what happened is still returned.
+    """
+    count = max(1, min(processes or os.cpu_count() or 1, len(config.device_ids)))
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    stop_flag = context.Event()
+    shards = split(list(config.device_ids), count)
+    workers = []
+    for index, ids in enumerate(shards):
+        shard = replace(
+            config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
+        )
+        worker = context.Process(
+            target=_shard_main, args=(shard, messages, stop_flag, index), daemon=True
+        )
+        worker.start()
+        workers.append(worker)
+    latest: dict[int, dict[str, Any]] = {}
+    finished: set[int] = set()
+    errors: list[str] = []
+    try:
+        while len(finished) < len(workers):
+            try:
+                index, kind, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                dead = [i for i, w in enumerate(workers) if not w.is_alive() and i not in finished]
+                for i in dead:
+                    errors.append(f"shard {i} exited with code {workers[i].exitcode}")
+                    finished.add(i)
+                continue
+            if kind == "error":
+                errors.append(f"shard {index}: {payload}")
+                finished.add(index)
+                continue
+            latest[index] = payload
+            if kind == "final":
+                finished.add(index)
+            if on_progress is not None:
+                on_progress(SwarmStats.merge(list(latest.values())))
+    except KeyboardInterrupt:
+        stop_flag.set()
+        while len(finished) < len(workers):
+            try:
+                index, kind, payload = messages.get(timeout=30)
+            except queue.Empty:
+                break
+            if kind != "error":
+                latest[index] = payload
+            if kind in ("final", "error"):
+                finished.add(index)
+    finally:
+        stop_flag.set()
+        for worker in workers:
+            worker.join(10)
+    if errors:
+        raise SwarmError("; ".join(errors))
+    return SwarmStats.merge(list(latest.values()))
+
+
+class SwarmError(FleetError):
+    """A shard process failed; the message says which and why."""

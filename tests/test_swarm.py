@@ -1,0 +1,159 @@
+"""The swarm engine and `fleet swarm`: real devices in shard processes, against our broker and Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import BrokerSettings
+from device.swarm import SwarmConfig, run_swarm, split
+from fleet import ProvisionSpec, Workspace, provision_devices
+from tests.broker_support import BrokerThread
+from tests.conftest import fleet_command, require_tool
+from tests.test_broker import _free_port
+
+
+@pytest.fixture(scope="module")
+def fleet_200(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    from fleet import FleetConfig, init_workspace
+
+    root = tmp_path_factory.mktemp("swarm") / "fleet"
+    init_workspace(root, config=FleetConfig())
+    workspace = Workspace.open(root)
+    provision_devices(workspace, ProvisionSpec(count=200, prefix="sim"))
+    return workspace
+
+
+def _config(ws: Workspace, port: int, count: int = 200, **overrides: object) -> SwarmConfig:
+    ids = tuple(r.device_id for r in ws.registry.devices())[:count]
+    options: dict[str, object] = {
+        "workspace": ws.paths.root,
+        "device_ids": ids,
+        "port": port,
+        "ramp_per_second": 400.0,
+        "publish_every": 1.0,
+        "duration": 4.0,
+    }
+    options.update(overrides)
+    return SwarmConfig(**options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def our_broker(fleet_200: Workspace) -> Iterator[BrokerThread]:
+    broker = BrokerThread(
+        BrokerSettings(workspace=fleet_200.paths.root, port=0, metrics_port=None, event_log=False)
+    )
+    yield broker
+    broker.stop()
+
+
+def test_split_deals_devices_round_robin() -> None:
+    assert split(["a", "b", "c", "d", "e"], 2) == [("a", "c", "e"), ("b", "d")]
+    assert split(["a"], 4) == [("a",)]
+
+
+def test_200_devices_over_two_processes_against_our_broker(
+    fleet_200: Workspace, our_broker: BrokerThread
+) -> None:
+    stats = run_swarm(_config(fleet_200, our_broker.port), processes=2)
+    summary = stats.summary()
+    assert summary["outcomes"] == {"connected": 200}
+    assert summary["connected_at_deadline"] == 200
+    assert summary["messages"]["sent"] >= 200 and summary["messages"]["lost"] == 0
+    latency = summary["connect_latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert our_broker.outcome_count("ok") == 200
+
+
+def test_200_devices_against_a_real_mosquitto(fleet_200: Workspace, tmp_path: Path) -> None:
+    mosquitto = require_tool("mosquitto")
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    subprocess.run(
+        fleet_command("broker", "--dir", fleet_200.paths.root, "--port", str(port), "--emit-mosquitto-conf", conf),
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    server = subprocess.Popen(
+        [mosquitto, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:
+            if "running" in line:
+                break
+        stats = run_swarm(_config(fleet_200, port), processes=2)
+    finally:
+        server.terminate()
+        server.wait(10)
+    summary = stats.summary()
+    assert summary["outcomes"] == {"connected": 200}
+    assert summary["messages"]["lost"] == 0
+
+
+def test_faults_become_per_device_outcomes(
+    fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path
+) -> None:
+    # a copy of the workspace where two devices have broken credentials
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fleet_200.paths.root, broken)
+    (broken / "devices" / "sim-00001" / "key.pem").unlink()
+    shutil.copy(
+        broken / "devices" / "sim-00003" / "key.pem", broken / "devices" / "sim-00002" / "key.pem"
+    )
+    config = _config(fleet_200, our_broker.port, count=5, duration=2.0)
+    from dataclasses import replace
+
+    stats = run_swarm(replace(config, workspace=broken), processes=1)
+    summary = stats.summary()
+    assert summary["outcomes"] == {"connected": 3, "credentials_error": 2}
+    details = " ".join(summary["failure_details"])
+    assert "missing" in details and "the key does not match the certificate" in details
+
+
+def test_a_target_that_is_not_listening(fleet_200: Workspace) -> None:
+    stats = run_swarm(_config(fleet_200, _free_port(), count=10, duration=1.5), processes=1)
+    outcomes = stats.summary()["outcomes"]
+    assert set(outcomes) == {"network_error"} and outcomes["network_error"] >= 10
+
+
+def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    result = subprocess.run(
+        fleet_command(
+            "swarm", "--dir", fleet_200.paths.root, "--devices", "50", "--ramp", "200/s",
+            "--publish-every", "1s", "--duration", "3s", "--processes", "1", "--quiet", "--json", out,
+        ),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "swarm summary" in result.stdout
+    summary = json.loads(out.read_text())
+    assert summary["outcomes"] == {"connected": 50}
+    assert summary["messages"]["lost"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--devices", "5000"], "only 200 active devices"),
+        (["--ramp", "fast"], "invalid --ramp 'fast'"),
+        (["--target", "http://x"], "invalid --target 'http://x'"),
+        (["--source-ips", "10.0.0.1"], "must be loopback addresses"),
+        (["--processes", "zero"], "invalid --processes 'zero'"),
+    ],
+)
+def test_bad_swarm_options(fleet_200: Workspace, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        fleet_command("swarm", "--dir", fleet_200.paths.root, *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
