@@ -124,6 +124,10 @@ class FleetBroker:
     def connected_devices(self) -> set[str]:
         return set(self._sessions)
 
+    def session_peers(self) -> dict[str, str]:
+        """Connected device id -> its peer address (``ip:port``)."""
+        return {device_id: peer.peer_address for device_id, peer in self._sessions.items()}
+
     # -- TLS context and CRL ----------------------------------------------------------------
 
     def _build_context(self, crl: CrlState) -> SSL.Context:

@@ -31,6 +31,7 @@ class SwarmStats:
     disconnects: int = 0
     elapsed: float = 0.0
     ramp_seconds: float | None = None
+    interrupted: bool = False
     handshake: HdrHistogram = field(default_factory=_histogram)
 
     def record(self, attempt: ConnectAttempt) -> None:
@@ -109,4 +110,5 @@ class SwarmStats:
             if self.ramp_seconds
             else None,
             "elapsed_seconds": self.elapsed,
+            "interrupted": self.interrupted,
         }

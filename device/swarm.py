@@ -15,10 +15,12 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from device.device import Device, DeviceSettings, PahoDriver
@@ -196,38 +198,44 @@ def run_swarm(
     *,
     processes: int | None = None,
     on_progress: ProgressCallback | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> SwarmStats:
     """Run ``config.device_ids`` over ``processes`` shard processes (default: one per core).
 
-    Ctrl-C stops every shard cleanly; the summary of what happened is still returned.
+    ``on_start`` is called once every shard is started and Ctrl-C is handled.
+
+    Ctrl-C (or SIGTERM) asks every shard to stop: each drains its acknowledgements, disconnects
+    and reports, and the merged summary of what happened is returned with ``interrupted`` set.
     """
     count = max(1, min(processes or os.cpu_count() or 1, len(config.device_ids)))
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     stop_flag = context.Event()
     shards = split(list(config.device_ids), count)
-    workers = []
-    for index, ids in enumerate(shards):
-        shard = replace(
-            config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
-        )
-        worker = context.Process(
-            target=_shard_main, args=(shard, messages, stop_flag, index), daemon=True
-        )
-        worker.start()
-        workers.append(worker)
     latest: dict[int, dict[str, Any]] = {}
     finished: set[int] = set()
     errors: list[str] = []
-    try:
+    workers = []
+    with _stop_on_signals(stop_flag) as interrupted:
+        for index, ids in enumerate(shards):
+            shard = replace(
+                config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
+            )
+            worker = context.Process(
+                target=_shard_main, args=(shard, messages, stop_flag, index), daemon=True
+            )
+            worker.start()
+            workers.append(worker)
+        if on_start is not None:
+            on_start()
         while len(finished) < len(workers):
             try:
                 index, kind, payload = messages.get(timeout=0.5)
             except queue.Empty:
-                dead = [i for i, w in enumerate(workers) if not w.is_alive() and i not in finished]
-                for i in dead:
-                    errors.append(f"shard {i} exited with code {workers[i].exitcode}")
-                    finished.add(i)
+                for i, worker in enumerate(workers):
+                    if not worker.is_alive() and i not in finished:
+                        errors.append(f"shard {i} exited with code {worker.exitcode}")
+                        finished.add(i)
                 continue
             if kind == "error":
                 errors.append(f"shard {index}: {payload}")
@@ -238,24 +246,39 @@ def run_swarm(
                 finished.add(index)
             if on_progress is not None:
                 on_progress(SwarmStats.merge(list(latest.values())))
-    except KeyboardInterrupt:
-        stop_flag.set()
-        while len(finished) < len(workers):
-            try:
-                index, kind, payload = messages.get(timeout=30)
-            except queue.Empty:
-                break
-            if kind != "error":
-                latest[index] = payload
-            if kind in ("final", "error"):
-                finished.add(index)
-    finally:
         stop_flag.set()
         for worker in workers:
             worker.join(10)
     if errors:
         raise SwarmError("; ".join(errors))
-    return SwarmStats.merge(list(latest.values()))
+    stats = SwarmStats.merge(list(latest.values()))
+    stats.interrupted = bool(interrupted)
+    return stats
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop_flag: Any) -> Iterator[list[bool]]:
+    """SIGINT and SIGTERM set ``stop_flag`` (the shards then wind down) instead of raising.
+
+    Yields a list that holds ``True`` once a signal arrived.
+    """
+    interrupted: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        interrupted.append(True)
+        stop_flag.set()
+
+    previous = {
+        signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield interrupted
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class SwarmError(FleetError):

@@ -198,18 +198,22 @@ def _run(
     config = request.config
     title = f"{len(config.device_ids):,} devices -> mqtts://{config.host}:{config.port}"
     processes = request.processes or os.cpu_count() or 1
-    console.print(
-        f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {processes} process(es), {config.duration:g} s"
+    line = (
+        f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {processes} process(es), "
+        f"{config.duration:g} s"
     )
     if quiet or not console.is_terminal:
-        stats = run_swarm(config, processes=request.processes)
+        stats = run_swarm(config, processes=request.processes, on_start=lambda: console.print(line))
     else:
+        console.print(line)
         with Live(console=console, refresh_per_second=4, transient=True) as live:
             stats = run_swarm(
                 config,
                 processes=request.processes,
                 on_progress=lambda s: live.update(progress_table(s, title=title)),
             )
+    if stats.interrupted:
+        console.print("[yellow]interrupted: the summary covers what happened until Ctrl-C[/]")
     console.print(summary_table(stats))
     if json_out is not None:
         json_out.write_text(json.dumps(stats.summary(), indent=2) + "\n")

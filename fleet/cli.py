@@ -493,7 +493,9 @@ def swarm(
         mqtt_version=mqtt_version,
         source_ips=source_ips,
     )
-    run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
+    stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
+    if stats.interrupted:
+        raise typer.Exit(130)
 
 
 @app.command()

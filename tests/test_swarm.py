@@ -157,3 +157,72 @@ def test_bad_swarm_options(fleet_200: Workspace, args: list[str], message: str) 
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_source_addresses_and_tls_key_log(
+    fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keylog = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))  # inherited by the shard process
+    config = _config(
+        fleet_200, our_broker.port, count=6, duration=2.0, source_ips=("127.0.0.2", "127.0.0.3")
+    )
+    peers: dict[str, str] = {}
+
+    def remember(stats: object) -> None:
+        peers.update(our_broker.broker.session_peers())
+
+    stats = run_swarm(config, processes=1, on_progress=remember)
+    assert stats.summary()["outcomes"] == {"connected": 6}
+    assert {address.rsplit(":", 1)[0] for address in peers.values()} == {"127.0.0.2", "127.0.0.3"}
+    secrets = keylog.read_text()
+    assert secrets.count("CLIENT_HANDSHAKE_TRAFFIC_SECRET") + secrets.count("CLIENT_RANDOM") >= 6
+
+
+def test_a_broker_that_goes_away_mid_run(fleet_200: Workspace) -> None:
+    import threading
+
+    broker = BrokerThread(
+        BrokerSettings(workspace=fleet_200.paths.root, port=0, metrics_port=None, event_log=False)
+    )
+    stopped = threading.Event()
+
+    def stop_broker_once_connected(stats: object) -> None:
+        if not stopped.is_set() and len(broker.broker.connected_devices) == 20:
+            stopped.set()
+            threading.Thread(target=broker.stop).start()
+
+    stats = run_swarm(
+        _config(fleet_200, broker.port, count=20, duration=4.0),
+        processes=1,
+        on_progress=stop_broker_once_connected,
+    )
+    summary = stats.summary()
+    assert stopped.is_set()
+    assert summary["outcomes"]["connected"] == 20
+    assert summary["outcomes"].get("network_error", 0) >= 1, summary  # reconnects find nobody
+    assert stats.disconnects >= 20
+
+
+def test_ctrl_c_stops_the_swarm_and_still_prints_the_summary(
+    fleet_200: Workspace, tmp_path: Path
+) -> None:
+    import signal
+
+    out = tmp_path / "summary.json"
+    process = subprocess.Popen(
+        fleet_command(
+            "swarm", "--dir", fleet_200.paths.root, "--devices", "20", "--duration", "5m",
+            "--publish-every", "1s", "--processes", "1", "--quiet", "--json", out,
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("swarm:"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stdout and "swarm summary" in stdout
+    assert json.loads(out.read_text())["interrupted"] is True
