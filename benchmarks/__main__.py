@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import broker, provisioning
+from benchmarks import broker, provisioning, swarm
 from benchmarks.mqtt_load import percentile
 
 console = Console()
@@ -109,18 +109,64 @@ def bench_broker(base: Path, churn_connects: int, held: int) -> None:
     )
 
 
+def bench_swarm(base: Path, devices: int, duration: float) -> None:
+    console.rule("swarm")
+    report = swarm.run(base / "swarm", devices=devices, duration=duration)
+    held = report.held
+    console.print(
+        _table(
+            f"{held.devices:,} simulated devices held on the embedded broker (separate processes), "
+            "ramp 300/s, QoS 1 every 10 s",
+            ["figure", "value", "target"],
+            [
+                ["connected at the deadline", f"{held.connected:,}", f"{held.devices:,}"],
+                ["achieved ramp", f"{held.ramp_rate:,.0f} connects/s", ">= 300/s"],
+                [
+                    "swarm RSS per device (peak, above idle shards)",
+                    f"{held.swarm_kb_per_device:.0f} KB",
+                    "<= 80 KB",
+                ],
+                [
+                    "broker RSS per device (peak, above idle)",
+                    f"{held.broker_kb_per_device:.0f} KB",
+                    "<= 100 KB",
+                ],
+                ["pub/sub round trip p99 (whole run)", f"{held.round_trip_p99_ms:.0f} ms", "-"],
+                ["QoS 1 messages sent / lost", f"{held.sent:,} / {held.lost:,}", "lost = 0"],
+            ],
+        )
+    )
+    churn = report.churn
+    if churn is None:
+        console.print("Mosquitto is not installed: the churn comparison is skipped")
+        return
+    reference = f"{churn.openssl:,.0f}/s" if churn.openssl else "unavailable"
+    ratio = f" ({churn.ours / churn.openssl:.0%} of it; target >= 90%)" if churn.openssl else ""
+    console.print(
+        f"connect churn against {churn.broker}: our device client {churn.ours:,.0f}/s "
+        f"(TLS + CONNECT/CONNACK + DISCONNECT) vs openssl s_time -new {reference} (TLS only){ratio}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
-    parser.add_argument("--only", choices=["provisioning", "broker"], help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=["provisioning", "broker", "swarm"], help="run one benchmark"
+    )
     parser.add_argument("--devices", type=int, default=10_000, help="devices to provision")
     parser.add_argument("--churn", type=int, default=2_000, help="connections in the churn run")
     parser.add_argument("--held", type=int, default=10_000, help="connections to hold at once")
+    parser.add_argument(
+        "--swarm-seconds", type=float, default=120.0, help="duration of the swarm run"
+    )
     args = parser.parse_args()
     if args.only in (None, "provisioning"):
         bench_provisioning(args.dir, args.devices)
     if args.only in (None, "broker"):
         bench_broker(args.dir, args.churn, args.held)
+    if args.only in (None, "swarm"):
+        bench_swarm(args.dir, args.held, args.swarm_seconds)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
 from OpenSSL import SSL, crypto
 
 from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
+from broker.core import IndexedBroker
 from broker.metrics import BrokerMetrics
 from broker.outcomes import Outcome
 from broker.tls import BrokerError, CrlState, build_server_context, load_crl, load_issuers
@@ -62,7 +62,7 @@ class FleetBroker:
         self._sessions: dict[str, PeerConnection] = {}
         self._event_listeners: list[Callable[[Event], None]] = []
         self._server: asyncio.Server | None = None
-        self._amqtt: Broker | None = None
+        self._amqtt: IndexedBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stale_timer: asyncio.TimerHandle | None = None
 
@@ -70,7 +70,7 @@ class FleetBroker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._amqtt = Broker(_amqtt_config(), loop=loop)
+        self._amqtt = IndexedBroker(_amqtt_config(), loop=loop)
         await self._amqtt.start()
         try:
             self._server = await loop.create_server(

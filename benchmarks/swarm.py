@@ -1,0 +1,277 @@
+"""Swarm benchmarks: 10,000 devices held on the embedded broker, and connect churn of our
+device client against Mosquitto beside ``openssl s_time -new`` in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.broker import _rss_bytes, mosquitto, ours
+from benchmarks.mqtt_load import (
+    device_context,
+    open_session,
+    percentile,
+    publish_payload,
+    read_packet,
+    subscribe_packet,
+)
+from device import Device, DeviceSettings, PahoDriver
+from device.stats import SwarmStats
+from device.swarm import SwarmConfig, run_swarm, split
+from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
+
+
+def _shard_pids() -> list[int]:
+    """This process's spawned shard processes (not multiprocessing's resource tracker)."""
+    me = os.getpid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+class _Probe(threading.Thread):
+    """A silver device subscribed to every device's telemetry, timing each message's trip."""
+
+    def __init__(self, workspace: Workspace, device_id: str, port: int) -> None:
+        super().__init__(daemon=True)
+        paths = workspace.paths
+        self.context = device_context(
+            paths.root_cert, paths.device_cert(device_id), paths.device_key(device_id)
+        )
+        self.device_id = device_id
+        self.port = port
+        self.samples: list[float] = []
+        self.ready = threading.Event()
+        self._stop_requested = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        reader, writer = await open_session("127.0.0.1", self.port, self.context, self.device_id)
+        writer.write(subscribe_packet("devices/+/telemetry"))
+        await read_packet(reader)
+        self.ready.set()
+        while not self._stop_requested.is_set():
+            try:
+                first, body = await asyncio.wait_for(read_packet(reader), 0.5)
+            except TimeoutError:
+                continue
+            if first >> 4 == 3:
+                sent = json.loads(publish_payload(body))["ts"]
+                self.samples.append(time.time() - sent)
+        writer.close()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.join(10)
+
+
+@dataclass
+class HeldSwarmFigure:
+    devices: int
+    connected: int
+    ramp_rate: float
+    swarm_kb_per_device: float
+    broker_kb_per_device: float
+    round_trip_p99_ms: float
+    sent: int
+    lost: int
+
+
+def held_swarm(
+    workspace: Workspace, device_ids: list[str], probe_id: str, *, duration: float
+) -> HeldSwarmFigure:
+    with ours(workspace) as broker:
+        probe = _Probe(workspace, probe_id, broker.port)
+        probe.start()
+        probe.ready.wait(30)
+        baseline = _rss_bytes(broker.pid)
+        peak = {"swarm": 0, "broker": 0}
+        swarm_baseline: list[int] = []
+
+        def sample(stats: SwarmStats) -> None:
+            swarm_rss = sum(_rss_bytes(pid) for pid in _shard_pids())
+            if not swarm_baseline:  # the shard interpreters before their devices connect
+                swarm_baseline.append(swarm_rss)
+            peak["swarm"] = max(peak["swarm"], swarm_rss)
+            peak["broker"] = max(peak["broker"], _rss_bytes(broker.pid))
+
+        config = SwarmConfig(
+            workspace=workspace.paths.root,
+            device_ids=tuple(device_ids),
+            port=broker.port,
+            ramp_per_second=300.0,
+            publish_every=10.0,
+            qos=1,
+            duration=duration,
+            max_in_flight=100,
+        )
+        stats = run_swarm(config, on_progress=sample)
+        probe.stop()
+    summary = stats.summary()
+    devices = len(device_ids)
+    return HeldSwarmFigure(
+        devices=devices,
+        connected=summary["connected_at_deadline"],
+        ramp_rate=summary["ramp_rate"] or 0.0,
+        swarm_kb_per_device=(peak["swarm"] - swarm_baseline[0]) / devices / 1024,
+        broker_kb_per_device=(peak["broker"] - baseline) / devices / 1024,
+        round_trip_p99_ms=percentile(probe.samples, 0.99) * 1000,
+        sent=summary["messages"]["sent"],
+        lost=summary["messages"]["lost"],
+    )
+
+
+# -- churn: our device client against openssl s_time ---------------------------------------
+
+
+def _churn_shard(
+    workspace_root: str,
+    device_ids: tuple[str, ...],
+    port: int,
+    seconds: float,
+    results: Any,
+) -> None:
+    async def main() -> int:
+        root = Path(workspace_root)
+        driver = PahoDriver()
+        settings = [
+            DeviceSettings(
+                d,
+                root / "devices" / d / "cert.pem",
+                root / "devices" / d / "key.pem",
+                root / "ca" / "root.crt",
+                port=port,
+            )
+            for d in device_ids
+        ]
+        contexts = [Device(s, driver).context() for s in settings]  # prepared off the clock
+        deadline = time.perf_counter() + seconds
+        done = 0
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal done, next_index
+            while time.perf_counter() < deadline:
+                index = next_index % len(settings)
+                next_index += 1
+                device = Device(settings[index], driver, context=contexts[index])
+                attempt = await device.connect()
+                if attempt.outcome.value == "connected":
+                    done += 1
+                await device.close(ack_grace=0)
+
+        await asyncio.gather(*(worker() for _ in range(25)))
+        return done
+
+    results.put(asyncio.run(main()))
+
+
+def device_churn_rate(
+    workspace: Workspace, device_ids: list[str], port: int, *, seconds: float, processes: int
+) -> float:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [
+        context.Process(
+            target=_churn_shard, args=(str(workspace.paths.root), ids, port, seconds, results)
+        )
+        for ids in split(device_ids, processes)
+    ]
+    for worker in workers:
+        worker.start()
+    total: int = sum(results.get(timeout=seconds + 120) for _ in workers)
+    for worker in workers:
+        worker.join(10)
+    return total / seconds
+
+
+def openssl_s_time_rate(
+    workspace: Workspace, device_id: str, port: int, *, seconds: float, processes: int
+) -> float | None:
+    binary = shutil.which("openssl")
+    if binary is None:
+        return None
+    paths = workspace.paths
+    command = [
+        binary, "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(int(seconds)),
+        "-CAfile", str(paths.root_cert), "-cert", str(paths.device_cert(device_id)), "-key", str(paths.device_key(device_id)),
+    ]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(processes)
+    ]
+    total = 0.0
+    for run in runs:
+        output, _ = run.communicate(timeout=seconds + 60)
+        match = re.search(r"(\d+) connections in (\d+(?:\.\d+)?) real seconds", output)
+        if match is None:
+            return None
+        total += int(match[1]) / float(match[2])
+    return total
+
+
+@dataclass
+class ChurnComparison:
+    broker: str
+    ours: float
+    openssl: float | None
+
+
+def churn_against_mosquitto(
+    workspace: Workspace, device_ids: list[str], scratch: Path, *, seconds: float
+) -> ChurnComparison | None:
+    processes = os.cpu_count() or 1
+    with mosquitto(workspace, scratch) as reference:
+        if reference is None:
+            return None
+        ours_rate = device_churn_rate(
+            workspace, device_ids, reference.port, seconds=seconds, processes=processes
+        )
+        openssl_rate = openssl_s_time_rate(
+            workspace, device_ids[0], reference.port, seconds=seconds, processes=processes
+        )
+        return ChurnComparison(reference.name, ours_rate, openssl_rate)
+
+
+@dataclass
+class SwarmReport:
+    held: HeldSwarmFigure
+    churn: ChurnComparison | None
+
+
+def run(
+    base: Path, *, devices: int = 10_000, duration: float = 120.0, churn_seconds: float = 10.0
+) -> SwarmReport:
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    init_workspace(base / "ws", config=FleetConfig())
+    workspace = Workspace.open(base / "ws")
+    ids = provision_devices(workspace, ProvisionSpec(count=devices, prefix="sim")).device_ids
+    probe = provision_devices(
+        workspace, ProvisionSpec(count=1, prefix="probe", tier="silver")
+    ).device_ids[0]
+    held = held_swarm(workspace, ids, probe, duration=duration)
+    churn = churn_against_mosquitto(workspace, ids[:2000], base, seconds=churn_seconds)
+    return SwarmReport(held=held, churn=churn)
