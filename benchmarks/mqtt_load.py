@@ -136,7 +136,14 @@ def publish_packet(topic: str, payload: bytes) -> bytes:
     return b"\x30" + _remaining_length(len(body)) + body
 
 
-def publish_payload(body: bytes) -> bytes:
-    """The payload of a QoS 0 PUBLISH body."""
+def publish_payload(body: bytes, qos: int = 0) -> bytes:
+    """The payload of a PUBLISH body (QoS 1 and 2 carry a packet id after the topic)."""
     topic_length = int.from_bytes(body[:2], "big")
-    return body[2 + topic_length :]
+    start = 2 + topic_length + (2 if qos else 0)
+    return body[start:]
+
+
+def puback_for(body: bytes) -> bytes:
+    """The PUBACK that acknowledges a QoS 1 PUBLISH body."""
+    topic_length = int.from_bytes(body[:2], "big")
+    return b"\x40\x02" + body[2 + topic_length : 4 + topic_length]

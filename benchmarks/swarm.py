@@ -21,6 +21,7 @@ from benchmarks.mqtt_load import (
     device_context,
     open_session,
     percentile,
+    puback_for,
     publish_payload,
     read_packet,
     subscribe_packet,
@@ -78,7 +79,10 @@ class _Probe(threading.Thread):
             except TimeoutError:
                 continue
             if first >> 4 == 3:
-                sent = json.loads(publish_payload(body))["ts"]
+                qos = (first >> 1) & 0x03
+                if qos:
+                    writer.write(puback_for(body))  # a subscriber that never acks stalls the broker
+                sent = json.loads(publish_payload(body, qos))["ts"]
                 self.samples.append(time.time() - sent)
         writer.close()
 
