@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -173,23 +173,9 @@ def run_swarm_command(
     if request.embedded_broker:
         with _embedded_broker(config.workspace) as port:
             console.print(f"embedded broker on mqtts://127.0.0.1:{port}")
-            return _run(
-                SwarmRequest(
-                    config=_with_port(config, port),
-                    processes=request.processes,
-                    embedded_broker=True,
-                ),
-                console=console,
-                quiet=quiet,
-                json_out=json_out,
-            )
+            request = replace(request, config=replace(config, port=port))
+            return _run(request, console=console, quiet=quiet, json_out=json_out)
     return _run(request, console=console, quiet=quiet, json_out=json_out)
-
-
-def _with_port(config: SwarmConfig, port: int) -> SwarmConfig:
-    from dataclasses import replace
-
-    return replace(config, port=port)
 
 
 def _run(
