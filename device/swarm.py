@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import os
 import queue
@@ -170,6 +171,9 @@ def _event_loop_runner() -> Callable[[Any], Any]:
 def _shard_main(config: SwarmConfig, messages: Any, stop_flag: Any, index: int) -> None:
     """Entry point of a shard process: run, stream snapshots, send the final one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    # Thousands of devices are millions of objects: full collections would stall the loop.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
     async def main() -> None:
         stop = asyncio.Event()
