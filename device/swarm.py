@@ -16,17 +16,16 @@ import multiprocessing
 import os
 import queue
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from device.device import Device, DeviceSettings, PahoDriver
 from device.stats import SwarmStats
 from fleet.errors import FleetError
+from fleet.signals import stop_on_signals
 
 ProgressCallback = Callable[[SwarmStats], None]
 
@@ -220,7 +219,7 @@ def run_swarm(
     finished: set[int] = set()
     errors: list[str] = []
     workers = []
-    with _stop_on_signals(stop_flag) as interrupted:
+    with stop_on_signals(on_stop=stop_flag.set) as interrupted:
         for index, ids in enumerate(shards):
             shard = replace(
                 config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
@@ -256,33 +255,8 @@ def run_swarm(
     if errors:
         raise SwarmError("; ".join(errors))
     stats = SwarmStats.merge(list(latest.values()))
-    stats.interrupted = bool(interrupted)
+    stats.interrupted = interrupted.requested
     return stats
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop_flag: Any) -> Iterator[list[bool]]:
-    """SIGINT and SIGTERM set ``stop_flag`` (the shards then wind down) instead of raising.
-
-    Yields a list that holds ``True`` once a signal arrived.
-    """
-    interrupted: list[bool] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        interrupted.append(True)
-        stop_flag.set()
-
-    previous = {
-        signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield interrupted
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 class SwarmError(FleetError):

@@ -22,11 +22,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import FrameType
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -37,6 +35,7 @@ from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.identity import DeviceIdentity, validate_device_id, validate_env, validate_tier
 from fleet.keys import KeyType, generate_private_key, key_type_of, load_private_key, private_key_pem
 from fleet.registry import NewDevice
+from fleet.signals import StopRequest, stop_on_signals
 from fleet.workspace import Workspace
 
 ProgressCallback = Callable[[int, int], None]
@@ -110,7 +109,7 @@ def provision_devices(
     not_after = not_before + (spec.valid_for or workspace.config.device_valid_for)
     key_type = spec.key_type or workspace.config.key_type
     workers = max(1, workers or os.cpu_count() or 1)
-    with workspace.lock("provision"), _stop_on_signals() as stop:
+    with workspace.lock("provision"), stop_on_signals() as stop:
         workspace.roll_back_pending()
         registry = workspace.registry
         first = registry.next_sequence(spec.prefix)
@@ -189,7 +188,7 @@ def provision_from_csr(
         device_id=device_id, tier=tier, env=env, trust_domain=workspace.config.trust_domain
     )
     cert = workspace.ca.sign_csr(csr, identity, not_before=start, not_after=end)
-    with workspace.lock("provision"), _stop_on_signals():
+    with workspace.lock("provision"), stop_on_signals():
         workspace.roll_back_pending()
         if workspace.registry.taken_ids([device_id]):
             raise UsageError(f"device {device_id!r} already exists; choose another --id")
@@ -302,7 +301,7 @@ def _run_jobs(
     *,
     workers: int,
     progress: ProgressCallback | None,
-    stop: _StopRequest,
+    stop: StopRequest,
 ) -> int:
     """Produce every device of ``job``; returns the number of processes used."""
     total = len(job.devices)
@@ -348,42 +347,3 @@ def _run_jobs(
 def _single_threaded() -> bool:
     # fork is fastest, but forking a process that runs other threads can deadlock the child.
     return threading.active_count() == 1
-
-
-class _StopRequest:
-    """Set by a signal handler; polled by the work loop at points where stopping is safe."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[_StopRequest]:
-    """Turn Ctrl-C and SIGTERM into a stop request instead of an exception at a random point.
-
-    An exception raised asynchronously inside ``concurrent.futures`` can leave one of its locks
-    held and hang the shutdown; the handler therefore only sets a flag, and the work loop
-    raises ``KeyboardInterrupt`` where the rollback can run safely. A signal the process
-    inherited as ignored stays ignored.
-    """
-    stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def _request(signum: int, frame: FrameType | None) -> None:
-        stop.requested = True
-
-    previous = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, _request)
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
