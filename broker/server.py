@@ -128,6 +128,10 @@ class FleetBroker:
         """Connected device id -> its peer address (``ip:port``)."""
         return {device_id: peer.peer_address for device_id, peer in self._sessions.items()}
 
+    def session_serials(self) -> dict[str, int | None]:
+        """Connected device id -> the serial of the certificate its session was opened with."""
+        return {device_id: peer.serial for device_id, peer in self._sessions.items()}
+
     # -- TLS context and CRL ----------------------------------------------------------------
 
     def _build_context(self, crl: CrlState) -> SSL.Context:

@@ -204,3 +204,46 @@ def test_the_demo_tells_its_story(tmp_path: Path) -> None:
     assert result.broker_outcomes["revoked"] >= 1
     assert "connected" in result.victim_attempts[0]
     assert any("certificate_revoked" in a for a in result.victim_attempts[1:])
+
+
+def test_a_renewed_certificate_is_used_from_the_next_handshake_on(
+    fleet: Workspace, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    from fleet import DeviceIdentity, KeyType, generate_private_key
+    from fleet.keys import private_key_pem
+
+    now = dt.datetime.now(dt.UTC)
+    key = generate_private_key(KeyType.EC_P256)
+    identity = DeviceIdentity(
+        device_id="dev-00001", tier="bronze", env="prod", trust_domain=fleet.config.trust_domain
+    )
+    renewed = fleet.ca.issue_device(
+        identity, key.public_key(), not_before=now, not_after=now + dt.timedelta(days=1)
+    )
+    (tmp_path / "cert.pem").write_bytes(fleet.ca.chain_pem(renewed))
+    (tmp_path / "key.pem").write_bytes(private_key_pem(key))
+
+    async def scenario() -> tuple[int, int, bool]:
+        broker = await _broker(fleet)
+        try:
+            device = Device(_settings(fleet, "dev-00001", broker.port or 0), PahoDriver())
+            assert (await device.connect()).outcome is ConnectOutcome.CONNECTED
+            first = broker.session_serials()["dev-00001"]
+            device.swap_certificate(tmp_path / "cert.pem", tmp_path / "key.pem")
+            still_connected = device.connected  # the live session is kept
+            await device.close()
+            assert (await device.connect()).outcome is ConnectOutcome.CONNECTED
+            second = broker.session_serials()["dev-00001"]
+            await device.close()
+            assert first is not None and second is not None
+            return first, second, still_connected
+        finally:
+            await broker.stop()
+
+    first, second, still_connected = run(scenario())
+    assert still_connected
+    original = x509.load_pem_x509_certificates(fleet.paths.device_cert("dev-00001").read_bytes())[0]
+    assert first == original.serial_number
+    assert second == renewed.serial_number != first
