@@ -247,7 +247,7 @@ def test_revocations_survive_a_broker_restart(fleet: Workspace) -> None:
 
 
 def test_a_session_ends_when_its_certificate_expires(workspace: Workspace) -> None:
-    short = _provision(workspace, 1, "brief", valid_for=dt.timedelta(seconds=3))[0]
+    short = _provision(workspace, 1, "brief", valid_for=dt.timedelta(seconds=6))[0]
     broker = BrokerThread(_settings(workspace))
     device = paho_device(broker.port, workspace.paths.root_cert, _creds(workspace, short))
     try:
