@@ -29,7 +29,14 @@ from benchmarks.mqtt_load import (
 from device import Device, DeviceSettings, PahoDriver
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm, split
-from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
+from fleet import (
+    FleetConfig,
+    ProvisionSpec,
+    Workspace,
+    WorkspacePaths,
+    init_workspace,
+    provision_devices,
+)
 
 
 def _shard_pids() -> list[int]:
@@ -158,16 +165,10 @@ def _churn_shard(
     results: Any,
 ) -> None:
     async def main() -> int:
-        root = Path(workspace_root)
+        paths = WorkspacePaths(Path(workspace_root))
         driver = PahoDriver()
         settings = [
-            DeviceSettings(
-                d,
-                root / "devices" / d / "cert.pem",
-                root / "devices" / d / "key.pem",
-                root / "ca" / "root.crt",
-                port=port,
-            )
+            DeviceSettings(d, paths.device_cert(d), paths.device_key(d), paths.root_cert, port=port)
             for d in device_ids
         ]
         contexts = [Device(s, driver).context() for s in settings]  # prepared off the clock

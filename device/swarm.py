@@ -28,6 +28,7 @@ from device.stats import SwarmStats
 from device.tls import device_tls_context
 from fleet.errors import CertificateError, FleetError
 from fleet.signals import stop_on_signals
+from fleet.workspace import WorkspacePaths
 
 ProgressCallback = Callable[[SwarmStats], None]
 
@@ -63,12 +64,12 @@ class Swarm:
 
     def _settings(self, index: int, device_id: str) -> DeviceSettings:
         c = self.config
-        device_dir = c.workspace / "devices" / device_id
+        paths = WorkspacePaths(c.workspace)
         return DeviceSettings(
             device_id=device_id,
-            cert=device_dir / "cert.pem",
-            key=device_dir / "key.pem",
-            trust_anchor=c.workspace / "ca" / "root.crt",
+            cert=paths.device_cert(device_id),
+            key=paths.device_key(device_id),
+            trust_anchor=paths.root_cert,
             host=c.host,
             port=c.port,
             server_name=c.server_name,

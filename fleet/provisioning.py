@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -281,16 +281,7 @@ def _write_devices(ca: CertificateAuthority, job: _ChunkJob) -> int:
 def _split(job: _ChunkJob, pieces: int) -> list[_ChunkJob]:
     size = max(1, -(-len(job.devices) // pieces))
     return [
-        _ChunkJob(
-            devices_dir=job.devices_dir,
-            devices=job.devices[start : start + size],
-            tier=job.tier,
-            env=job.env,
-            trust_domain=job.trust_domain,
-            key_type=job.key_type,
-            not_before=job.not_before,
-            not_after=job.not_after,
-        )
+        replace(job, devices=job.devices[start : start + size])
         for start in range(0, len(job.devices), size)
     ]
 
