@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -461,16 +462,8 @@ def test_fleet_broker_announces_and_stops_on_sigterm(fleet: Workspace) -> None:
             port, fleet.paths.root_cert, _creds(fleet, "dev-00001"), "devices/dev-00001/t", "x"
         )
         assert ok.returncode == 0, ok.stderr
-        body = subprocess.run(
-            [
-                "python3",
-                "-c",
-                f"import urllib.request;print(urllib.request.urlopen('{metrics_url}').read().decode())",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
+        with urllib.request.urlopen(metrics_url, timeout=30) as response:
+            body = response.read().decode()
         assert 'mtls_connection_attempts_total{outcome="ok"} 1.0' in body
         assert "mtls_handshake_duration_seconds_bucket" in body
     finally:
