@@ -59,17 +59,18 @@ class SessionStates:
         self.state = "new"
 
     def connect(self) -> bool:
-        if self.state not in self._CONNECT_FROM:
-            raise MachineError(f"Can't trigger event connect from state {self.state}!")
-        self.state = "connected"
-        self._session._on_enter_connected()
-        return True
+        return self._trigger("connect", self._CONNECT_FROM, "connected")
 
     def disconnect(self) -> bool:
-        if self.state not in self._DISCONNECT_FROM:
-            raise MachineError(f"Can't trigger event disconnect from state {self.state}!")
-        self.state = "disconnected"
-        self._session._on_enter_disconnected()
+        return self._trigger("disconnect", self._DISCONNECT_FROM, "disconnected")
+
+    def _trigger(self, event: str, sources: frozenset[str], dest: str) -> bool:
+        if self.state not in sources:
+            raise MachineError(f"Can't trigger event {event} from state {self.state}!")
+        self.state = dest
+        getattr(
+            self._session, f"_on_enter_{dest}"
+        )()  # amqtt's enter callbacks, as transitions calls them
         return True
 
     def is_new(self) -> bool:
