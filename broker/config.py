@@ -31,6 +31,7 @@ class BrokerSettings:
     crl_poll_interval: float = 0.05
     max_connect_bytes: int = 64 * 1024
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
+    log_connections: bool = False  # also one event per admitted session and per session end
 
     def __post_init__(self) -> None:
         if self.env is not None and self.env not in ENVIRONMENTS:

@@ -229,6 +229,8 @@ class FleetBroker:
             if self._sessions.get(peer.identity.device_id) is peer:
                 del self._sessions[peer.identity.device_id]
             self.metrics.connected.dec()
+            if self.settings.log_connections:
+                self.log_event("disconnected", peer)
 
     def handshake_seconds(self, seconds: float, *, ok: bool) -> None:
         self.metrics.handshake_seconds.labels("ok" if ok else "failed").observe(seconds)
@@ -256,6 +258,9 @@ class FleetBroker:
                 peer.close()
                 return False
             self.metrics.stale_admissions.inc()
+            self.log_event(
+                "admitted_stale_crl", peer, detail=f"CRL #{self._crl.number} is past nextUpdate"
+            )
         self._by_serial.setdefault(serial, set()).add(peer)
         return True
 
@@ -293,6 +298,8 @@ class FleetBroker:
         peer.authorized = True
         self.metrics.connected.inc()
         self.record(peer, Outcome.OK, None)
+        if self.settings.log_connections:
+            self.log_event("connected", peer)
         return True
 
     def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:

@@ -13,6 +13,7 @@ import json
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class DeviceSettings:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     source_ip: str | None = None
+    client_id: str | None = None  # default: the device id (a different one tests spoofing)
+    reconnect: bool = True  # False: one session at most, no retry after a refusal or a drop
 
 
 @dataclass
@@ -55,7 +58,9 @@ class DeviceStats:
     sent: int = 0
     acknowledged: int = 0
     received: int = 0
+    received_topics: Counter[str] = field(default_factory=Counter)
     disconnects: list[str] = field(default_factory=list)
+    planned_reconnects: int = 0
 
 
 class _ObservedSocket:
@@ -148,6 +153,10 @@ class Device:
         self._on_attempt = on_attempt
         self._all_acknowledged = asyncio.Event()
         self._all_acknowledged.set()
+        self._inflight: set[int] = set()  # mids of QoS > 0 publications awaiting their ack
+        self._subscriptions: dict[int, asyncio.Future[bool]] = {}
+        self._leaving = False  # a disconnect we asked for is not a drop
+        self._planned_drop = False
         self._loop = asyncio.get_running_loop()
         self._client = self._new_client()
         self._connack: asyncio.Future[tuple[str, str | None]] | None = None
@@ -183,7 +192,7 @@ class Device:
         )
         client = _PreparedSocketClient(
             CallbackAPIVersion.VERSION2,
-            client_id=s.device_id,
+            client_id=s.client_id or s.device_id,
             protocol=protocol,
             reconnect_on_failure=False,
         )
@@ -195,6 +204,7 @@ class Device:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.connect_async(s.host, s.port, keepalive=s.keepalive)
         return client
 
@@ -234,16 +244,31 @@ class Device:
             self._connack.set_result(("lost", detail))
         if self.connected:
             self.connected = False
-            self.stats.disconnects.append(detail)
+            self._planned_drop = self._leaving
+            self._leaving = False
+            if not self._planned_drop:
+                self.stats.disconnects.append(detail)
         self._disconnected.set()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
         self.stats.acknowledged += 1
+        self._inflight.discard(mid)
+        if not self._inflight:
+            self._all_acknowledged.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         self.stats.received += 1
+        self.stats.received_topics[message.topic] += 1
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        granted = not any(reason.is_failure for reason in reasons)
+        waiter = self._subscriptions.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(granted)
 
     def _note_tls_error(self, exc: ssl.SSLError) -> None:
         self._tls_error = alert_name(exc) or getattr(exc, "reason", None) or str(exc)
@@ -327,10 +352,42 @@ class Device:
         body = {"seq": self._seq, "ts": time.time(), "temperature": round(random.gauss(21, 2), 2)}
         payload = json.dumps(body).encode()
         payload += b" " * max(0, s.payload_size - len(payload))
-        if s.qos > 0:
+        self.publish(f"devices/{s.device_id}/telemetry", payload, qos=s.qos)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int) -> None:
+        """Publish on any topic (the broker decides whether this device may)."""
+        info = self._client.publish(topic, payload, qos=qos)
+        if qos > 0:
+            self._inflight.add(info.mid)
             self._all_acknowledged.clear()
-        self._client.publish(f"devices/{s.device_id}/telemetry", payload, qos=s.qos)
         self.stats.sent += 1
+
+    async def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float = 5.0) -> bool:
+        """Subscribe; True when the broker granted it, False when its SUBACK refused it."""
+        if not self.connected:
+            raise ConnectionError(f"{self.device_id} is not connected")
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        result, mid = self._client.subscribe(topic_filter, qos=qos)
+        if mid is None:
+            raise ConnectionError(
+                f"{self.device_id}: subscribe failed ({mqtt.error_string(result)})"
+            )
+        self._subscriptions[mid] = waiter
+        return await asyncio.wait_for(waiter, timeout)
+
+    async def reconnect_gracefully(self, *, ack_grace: float = 3.0) -> None:
+        """Drain QoS 1 acks and disconnect cleanly; :meth:`run` connects again at once.
+
+        Used after :meth:`swap_certificate` to move a live session to the renewed certificate
+        without losing a message.
+        """
+        if not self.connected or self._leaving:
+            return
+        self._leaving = True  # no new publications from here on
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_acknowledged.wait(), ack_grace)
+        self.stats.planned_reconnects += 1
+        self._client.disconnect()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected and publishing until ``stop``; back off with full jitter between tries."""
@@ -340,8 +397,10 @@ class Device:
             if attempt.outcome is ConnectOutcome.CONNECTED:
                 failures = 0
                 await self._publish_until_disconnected(stop)
-                continue
-            if attempt.outcome is ConnectOutcome.CREDENTIALS_ERROR:
+                if self.settings.reconnect or self._planned_drop:
+                    continue
+                break
+            if attempt.outcome is ConnectOutcome.CREDENTIALS_ERROR or not self.settings.reconnect:
                 break  # retrying cannot mend a missing or mismatched key
             failures += 1
             cap = min(self.settings.backoff_cap, self.settings.backoff_base * 2**failures)
@@ -353,7 +412,8 @@ class Device:
         interval = self.settings.publish_every
         await asyncio.sleep(random.uniform(0, interval))  # spread the fleet's publications
         while self.connected and not stop.is_set():
-            self.publish_telemetry()
+            if not self._leaving:
+                self.publish_telemetry()
             waiters = {
                 asyncio.ensure_future(stop.wait()),
                 asyncio.ensure_future(self._disconnected.wait()),

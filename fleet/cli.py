@@ -414,6 +414,10 @@ def broker_command(
         Path | None,
         typer.Option(help="Write a Mosquitto config for this workspace to FILE and exit."),
     ] = None,
+    log_connections: Annotated[
+        bool,
+        typer.Option(help="Also log one JSON event per admitted session and per session end."),
+    ] = False,
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
@@ -438,6 +442,7 @@ def broker_command(
         env=env,
         handshake_timeout=handshake_timeout,
         revocation_policy=policy,
+        log_connections=log_connections,
     )
     run_broker(settings, announce=lambda line: print(line, flush=True))
 

@@ -363,6 +363,88 @@ class Registry:
             )
         return [int(serial, 16) for serial in serials]
 
+    def revoke_superseded(
+        self, device_id: str, reason: x509.ReasonFlags, *, now: dt.datetime
+    ) -> list[int]:
+        """Revoke only the superseded certificates of ``device_id`` (after a renewal).
+
+        The device and its current certificate stay active. Returns the serials revoked now.
+        """
+        stamp = format_time(now)
+        reason_name = reason.name.replace("_", "-")
+        with self.transaction() as db:
+            if (
+                db.execute(
+                    "SELECT 1 FROM devices WHERE id = ? AND status != 'pending'", (device_id,)
+                ).fetchone()
+                is None
+            ):
+                raise UnknownDeviceError(device_id)
+            serials = [
+                r[0]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status = 'superseded'",
+                    (device_id,),
+                )
+            ]
+            db.execute(
+                "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                "WHERE device_id = ? AND status = 'superseded'",
+                (stamp, reason_name, device_id),
+            )
+        return [int(serial, 16) for serial in serials]
+
+    # -- renewal ----------------------------------------------------------------------------
+
+    def renew(self, renewal: NewDevice, *, now: dt.datetime) -> int:
+        """Record ``renewal`` as the device's current certificate; the old one is superseded.
+
+        One transaction: the registry knows the new serial before any file holds it, so a
+        crash can leave an unused certificate on record, never an unrecorded one in use.
+        Returns the superseded serial.
+        """
+        stamp = format_time(now)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT status, serial FROM devices WHERE id = ? AND status != 'pending'",
+                (renewal.device_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownDeviceError(renewal.device_id)
+            if row[0] == "revoked":
+                raise RegistryError(
+                    f"device {renewal.device_id!r} is revoked; provision a new device instead"
+                )
+            db.execute(
+                "INSERT INTO certificates(serial, device_id, key_type, not_before, not_after, "
+                "status, issued_at) VALUES (?, ?, ?, ?, ?, 'active', ?)",
+                (
+                    serial_hex(renewal.serial),
+                    renewal.device_id,
+                    renewal.key_type,
+                    format_time(renewal.not_before),
+                    format_time(renewal.not_after),
+                    stamp,
+                ),
+            )
+            db.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (row[1],))
+            db.execute(
+                "UPDATE devices SET serial = ?, updated_at = ? WHERE id = ?",
+                (serial_hex(renewal.serial), stamp, renewal.device_id),
+            )
+        return int(row[1], 16)
+
+    def certificate_history(
+        self, device_id: str
+    ) -> list[tuple[int, str, dt.datetime, dt.datetime]]:
+        """Every certificate the device has held, oldest first: (serial, status, not_before, not_after)."""
+        rows = self._query(
+            "SELECT serial, status, not_before, not_after FROM certificates "
+            "WHERE device_id = ? ORDER BY issued_at, not_before",
+            (device_id,),
+        )
+        return [(int(r[0], 16), r[1], parse_time(r[2]), parse_time(r[3])) for r in rows]
+
     def revoked_entries(self) -> list[RevokedEntry]:
         """Every revoked certificate, for the CRL."""
         rows = self._query(

@@ -44,13 +44,34 @@ def revoke_device(
     return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=number)
 
 
+def revoke_superseded(
+    workspace: Workspace,
+    device_id: str,
+    *,
+    reason: x509.ReasonFlags = x509.ReasonFlags.superseded,
+    now: dt.datetime | None = None,
+) -> RevocationResult:
+    """Revoke the certificates a renewal replaced; the device's current one stays valid."""
+    now = now or dt.datetime.now(dt.UTC)
+    serials = workspace.registry.revoke_superseded(device_id, reason, now=now)
+    if not serials:
+        return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
+    crl = publish_crl(workspace, now=now)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=number)
+
+
 def publish_crl(
-    workspace: Workspace, *, now: dt.datetime | None = None
+    workspace: Workspace,
+    *,
+    now: dt.datetime | None = None,
+    valid_for: dt.timedelta | None = None,
 ) -> x509.CertificateRevocationList:
     """Sign a CRL of every revoked certificate and atomically replace ``crl.pem`` with it.
 
     The ``crl`` lock orders concurrent publishers, and each one reads the registry after taking
     it, so the file on disk always reflects the latest revocation (never an older snapshot).
+    ``valid_for`` (default: the workspace's ``crl_valid_for``) sets nextUpdate.
     """
     now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     with workspace.lock("crl"):
@@ -58,7 +79,7 @@ def publish_crl(
             workspace.registry.revoked_entries(),
             crl_number=workspace.registry.next_crl_number(),
             this_update=now,
-            next_update=now + workspace.config.crl_valid_for,
+            next_update=now + (valid_for or workspace.config.crl_valid_for),
         )
         replace_atomically(workspace.paths.crl, crl.public_bytes(Encoding.PEM))
     return crl
