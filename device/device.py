@@ -144,6 +144,7 @@ class Device:
         context: ssl.SSLContext | None = None,
         connect_gate: asyncio.Semaphore | None = None,
         on_attempt: Callable[[ConnectAttempt], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stats = DeviceStats()
@@ -151,9 +152,10 @@ class Device:
         self._context = context
         self._gate = connect_gate  # caps handshakes in flight across a swarm
         self._on_attempt = on_attempt
+        self._on_drop = on_drop  # a live session ended without us asking (with the reason)
         self._all_acknowledged = asyncio.Event()
         self._all_acknowledged.set()
-        self._inflight: set[int] = set()  # mids of QoS > 0 publications awaiting their ack
+        self._inflight: dict[int, float] = {}  # QoS > 0 mid -> when it was sent, until acked
         self._subscriptions: dict[int, asyncio.Future[bool]] = {}
         self._leaving = False  # a disconnect we asked for is not a drop
         self._planned_drop = False
@@ -248,13 +250,15 @@ class Device:
             self._leaving = False
             if not self._planned_drop:
                 self.stats.disconnects.append(detail)
+                if self._on_drop is not None:
+                    self._on_drop(detail)
         self._disconnected.set()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
         self.stats.acknowledged += 1
-        self._inflight.discard(mid)
+        self._inflight.pop(mid, None)
         if not self._inflight:
             self._all_acknowledged.set()
 
@@ -358,9 +362,14 @@ class Device:
         """Publish on any topic (the broker decides whether this device may)."""
         info = self._client.publish(topic, payload, qos=qos)
         if qos > 0:
-            self._inflight.add(info.mid)
+            self._inflight[info.mid] = time.monotonic()
             self._all_acknowledged.clear()
         self.stats.sent += 1
+
+    def unacknowledged(self, *, older_than: float = 0.0) -> int:
+        """QoS 1 publications still waiting for their PUBACK after ``older_than`` seconds."""
+        cutoff = time.monotonic() - older_than
+        return sum(1 for sent in self._inflight.values() if sent <= cutoff)
 
     async def subscribe(self, topic_filter: str, *, qos: int = 1, timeout: float = 5.0) -> bool:
         """Subscribe; True when the broker granted it, False when its SUBACK refused it."""
@@ -429,6 +438,7 @@ class Device:
         if self.connected:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_acknowledged.wait(), ack_grace)
+            self._leaving = True
             self._client.disconnect()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), 5)

@@ -68,7 +68,7 @@ class SwarmRequest:
             raise UsageError(f"invalid --mqtt {mqtt_version!r}: use 3.1.1 or 5")
         if in_flight < 1:
             raise UsageError("--in-flight must be at least 1")
-        host, port = ("127.0.0.1", 0) if target is None else _parse_target(target)
+        host, port = ("127.0.0.1", 0) if target is None else parse_target(target)
         config = SwarmConfig(
             workspace=workspace.paths.root,
             device_ids=tuple(available[:devices]),
@@ -89,7 +89,7 @@ class SwarmRequest:
         )
 
 
-def _parse_target(text: str) -> tuple[str, int]:
+def parse_target(text: str) -> tuple[str, int]:
     match = _TARGET.match(text.strip())
     if match is None:
         raise UsageError(

@@ -40,6 +40,11 @@ crl_app = typer.Typer(
     help="Publish and inspect the certificate revocation list.", no_args_is_help=True
 )
 app.add_typer(crl_app, name="crl")
+scenario_app = typer.Typer(
+    help="Replay scripted scenarios (expiry, revocation, rotation, rogue brokers ...) with verdicts.",
+    no_args_is_help=True,
+)
+app.add_typer(scenario_app, name="scenario")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -501,6 +506,118 @@ def swarm(
     stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
     if stats.interrupted:
         raise typer.Exit(130)
+
+
+@scenario_app.command("list")
+@_friendly_errors
+def scenario_list(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Files or directories (default: the library).")
+    ] = None,
+) -> None:
+    """Show the scenarios of the library (or of PATHS), checked, with what each needs."""
+    from fleet.scenario import LIBRARY, load_scenarios
+
+    scenarios = load_scenarios(paths or [LIBRARY])
+    table = Table(header_style="bold")
+    table.add_column("scenario")
+    table.add_column("file")
+    table.add_column("steps", justify="right")
+    table.add_column("devices", justify="right")
+    table.add_column("description")
+    for s in scenarios:
+        devices = sum(g.count for g in s.groups if g.clone_of is None)
+        needs = (
+            f" [yellow](needs the mtls-fleet broker: {s.broker.needs_fleet_broker})[/]"
+            if s.broker.needs_fleet_broker
+            else ""
+        )
+        table.add_row(s.name, str(s.path), str(len(s.steps)), str(devices), s.description + needs)
+    out.print(table)
+
+
+@scenario_app.command("run")
+@_friendly_errors
+def scenario_run(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Scenario files or directories (default: the whole library)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="mqtts://HOST:PORT of a broker that trusts --dir's CA (default: embedded)."
+        ),
+    ] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Workspace to use (required with --target; default: a fresh one per scenario).",
+        ),
+    ] = None,
+    server_name: Annotated[
+        str, typer.Option(help="Host name the target's certificate must carry.")
+    ] = "localhost",
+    junit: Annotated[Path | None, typer.Option(help="Write JUnit XML here (for CI).")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON.")
+    ] = None,
+    keep_workspace: Annotated[
+        bool, typer.Option(help="Keep each scenario's workspace (for inspection).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No live timeline, only the verdicts.")] = False,
+) -> None:
+    """Run scenarios; exit 0 only when every expectation of every scenario held."""
+    from device.swarm_command import parse_target
+    from fleet.scenario import LIBRARY, ScenarioResult, Target, load_scenarios, run_scenarios
+    from fleet.scenario.report import (
+        LiveTimeline,
+        print_result,
+        print_summary,
+        write_json,
+        write_junit,
+    )
+
+    scenarios = load_scenarios(paths or [LIBRARY])  # every file is checked before any runs
+    chosen_target = None
+    if target is not None:
+        if directory is None:
+            raise UsageError(
+                "--target needs --dir: the workspace whose CA the target broker trusts"
+            )
+        host, port = parse_target(target)
+        chosen_target = Target(host, port, server_name)
+    live = LiveTimeline(out, quiet=quiet)
+
+    def announce(result: ScenarioResult) -> None:
+        print_result(result, out)
+        out.print()
+
+    for_each = [s.name for s in scenarios]
+    out.print(f"running {len(for_each)} scenario(s): {', '.join(for_each)}")
+    results = []
+    for scenario in scenarios:
+        out.rule(
+            f"{scenario.name} — {scenario.description}" if scenario.description else scenario.name
+        )
+        results += run_scenarios(
+            [scenario],
+            target=chosen_target,
+            workspace_dir=directory.resolve() if directory else None,
+            keep_workspace=keep_workspace,
+            listener=live,
+            on_result=announce,
+        )
+    print_summary(results, out)
+    if junit is not None:
+        write_junit(results, junit)
+        out.print(f"wrote {junit}")
+    if json_out is not None:
+        write_json(results, json_out)
+        out.print(f"wrote {json_out}")
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()

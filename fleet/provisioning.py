@@ -221,7 +221,7 @@ _worker_ca: CertificateAuthority | None = None
 
 
 def _init_worker(
-    parent_pid: int,
+    parent_pid: int | None,
     root_pem: bytes,
     issuing_pem: bytes,
     issuing_key_pem: bytes,
@@ -238,18 +238,20 @@ def _init_worker(
     )
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int | None) -> None:
     """Ask Linux to kill this worker when its parent dies (e.g. ``kill -9`` of ``fleet``).
 
     Without it an orphaned worker could go on writing files while the next command rolls the
     dead run back. Elsewhere the inherited ``provision`` lock still keeps the rollback waiting.
+    ``parent_pid`` is None for workers of a fork server (their parent is the server, which
+    exits with ``fleet``).
     """
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if parent_pid is not None and os.getppid() != parent_pid:  # died before prctl took effect
         os._exit(1)
 
 
@@ -306,12 +308,13 @@ def _run_jobs(
         return 1
     # Small chunks keep progress smooth and an interrupt prompt; large enough to amortise IPC.
     chunks = _split(job, max(workers * 4, total // 250))
+    fork = _single_threaded()
     pool = ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context("fork" if _single_threaded() else "forkserver"),
+        mp_context=multiprocessing.get_context("fork" if fork else "forkserver"),
         initializer=_init_worker,
         initargs=(
-            os.getpid(),
+            os.getpid() if fork else None,
             ca.root_cert.public_bytes(Encoding.PEM),
             ca.issuing_pem,
             private_key_pem(ca.issuing_key),

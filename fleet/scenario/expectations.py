@@ -1,0 +1,260 @@
+"""Checking an ``expect`` step against what the devices and the broker saw.
+
+An expectation is polled until it holds or its deadline passes. "Since the last action" means
+since the start of the latest step that was not ``expect`` or ``wait``: reasons and counts are
+read in that window, so an earlier rejection cannot satisfy a later expectation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.scenario.broker_process import BrokerLog
+from fleet.scenario.model import DeviceState, ExpectStep
+from fleet.scenario.population import Member, Population
+
+ACK_GRACE = 2.0  # a QoS 1 message unacknowledged for longer than this counts as lost
+_POLL = 0.025
+
+
+@dataclass
+class Window:
+    """The last action: when it began and each device's counters at that moment."""
+
+    start: float
+    connected: frozenset[str]  # labels of members connected when it began
+    acted_on: frozenset[str] = frozenset()  # labels of members the action named
+    acknowledged: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, start: float, population: Population, acted_on: Iterable[str] = ()) -> Window:
+        window = cls(
+            start,
+            frozenset(m.label for m in population.members if m.connected),
+            frozenset(acted_on),
+        )
+        for m in population.members:
+            stats = m.device.stats if m.device is not None else None
+            window.acknowledged[m.label] = stats.acknowledged if stats else 0
+            window.received[m.label] = stats.received if stats else 0
+            window.drops[m.label] = len(stats.disconnects) if stats else 0
+        return window
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    observed: str
+    failures: list[str] = field(default_factory=list)  # one line per device or check at fault
+    unchecked: list[str] = field(default_factory=list)  # checks that cannot be made here
+    devices: list[Member] = field(default_factory=list)
+
+
+def _normal(text: str) -> str:
+    return text.lower().replace("_", " ")
+
+
+def reasons_seen_by_broker(log: BrokerLog, since: float) -> dict[str, list[str]]:
+    """Device id -> the broker's classifications since ``since``, in order."""
+    reasons: dict[str, list[str]] = {}
+    for event in log.events:
+        if event["at"] < since or not event.get("device"):
+            continue
+        kind = event["event"]
+        if kind in ("rejected", "session_closed"):
+            reason = str(event.get("reason"))
+        elif kind == "connected":
+            reason = "ok"
+        elif kind in ("acl_denied", "admitted_stale_crl"):
+            reason = kind
+        else:
+            continue
+        reasons.setdefault(event["device"], []).append(reason)
+    return reasons
+
+
+class Checker:
+    """Evaluates one expectation once; :func:`await_expectation` polls it."""
+
+    def __init__(
+        self,
+        step: ExpectStep,
+        population: Population,
+        broker: BrokerLog | None,
+        window: Window,
+    ) -> None:
+        self.step = step
+        self.population = population
+        self.broker = broker
+        self.window = window
+        self.members = population.select(step.devices) if step.devices else []
+        self._broker_reasons: dict[str, list[str]] = {}
+
+    def unchecked(self) -> list[str]:
+        if self.broker is not None:
+            return []
+        return [
+            f"{name} (the target broker's own view is not observable)"
+            for name, value in (
+                ("broker", self.step.broker),
+                ("broker_event", self.step.broker_event),
+            )
+            if value
+        ]
+
+    def evaluate(self) -> Verdict:
+        self._broker_reasons = (
+            reasons_seen_by_broker(self.broker, self.window.start) if self.broker else {}
+        )
+        failures: list[str] = []
+        for member in self.members:
+            failures.extend(self._check_member(member))
+        step = self.step
+        observed = [self._summary()]
+        if step.lost is not None:
+            lost = sum(
+                m.device.unacknowledged(older_than=ACK_GRACE) for m in self.members if m.device
+            )
+            observed.append(f"lost={lost}")
+            if lost > step.lost:
+                failures.append(f"{lost} QoS 1 messages unacknowledged after {ACK_GRACE:g} s")
+        if step.others_unaffected:
+            affected, count = self._affected_others()
+            observed.append(f"others unaffected: {count - len(affected)}/{count}")
+            failures.extend(affected)
+        if step.broker_event and self.broker is not None:
+            seen = self._broker_events(step.broker_event)
+            observed.append(f"broker events {step.broker_event}: {seen}")
+            if not seen:
+                failures.append(f"the broker logged no {step.broker_event!r} event")
+        return Verdict(
+            not failures,
+            "; ".join(o for o in observed if o),
+            failures,
+            self.unchecked(),
+            self.members,
+        )
+
+    def _check_member(self, m: Member) -> list[str]:
+        step, since = self.step, self.window.start
+        problems = []
+        state = m.state()
+        if step.state is not None:
+            ok = state is step.state or (
+                step.state is DeviceState.DISCONNECTED and state is DeviceState.REJECTED
+            )
+            if not ok:
+                problems.append(f"state {state.value}")
+        if step.device is not None:
+            seen = [s.text() for s in m.sightings_since(since)]
+            if not any(_normal(step.device) in _normal(text) for text in seen):
+                problems.append(f"device saw {seen[-3:] or 'nothing'}")
+        if step.broker is not None and self.broker is not None:
+            reasons = self._broker_reasons.get(m.device_id, [])
+            if step.broker not in reasons:
+                problems.append(f"broker saw {reasons[-3:] or 'nothing'}")
+        stats = m.device.stats if m.device is not None else None
+        if step.delivered_at_least is not None:
+            delivered = (stats.acknowledged if stats else 0) - self.window.acknowledged.get(
+                m.label, 0
+            )
+            if delivered < step.delivered_at_least:
+                problems.append(f"{delivered} acknowledged")
+        received = (stats.received if stats else 0) - self.window.received.get(m.label, 0)
+        if step.received is not None and received != step.received:
+            problems.append(f"received {received}")
+        if step.received_at_least is not None and received < step.received_at_least:
+            problems.append(f"received {received}")
+        if step.subscription is not None and m.subscription != step.subscription:
+            problems.append(f"subscription {m.subscription or 'none'}")
+        return [f"{m.label} ({m.device_id}): {', '.join(problems)}"] if problems else []
+
+    def _summary(self) -> str:
+        if not self.members:
+            return ""
+        parts = []
+        states = Counter(m.state().value for m in self.members)
+        parts.append(", ".join(f"{n}/{len(self.members)} {s}" for s, n in states.most_common()))
+        since = self.window.start
+        if self.step.device is not None:
+            seen = Counter(s.text() for m in self.members for s in m.sightings_since(since))
+            parts.append("device saw " + _top(seen))
+        if self.step.broker is not None and self.broker is not None:
+            reasons = Counter(
+                r for m in self.members for r in self._broker_reasons.get(m.device_id, [])
+            )
+            parts.append("broker saw " + _top(reasons))
+        if (
+            self.step.delivered_at_least is not None
+            or self.step.received is not None
+            or self.step.received_at_least is not None
+        ):
+            acked = sum(
+                (m.device.stats.acknowledged if m.device else 0)
+                - self.window.acknowledged.get(m.label, 0)
+                for m in self.members
+            )
+            received = sum(
+                (m.device.stats.received if m.device else 0) - self.window.received.get(m.label, 0)
+                for m in self.members
+            )
+            parts.append(f"acknowledged {acked}, received {received}")
+        if self.step.subscription is not None:
+            parts.append("SUBACK " + _top(Counter(m.subscription or "none" for m in self.members)))
+        return "; ".join(parts)
+
+    def _affected_others(self) -> tuple[list[str], int]:
+        named = {m.label for m in self.members} | self.window.acted_on
+        others = [
+            m
+            for m in self.population.members
+            if m.label in self.window.connected and m.label not in named
+        ]
+        affected = []
+        for m in others:
+            assert m.device is not None
+            drops = len(m.device.stats.disconnects) - self.window.drops.get(m.label, 0)
+            lost = m.device.unacknowledged(older_than=ACK_GRACE)
+            if not m.connected or drops or lost:
+                affected.append(
+                    f"{m.label} ({m.device_id}) was affected: "
+                    f"{'connected' if m.connected else 'not connected'}, {drops} drops, {lost} lost"
+                )
+        return affected, len(others)
+
+    def _broker_events(self, kind: str) -> int:
+        assert self.broker is not None
+        ids = {m.device_id for m in self.members}
+        return sum(
+            1
+            for e in self.broker.events
+            if e["at"] >= self.window.start
+            and e["event"] == kind
+            and (not ids or e.get("device") in ids)
+        )
+
+
+def _top(counter: Counter[str], limit: int = 3) -> str:
+    if not counter:
+        return "nothing"
+    shown = [f"{n}x {text}" for text, n in counter.most_common(limit)]
+    if len(counter) > limit:
+        shown.append(f"{len(counter) - limit} more")
+    return ", ".join(shown)
+
+
+async def await_expectation(checker: Checker, clock: Any) -> tuple[Verdict, float]:
+    """Poll until the expectation holds or ``within`` passes; returns the verdict and when."""
+    deadline = time.monotonic() + checker.step.within
+    while True:
+        verdict = checker.evaluate()
+        if verdict.passed or time.monotonic() >= deadline:
+            return verdict, clock()
+        await asyncio.sleep(_POLL)

@@ -1,0 +1,220 @@
+"""What a scenario file says, as typed dataclasses (built and validated by :mod:`.loader`).
+
+Durations are seconds (floats). Every step keeps the line it came from, so the report and
+the errors can point at the file.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Issuer(enum.StrEnum):
+    """Who signs a group's certificates."""
+
+    FLEET = "fleet"  # the workspace's issuing CA (recorded in the registry)
+    ROGUE_CA = "rogue-ca"  # a second, unrelated root and intermediate with the same names
+    EXPIRED_INTERMEDIATE = "expired-intermediate"  # the fleet root, via an expired intermediate
+
+
+class Eku(enum.StrEnum):
+    CLIENT_AUTH = "client-auth"
+    SERVER_AUTH = "server-auth"  # a device certificate a strict broker must refuse
+    NONE = "none"
+
+
+class BrokerCertificate(enum.StrEnum):
+    """What the embedded broker presents after a ``broker_certificate`` step."""
+
+    FLEET = "fleet"  # a proper one from the fleet CA
+    ROGUE_CA = "rogue-ca"
+    WRONG_HOSTNAME = "wrong-hostname"
+    EXPIRED = "expired"
+
+
+class DeviceState(enum.StrEnum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"  # not connected, for whatever reason (includes rejected)
+    REJECTED = "rejected"  # not connected, and the latest attempt was refused
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    name: str
+    count: int
+    line: int
+    tier: str = "bronze"
+    env: str = "prod"
+    valid_for: float = 3600.0
+    starts_in: float = 0.0  # notBefore relative to provisioning; negative: already valid
+    issuer: Issuer = Issuer.FLEET
+    eku: Eku = Eku.CLIENT_AUTH
+    clone_of: str | None = None  # use that group's certificates and ids (same identity twice)
+    client_id_of: str | None = None  # own certificate, but that group's ids as MQTT client id
+
+    @property
+    def fleet_issued(self) -> bool:
+        """Provisioned through the registry like any real device."""
+        return self.issuer is Issuer.FLEET and self.eku is Eku.CLIENT_AUTH
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSpec:
+    env: str | None = None
+    revocation_policy: str = "fail-closed"
+    needs_fleet_broker: str | None = None  # why the scenario cannot run against --target
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDefaults:
+    publish_every: float = 1.0
+    qos: int = 1
+    payload_size: int = 64
+    backoff_base: float = 0.2
+    backoff_cap: float = 2.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """Devices named in a step: whole groups, or 1-based members (``sensors[3]``, ``sensors[2-5]``)."""
+
+    refs: tuple[tuple[str, int | None, int | None], ...]  # (group, first, last); None: all
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    line: int
+
+    @property
+    def kind(self) -> str:
+        return _STEP_NAMES[type(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionStep(Step):
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectStep(Step):
+    devices: Selector
+    rate: float | None = None  # connections per second; None: all at once
+    reconnect: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectStep(Step):
+    devices: Selector
+
+
+@dataclass(frozen=True, slots=True)
+class PublishStep(Step):
+    devices: Selector
+    topic: str  # "{id}" is replaced by each device's id
+    count: int = 1
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeStep(Step):
+    devices: Selector
+    topic: str
+    qos: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeStep(Step):
+    devices: Selector
+    superseded_only: bool = False  # only the certificates a rotation replaced
+
+
+@dataclass(frozen=True, slots=True)
+class RotateStep(Step):
+    devices: Selector
+    valid_for: float | None = None
+    reconnect: bool = True  # move live sessions to the new certificate (drain acks first)
+
+
+@dataclass(frozen=True, slots=True)
+class RestartBrokerStep(Step):
+    env: str | None = None
+    revocation_policy: str | None = None
+    clear_env: bool = False
+    down_for: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerCertificateStep(Step):
+    certificate: BrokerCertificate
+
+
+@dataclass(frozen=True, slots=True)
+class StaleCrlStep(Step):
+    after: float  # publish a CRL whose nextUpdate is this far ahead
+
+
+@dataclass(frozen=True, slots=True)
+class PublishCrlStep(Step):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectStep(Step):
+    devices: Selector | None = None
+    state: DeviceState | None = None
+    broker: str | None = None  # the broker's classification (rejection or session-close reason)
+    device: str | None = None  # what the device saw (outcome, alert or verify reason)
+    lost: int | None = None  # at most this many QoS 1 messages unacknowledged
+    delivered_at_least: int | None = None  # acknowledged per device since the last action
+    received: int | None = None  # messages received on subscriptions since the last action
+    received_at_least: int | None = None
+    subscription: str | None = None  # granted / refused: the latest SUBACK
+    others_unaffected: bool = False
+    broker_event: str | None = None
+    within: float = 5.0
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStep(Step):
+    seconds: float | None = None
+    until: ExpectStep | None = None
+
+
+_STEP_NAMES: dict[type[Step], str] = {
+    ProvisionStep: "provision",
+    ConnectStep: "connect",
+    DisconnectStep: "disconnect",
+    PublishStep: "publish",
+    SubscribeStep: "subscribe",
+    RevokeStep: "revoke",
+    RotateStep: "rotate",
+    RestartBrokerStep: "restart_broker",
+    BrokerCertificateStep: "broker_certificate",
+    StaleCrlStep: "stale_crl",
+    PublishCrlStep: "publish_crl",
+    ExpectStep: "expect",
+    WaitStep: "wait",
+}
+STEP_KINDS = tuple(_STEP_NAMES.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    path: Path
+    seed: int
+    groups: tuple[Group, ...]
+    broker: BrokerSpec
+    devices: DeviceDefaults
+    steps: tuple[Step, ...]
+    timeout: float = 120.0  # the whole scenario, a safety net
+    tags: tuple[str, ...] = field(default=())
+
+    def group(self, name: str) -> Group:
+        return next(g for g in self.groups if g.name == name)

@@ -1,0 +1,150 @@
+"""The devices of a scenario: who they are, what they hold, and what each of them has seen.
+
+A member is named ``group[n]`` (1-based) in scenario files; its device id comes from its
+certificate. Every connection attempt and every dropped session is kept with the time it
+happened (seconds on the scenario clock), so an expectation can ask what was seen since the
+last action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from device import ConnectAttempt, ConnectOutcome, Device, DeviceSettings, PahoDriver
+from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One thing a device saw: an attempt's outcome, or its session being dropped."""
+
+    at: float
+    outcome: str  # a ConnectOutcome value, or "dropped"
+    detail: str | None
+
+    def text(self) -> str:
+        return f"{self.outcome}: {self.detail}" if self.detail else self.outcome
+
+
+@dataclass
+class Member:
+    label: str  # sensors[3]
+    group: Group
+    device_id: str  # the identity in its certificate
+    client_id: str  # the MQTT client id it connects with
+    cert: Path
+    key: Path
+    device: Device | None = None
+    task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    sightings: list[Sighting] = field(default_factory=list)
+    subscription: str | None = None  # granted / refused: the latest SUBACK
+
+    @property
+    def connected(self) -> bool:
+        return self.device is not None and self.device.connected
+
+    def state(self) -> DeviceState:
+        if self.connected:
+            return DeviceState.CONNECTED
+        attempts = [s for s in self.sightings if s.outcome != "dropped"]
+        if attempts and attempts[-1].outcome != ConnectOutcome.CONNECTED.value:
+            return DeviceState.REJECTED
+        return DeviceState.DISCONNECTED
+
+    def sightings_since(self, start: float) -> list[Sighting]:
+        return [s for s in self.sightings if s.at >= start]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    server_name: str | None
+    trust_anchor: Path
+
+
+class Population:
+    """Every member of every provisioned group, and the one paho driver they share."""
+
+    def __init__(self, defaults: DeviceDefaults, clock: Callable[[], float]) -> None:
+        self.defaults = defaults
+        self.groups: dict[str, list[Member]] = {}
+        self._clock = clock
+        self._driver: PahoDriver | None = None
+
+    def add_group(self, members: list[Member]) -> None:
+        self.groups[members[0].group.name] = members
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for members in self.groups.values() for m in members]
+
+    def select(self, selector: Selector) -> list[Member]:
+        chosen: dict[str, Member] = {}
+        for group, first, last in selector.refs:
+            members = self.groups[group]
+            lo = 1 if first is None else first
+            hi = len(members) if last is None else last
+            for member in members[lo - 1 : hi]:
+                chosen[member.label] = member
+        return list(chosen.values())
+
+    # -- running devices ---------------------------------------------------------------------
+
+    def start(self, member: Member, endpoint: Endpoint, *, reconnect: bool) -> None:
+        """Connect ``member`` and keep it publishing (reconnecting with backoff unless told not to)."""
+        if member.task is not None and not member.task.done():
+            return
+        if self._driver is None:
+            self._driver = PahoDriver()
+        d = self.defaults
+        settings = DeviceSettings(
+            member.device_id,
+            member.cert,
+            member.key,
+            endpoint.trust_anchor,
+            host=endpoint.host,
+            port=endpoint.port,
+            server_name=endpoint.server_name,
+            qos=d.qos,
+            publish_every=d.publish_every,
+            payload_size=d.payload_size,
+            connect_timeout=d.connect_timeout,
+            backoff_base=d.backoff_base,
+            backoff_cap=d.backoff_cap,
+            client_id=member.client_id,
+            reconnect=reconnect,
+        )
+        member.stop = asyncio.Event()
+        member.device = Device(
+            settings,
+            self._driver,
+            on_attempt=lambda attempt: self._attempted(member, attempt),
+            on_drop=lambda detail: member.sightings.append(
+                Sighting(self._clock(), "dropped", detail)
+            ),
+        )
+        member.task = asyncio.create_task(member.device.run(member.stop))
+
+    def _attempted(self, member: Member, attempt: ConnectAttempt) -> None:
+        member.sightings.append(Sighting(self._clock(), attempt.outcome.value, attempt.detail))
+
+    async def stop(self, members: Iterable[Member], *, ack_grace: float = 3.0) -> None:
+        """Disconnect cleanly (after outstanding QoS 1 acks) and wait for the devices to end."""
+        tasks = []
+        for member in members:
+            member.stop.set()
+            if member.task is not None:
+                tasks.append(member.task)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=ack_grace + 10)
+            for task in pending:
+                task.cancel()
+            for task in done:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    task.result()

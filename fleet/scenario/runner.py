@@ -1,0 +1,489 @@
+"""Replaying a scenario for real: a fresh workspace, real certificates, a real broker, real devices.
+
+Each step runs in order; the timeline records when (milliseconds since the scenario began)
+and what it did. ``expect`` and ``wait until`` poll until their condition holds or their
+deadline passes, and record what was observed; a failure keeps the evidence (broker events and
+log lines, device sightings) from around it. The run goes on after a failed expectation, so one
+report shows every expectation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fleet.config import FleetConfig
+from fleet.errors import FleetError, UsageError
+from fleet.provisioning import ProvisionSpec, provision_devices
+from fleet.renewal import renew_device
+from fleet.revocation import publish_crl, revoke_device, revoke_superseded
+from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
+from fleet.scenario.credentials import ScenarioCredentials
+from fleet.scenario.expectations import Checker, Window, await_expectation
+from fleet.scenario.model import (
+    BrokerCertificateStep,
+    ConnectStep,
+    DisconnectStep,
+    ExpectStep,
+    Group,
+    ProvisionStep,
+    PublishCrlStep,
+    PublishStep,
+    RestartBrokerStep,
+    RevokeStep,
+    RotateStep,
+    Scenario,
+    StaleCrlStep,
+    Step,
+    SubscribeStep,
+    WaitStep,
+)
+from fleet.scenario.population import Endpoint, Member, Population
+from fleet.workspace import Workspace, init_workspace
+
+# Steps that act on the embedded broker itself: against --target they cannot run.
+_EMBEDDED_ONLY = (RestartBrokerStep, BrokerCertificateStep)
+_EVIDENCE_LINES = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A broker that is not ours to start: ``--target mqtts://HOST:PORT``."""
+
+    host: str
+    port: int
+    server_name: str | None = "localhost"
+
+
+@dataclass
+class TimelineEntry:
+    at_ms: int
+    line: int
+    kind: str
+    text: str
+
+
+@dataclass
+class ExpectationResult:
+    line: int
+    kind: str
+    text: str
+    passed: bool
+    observed: str
+    at_ms: int
+    failures: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    path: str
+    status: str  # passed, failed, skipped, error
+    reason: str = ""
+    seconds: float = 0.0
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    expectations: list[ExpectationResult] = field(default_factory=list)
+    messages: dict[str, dict[str, int]] = field(default_factory=dict)  # per group
+    connections_per_second: list[int] = field(default_factory=list)
+    workspace: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("passed", "skipped")
+
+
+Listener = Callable[[str, object], None]  # ("step", TimelineEntry) / ("expectation", result)
+
+
+def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
+    """Why ``scenario`` cannot run against ``target`` (None: it can)."""
+    if target is None:
+        return None
+    if scenario.broker.needs_fleet_broker:
+        return f"needs the mtls-fleet broker: {scenario.broker.needs_fleet_broker}"
+    for step in scenario.steps:
+        if isinstance(step, _EMBEDDED_ONLY):
+            return f"line {step.line}: '{step.kind}' acts on the embedded broker itself"
+    return None
+
+
+class ScenarioRun:
+    """One run of one scenario. ``await run()`` returns its :class:`ScenarioResult`."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        target: Target | None = None,
+        workspace_dir: Path | None = None,
+        keep_workspace: bool = False,
+        listener: Listener | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.target = target
+        self.keep_workspace = keep_workspace or workspace_dir is not None
+        self._workspace_dir = workspace_dir
+        self._listener = listener or (lambda kind, item: None)
+        self._started = time.monotonic()
+        self.result = ScenarioResult(scenario.name, str(scenario.path), "passed")
+        self.population = Population(scenario.devices, self.clock)
+        self.broker: EmbeddedBroker | None = None
+        self.workspace: Workspace | None = None
+        self.credentials: ScenarioCredentials | None = None
+        self.window = Window(0.0, frozenset())
+
+    def clock(self) -> float:
+        """Seconds since the scenario began."""
+        return time.monotonic() - self._started
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> ScenarioResult:
+        reason = skip_reason(self.scenario, self.target)
+        if reason is not None:
+            self.result.status, self.result.reason = "skipped", reason
+            return self.result
+        random.seed(self.scenario.seed)
+        self._started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._run_steps(), self.scenario.timeout)
+        except TimeoutError:
+            self._error(f"did not finish within its timeout of {self.scenario.timeout:g} s")
+        except FleetError as exc:
+            self._error(str(exc))
+        finally:
+            await self._tear_down()
+        self.result.seconds = self.clock()
+        if self.result.status == "passed" and not all(e.passed for e in self.result.expectations):
+            failed = sum(not e.passed for e in self.result.expectations)
+            self.result.status, self.result.reason = "failed", f"{failed} expectation(s) failed"
+        return self.result
+
+    def _error(self, reason: str) -> None:
+        self.result.status, self.result.reason = "error", reason
+        self._note(0, "error", reason)
+
+    async def _run_steps(self) -> None:
+        await self._set_up()
+        for step in self.scenario.steps:
+            if not isinstance(step, ExpectStep | WaitStep):
+                named = getattr(step, "devices", None)
+                acted_on = [m.label for m in self.population.select(named)] if named else []
+                self.window = Window.open(self.clock(), self.population, acted_on)
+            await self._run_step(step)
+
+    async def _set_up(self) -> None:
+        directory = self._workspace_dir
+        if directory is None:
+            directory = Path(tempfile.mkdtemp(prefix=f"fleet-scenario-{self.scenario.name}-"))
+            await asyncio.to_thread(init_workspace, directory / "fleet", config=FleetConfig())
+            directory = directory / "fleet"
+        self.workspace = Workspace.open(directory)
+        self.result.workspace = str(directory)
+        run_dir = f"scenario/{self.scenario.name}-{int(time.time() * 1000)}"
+        self.credentials = ScenarioCredentials(self.workspace, directory / run_dir)
+        if self.target is None:
+            options = BrokerOptions(
+                env=self.scenario.broker.env,
+                revocation_policy=self.scenario.broker.revocation_policy,
+            )
+            self.broker = EmbeddedBroker(directory, options, clock=self.clock)
+            await self.broker.start()
+            self._note(0, "broker", f"embedded broker on mqtts://127.0.0.1:{self.broker.port}")
+        else:
+            self._note(0, "broker", f"target mqtts://{self.target.host}:{self.target.port}")
+
+    async def _tear_down(self) -> None:
+        await self.population.stop(self.population.members)
+        self._count_messages()
+        self._connection_curve()
+        if self.broker is not None:
+            await self.broker.stop()
+        if not self.keep_workspace and self.result.workspace is not None:
+            shutil.rmtree(Path(self.result.workspace).parent, ignore_errors=True)
+            self.result.workspace = None
+
+    def endpoint(self) -> Endpoint:
+        assert self.workspace is not None
+        if self.target is not None:
+            return Endpoint(
+                self.target.host,
+                self.target.port,
+                self.target.server_name,
+                self.workspace.paths.root_cert,
+            )
+        assert self.broker is not None
+        return Endpoint("127.0.0.1", self.broker.port, "localhost", self.workspace.paths.root_cert)
+
+    # -- reporting helpers -------------------------------------------------------------------
+
+    def _note(self, line: int, kind: str, text: str) -> None:
+        entry = TimelineEntry(int(self.clock() * 1000), line, kind, text)
+        self.result.timeline.append(entry)
+        self._listener("step", entry)
+
+    def _count_messages(self) -> None:
+        for group, members in self.population.groups.items():
+            devices = [m.device for m in members if m.device is not None]
+            if not devices:
+                continue
+            self.result.messages[group] = {
+                "sent": sum(d.stats.sent for d in devices),
+                "acknowledged": sum(d.stats.acknowledged for d in devices),
+                "unacknowledged": sum(d.unacknowledged() for d in devices),
+                "connections": sum(
+                    1 for m in members for s in m.sightings if s.outcome == "connected"
+                ),
+                "drops": sum(len(d.stats.disconnects) for d in devices),
+            }
+
+    def _connection_curve(self) -> None:
+        seconds = Counter(
+            int(s.at)
+            for m in self.population.members
+            for s in m.sightings
+            if s.outcome == "connected"
+        )
+        if seconds:
+            self.result.connections_per_second = [
+                seconds.get(i, 0) for i in range(max(seconds) + 1)
+            ]
+
+    def _evidence(self, members: list[Member], since: float) -> list[str]:
+        """Broker events and log lines and device sightings around a failure."""
+        lines: list[str] = []
+        ids = {m.device_id for m in members}
+        if self.broker is not None:
+            log: BrokerLog = self.broker.log
+            events = [
+                e
+                for e in log.events
+                if e["at"] >= since - 1 and (not ids or e.get("device") in ids or "device" not in e)
+            ]
+            for e in events[-_EVIDENCE_LINES:]:
+                fields = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("at", "ts"))
+                lines.append(f"{int(e['at'] * 1000)} ms broker event: {fields}")
+            for at, text in [x for x in log.lines if x[0] >= since - 1][-4:]:
+                lines.append(f"{int(at * 1000)} ms broker log: {text}")
+        for m in members[:5]:
+            for s in m.sightings[-3:]:
+                lines.append(f"{int(s.at * 1000)} ms {m.label} ({m.device_id}) saw {s.text()}")
+        return lines
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def _run_step(self, step: Step) -> None:
+        handler = getattr(self, f"_step_{step.kind}")
+        await handler(step)
+
+    async def _step_provision(self, step: ProvisionStep) -> None:
+        groups = [self.scenario.group(name) for name in step.groups]
+        ordered = [g for g in groups if g.clone_of is None] + [g for g in groups if g.clone_of]
+        for group in ordered:
+            members = await self._provision_group(group)
+            self.population.add_group(members)
+            issuer = "" if group.fleet_issued else f" (issuer {group.issuer}, EKU {group.eku})"
+            self._note(step.line, "provision", f"{group.name}: {group.count} devices{issuer}")
+
+    async def _provision_group(self, group: Group) -> list[Member]:
+        assert self.workspace is not None and self.credentials is not None
+        now = dt.datetime.now(dt.UTC)
+        if group.clone_of is not None:
+            originals = self.population.groups[group.clone_of]
+            return [
+                Member(f"{group.name}[{i + 1}]", group, o.device_id, o.client_id, o.cert, o.key)
+                for i, o in enumerate(originals[: group.count])
+            ]
+        if group.fleet_issued:
+            spec = ProvisionSpec(
+                count=group.count,
+                prefix=group.name,
+                tier=group.tier,
+                env=group.env,
+                valid_for=dt.timedelta(seconds=group.valid_for),
+                not_before=now + dt.timedelta(seconds=group.starts_in),
+            )
+            # One process: for scenario-sized groups a worker pool costs more than it saves.
+            result = await asyncio.to_thread(provision_devices, self.workspace, spec, workers=1)
+            paths = self.workspace.paths
+            files = [(i, paths.device_cert(i), paths.device_key(i)) for i in result.device_ids]
+        else:
+            issued = await asyncio.to_thread(self.credentials.issue_group, group, now=now)
+            files = [(f.device_id, f.cert, f.key) for f in issued]
+        client_ids = [device_id for device_id, _, _ in files]
+        if group.client_id_of is not None:
+            others = self.population.groups[group.client_id_of]
+            client_ids = [m.device_id for m in others[: group.count]]
+        return [
+            Member(f"{group.name}[{i + 1}]", group, device_id, client_id, cert, key)
+            for i, ((device_id, cert, key), client_id) in enumerate(
+                zip(files, client_ids, strict=True)
+            )
+        ]
+
+    async def _step_connect(self, step: ConnectStep) -> None:
+        members = self.population.select(step.devices)
+        endpoint = self.endpoint()
+        interval = 1 / step.rate if step.rate else 0.0
+        started = time.monotonic()
+        for index, member in enumerate(members):
+            self.population.start(member, endpoint, reconnect=step.reconnect)
+            if interval:
+                delay = started + (index + 1) * interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        rate = f" at {step.rate:g}/s" if step.rate else ""
+        self._note(step.line, "connect", f"{len(members)} devices ({step.devices.text}){rate}")
+
+    async def _step_disconnect(self, step: DisconnectStep) -> None:
+        members = self.population.select(step.devices)
+        await self.population.stop(members)
+        self._note(step.line, "disconnect", f"{len(members)} devices ({step.devices.text})")
+
+    async def _step_publish(self, step: PublishStep) -> None:
+        members = self.population.select(step.devices)
+        sent = 0
+        for member in members:
+            if member.device is None or not member.connected:
+                continue
+            topic = step.topic.replace("{id}", member.device_id)
+            for seq in range(step.count):
+                member.device.publish(topic, f'{{"seq": {seq}}}'.encode(), qos=step.qos)
+                sent += 1
+        self._note(step.line, "publish", f"{sent} messages to {step.topic} ({step.devices.text})")
+
+    async def _step_subscribe(self, step: SubscribeStep) -> None:
+        members = self.population.select(step.devices)
+        results = Counter[str]()
+        for member in members:
+            if member.device is None or not member.connected:
+                member.subscription = "not connected"
+            else:
+                try:
+                    granted = await member.device.subscribe(step.topic, qos=step.qos)
+                    member.subscription = "granted" if granted else "refused"
+                except (ConnectionError, TimeoutError) as exc:
+                    member.subscription = f"failed ({exc or 'no SUBACK'})"
+            results[member.subscription] += 1
+        shown = ", ".join(f"{n}x {r}" for r, n in results.items())
+        self._note(step.line, "subscribe", f"{step.topic} ({step.devices.text}): {shown}")
+
+    async def _step_revoke(self, step: RevokeStep) -> None:
+        assert self.workspace is not None
+        for member in self.population.select(step.devices):
+            if not member.group.fleet_issued:
+                raise UsageError(
+                    f"{self.scenario.path}:{step.line}: revoke: {member.label} holds a certificate "
+                    "the fleet did not issue; only fleet devices can be revoked"
+                )
+            revoke = revoke_superseded if step.superseded_only else revoke_device
+            result = await asyncio.to_thread(revoke, self.workspace, member.device_id)
+            what = "superseded certificates of " if step.superseded_only else ""
+            self._note(
+                step.line,
+                "revoke",
+                f"{what}{member.label} ({member.device_id}): {len(result.revoked_serials)} "
+                f"certificate(s), CRL #{result.crl_number}",
+            )
+
+    async def _step_rotate(self, step: RotateStep) -> None:
+        assert self.workspace is not None
+        members = self.population.select(step.devices)
+        valid_for = dt.timedelta(seconds=step.valid_for) if step.valid_for else None
+        workspace = self.workspace
+
+        def renew_all() -> None:
+            for member in members:
+                renew_device(workspace, member.device_id, valid_for=valid_for)
+
+        await asyncio.to_thread(renew_all)
+        for member in members:
+            if member.device is not None:
+                member.device.swap_certificate(member.cert, member.key)
+        if step.reconnect:
+            await asyncio.gather(
+                *(m.device.reconnect_gracefully() for m in members if m.device is not None)
+            )
+        moved = " and moved their sessions to them" if step.reconnect else ""
+        self._note(step.line, "rotate", f"renewed {len(members)} certificates{moved}")
+
+    async def _step_restart_broker(self, step: RestartBrokerStep) -> None:
+        assert self.broker is not None
+        options = self.broker.options
+        if step.clear_env:
+            options = replace(options, env=None)
+        if step.env is not None:
+            options = replace(options, env=step.env)
+        if step.revocation_policy is not None:
+            options = replace(options, revocation_policy=step.revocation_policy)
+        await self.broker.restart(options, down_for=step.down_for)
+        self._note(step.line, "restart_broker", f"restarted ({_describe(options)})")
+
+    async def _step_broker_certificate(self, step: BrokerCertificateStep) -> None:
+        assert self.broker is not None and self.credentials is not None
+        await asyncio.to_thread(self.credentials.install_broker_certificate, step.certificate)
+        await self.broker.restart(self.broker.options)
+        self._note(step.line, "broker_certificate", f"broker now presents: {step.certificate}")
+
+    async def _step_stale_crl(self, step: StaleCrlStep) -> None:
+        assert self.workspace is not None
+        crl = await asyncio.to_thread(
+            publish_crl, self.workspace, valid_for=dt.timedelta(seconds=step.after)
+        )
+        stale_at = crl.next_update_utc
+        self._note(
+            step.line, "stale_crl", f"published a CRL whose nextUpdate is {stale_at:%H:%M:%S}"
+        )
+
+    async def _step_publish_crl(self, step: PublishCrlStep) -> None:
+        assert self.workspace is not None
+        await asyncio.to_thread(publish_crl, self.workspace)
+        self._note(step.line, "publish_crl", "published a fresh CRL")
+
+    async def _step_expect(self, step: ExpectStep, *, kind: str = "expect") -> None:
+        checker = Checker(
+            step, self.population, self.broker.log if self.broker else None, self.window
+        )
+        verdict, at = await await_expectation(checker, self.clock)
+        result = ExpectationResult(
+            line=step.line,
+            kind=kind,
+            text=step.text,
+            passed=verdict.passed,
+            observed=verdict.observed,
+            at_ms=int(at * 1000),
+            failures=verdict.failures[:20]
+            + (
+                [f"... and {len(verdict.failures) - 20} more"] if len(verdict.failures) > 20 else []
+            ),
+            unchecked=verdict.unchecked,
+        )
+        if not verdict.passed:
+            at_fault = {f.split(" ", 1)[0] for f in verdict.failures}
+            failing = [m for m in self.population.members if m.label in at_fault]
+            result.evidence = self._evidence(failing or verdict.devices, self.window.start)
+        self.result.expectations.append(result)
+        self._listener("expectation", result)
+
+    async def _step_wait(self, step: WaitStep) -> None:
+        if step.until is not None:
+            await self._step_expect(step.until, kind="wait until")
+            return
+        assert step.seconds is not None
+        await asyncio.sleep(step.seconds)
+        self._note(step.line, "wait", f"{step.seconds:g} s")
+
+
+def _describe(options: BrokerOptions) -> str:
+    env = f"env {options.env}" if options.env else "any env"
+    return f"{env}, {options.revocation_policy}"
