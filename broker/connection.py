@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from broker.acl import TopicRights, rights_for
-from broker.outcomes import Outcome, classify_tls_error, openssl_reason
+from broker.outcomes import Outcome, classify_tls_error, openssl_reason, refine_verify_failure
 from fleet.errors import CertificateError
 from fleet.identity import DeviceIdentity, identity_from_certificate
 
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 _CONNECT = 0x10
 _READ_SIZE = 65536
+# After a refused handshake the alert is sent, then FIN, and the client's bytes are drained
+# this long: closing with unread bytes (a TLS 1.3 client already sent CONNECT) makes the
+# kernel send a reset, which can destroy the alert before the client reads it.
+_LINGER_SECONDS = 1.0
 
 
 class _ProtocolViolation(Exception):
@@ -51,6 +55,7 @@ class PeerConnection(asyncio.Protocol):
         self.peername: tuple[str, int] | None = None
         self.accepted_at = 0.0
         self.handshaken = False
+        self.refused = False  # the handshake failed: the alert is out, we only drain and close
         self.closed = False
         self.outcome: Outcome | None = None
         self.leaf: Any = None  # the client's leaf as the verify callback saw it (OpenSSL X509)
@@ -113,6 +118,8 @@ class PeerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.tls is not None
+        if self.refused:
+            return
         self.tls.bio_write(data)
         if not self.handshaken:
             self._continue_handshake()
@@ -184,11 +191,24 @@ class PeerConnection(asyncio.Protocol):
 
     def _handshake_failed(self, outcome: Outcome, exc: SSL.Error) -> None:
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=False)
-        self.broker.record(self, outcome, openssl_reason(exc))
-        self.close()
+        detail = openssl_reason(exc)
+        if self.verify_code is not None:
+            outcome, detail = refine_verify_failure(self.verify_code, detail)
+        self.broker.record(self, outcome, detail)
+        self._linger_and_close()
+
+    def _linger_and_close(self) -> None:
+        """Send the queued alert, then FIN; drop what the client still sends; close soon."""
+        self.refused = True
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(_LINGER_SECONDS, self.transport.close))
 
     def _handshake_timed_out(self) -> None:
-        if self.handshaken or self.closed:
+        if self.handshaken or self.closed or self.refused:
             return
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=False)
         timeout = self.broker.settings.handshake_timeout

@@ -57,6 +57,31 @@ _PROTOCOL_REASONS = (
 )
 
 
+_VERIFY_TEXT: dict[int, str] = {
+    2: "unable to get issuer certificate",
+    3: "unable to get certificate CRL",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    11: "CRL is not yet valid",
+    12: "CRL has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    26: "unsupported certificate purpose",
+}
+UNABLE_TO_GET_CRL = 3
+
+
+def refine_verify_failure(code: int, detail: str) -> tuple[Outcome, str]:
+    """The outcome of a chain the verify callback refused, with the verify error spelled out."""
+    text = _VERIFY_TEXT.get(code, f"X509 verify error {code}")
+    if code == UNABLE_TO_GET_CRL:
+        text = "no CRL from the certificate's issuer: revocation cannot be checked"
+    return classify_verify_error(code), f"{detail}: {text}"
+
+
 def classify_verify_error(code: int) -> Outcome:
     return _VERIFY_CODES.get(code, Outcome.OTHER)
 

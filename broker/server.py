@@ -18,6 +18,7 @@ from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
 from broker.core import IndexedBroker
 from broker.metrics import BrokerMetrics
+from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import Outcome
 from broker.tls import BrokerError, CrlState, build_server_context, load_crl, load_issuers
 from fleet.workspace import WorkspacePaths
@@ -373,8 +374,15 @@ def _verify(
         return bool(ok)
     if depth == 0:
         peer.leaf = cert
-    if not ok and peer.verify_code is None:
+    only_crl_missing = peer.verify_code == _UNABLE_TO_GET_CRL
+    if not ok and (peer.verify_code is None or only_crl_missing):
         peer.verify_code = errnum
+    if not ok and errnum == _UNABLE_TO_GET_CRL and depth == 0 and peer.verify_code == errnum:
+        # OpenSSL checks revocation before signatures and dates: look on, so that a leaf from
+        # an expired intermediate is refused as expired, not as "no CRL for its issuer".
+        return True
     if depth > 0:
+        if not ok and only_crl_missing:
+            return False  # the better reason, with its own alert
         return True if peer.verify_code is not None else bool(ok)
     return peer.verify_code is None and bool(ok)

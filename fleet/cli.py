@@ -532,7 +532,7 @@ def scenario_list(
             if s.broker.needs_fleet_broker
             else ""
         )
-        table.add_row(s.name, str(s.path), str(len(s.steps)), str(devices), s.description + needs)
+        table.add_row(s.name, s.path.name, str(len(s.steps)), str(devices), s.description + needs)
     out.print(table)
 
 

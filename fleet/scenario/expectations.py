@@ -27,19 +27,14 @@ class Window:
     """The last action: when it began and each device's counters at that moment."""
 
     start: float
-    connected: frozenset[str]  # labels of members connected when it began
-    acted_on: frozenset[str] = frozenset()  # labels of members the action named
+    acted_on: frozenset[str] = frozenset()  # members revoked, rotated or disconnected so far
     acknowledged: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, start: float, population: Population, acted_on: Iterable[str] = ()) -> Window:
-        window = cls(
-            start,
-            frozenset(m.label for m in population.members if m.connected),
-            frozenset(acted_on),
-        )
+        window = cls(start, frozenset(acted_on))
         for m in population.members:
             stats = m.device.stats if m.device is not None else None
             window.acknowledged[m.label] = stats.acknowledged if stats else 0
@@ -161,6 +156,10 @@ class Checker:
             if step.broker not in reasons:
                 problems.append(f"broker saw {reasons[-3:] or 'nothing'}")
         stats = m.device.stats if m.device is not None else None
+        if step.drops is not None:
+            drops = (len(stats.disconnects) if stats else 0) - self.window.drops.get(m.label, 0)
+            if drops > step.drops:
+                problems.append(f"{drops} sessions dropped")
         if step.delivered_at_least is not None:
             delivered = (stats.acknowledged if stats else 0) - self.window.acknowledged.get(
                 m.label, 0
@@ -215,7 +214,7 @@ class Checker:
         others = [
             m
             for m in self.population.members
-            if m.label in self.window.connected and m.label not in named
+            if m.label not in named and any(s.outcome == "connected" for s in m.sightings)
         ]
         affected = []
         for m in others:

@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 REVOCATION_POLICIES = ("fail-closed", "fail-open")
 SUBSCRIPTION_RESULTS = ("granted", "refused")
-_SELECTOR = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[(\d+)(?:-(\d+))?\])?$")
+_SELECTOR = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:#(\d+)(?:-(\d+))?)?$")
 
 
 class ScenarioError(UsageError):
@@ -405,8 +405,8 @@ def _groups(path: Path, top: _Fields) -> tuple[Group, ...]:
 def _group_name(value: Any) -> str:
     name = _text(value)
     validate_device_id(f"{name}-1")
-    if "[" in name:
-        raise ValueError("a group name cannot contain '['")
+    if "#" in name:
+        raise ValueError("a group name cannot contain '#'")
     return name
 
 
@@ -430,6 +430,7 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
         "broker",
         "device",
         "lost",
+        "drops",
         "delivered_at_least",
         "received",
         "received_at_least",
@@ -440,7 +441,7 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "wait": ("for", "until", "timeout"),
 }
-# The field a bare value stands for: ``- revoke: sensors[3]`` is ``- revoke: {devices: sensors[3]}``.
+# The field a bare value stands for: ``- revoke: sensors#3`` is ``- revoke: {devices: sensors#3}``.
 _SHORTHAND = {
     "provision": "groups",
     "connect": "devices",
@@ -507,7 +508,7 @@ class _StepReader:
             match = _SELECTOR.match(text)
             if match is None:
                 raise fields.error(
-                    key, f"{text!r} is not a group or a member such as sensors[3] or sensors[2-5]"
+                    key, f"{text!r} is not a group or a member such as sensors#3 or sensors#2-5"
                 )
             group_name, first, last = match.group(1), match.group(2), match.group(3)
             group = self.groups.get(group_name)
@@ -622,6 +623,7 @@ class _StepReader:
             broker=fields.get("broker", _text, None),
             device=fields.get("device", _text, None),
             lost=fields.get("lost", _count, None),
+            drops=fields.get("drops", _count, None),
             delivered_at_least=fields.get("delivered_at_least", _count, None),
             received=fields.get("received", _count, None),
             received_at_least=fields.get("received_at_least", _count, None),
@@ -636,6 +638,7 @@ class _StepReader:
             "broker",
             "device",
             "lost",
+            "drops",
             "delivered_at_least",
             "received",
             "received_at_least",
@@ -643,7 +646,7 @@ class _StepReader:
         )
         if selector is None and any(fields.has(k) for k in per_device):
             raise ScenarioError(
-                self.path, line, fields.where, "say which devices: add 'devices: GROUP or GROUP[n]'"
+                self.path, line, fields.where, "say which devices: add 'devices: GROUP or GROUP#N'"
             )
         if not any(fields.has(k) for k in (*per_device, "others_unaffected", "broker_event")):
             raise ScenarioError(

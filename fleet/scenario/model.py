@@ -79,7 +79,7 @@ class DeviceDefaults:
 
 @dataclass(frozen=True, slots=True)
 class Selector:
-    """Devices named in a step: whole groups, or 1-based members (``sensors[3]``, ``sensors[2-5]``)."""
+    """Devices named in a step: whole groups, or 1-based members (``sensors#3``, ``sensors#2-5``)."""
 
     refs: tuple[tuple[str, int | None, int | None], ...]  # (group, first, last); None: all
     text: str
@@ -169,6 +169,7 @@ class ExpectStep(Step):
     broker: str | None = None  # the broker's classification (rejection or session-close reason)
     device: str | None = None  # what the device saw (outcome, alert or verify reason)
     lost: int | None = None  # at most this many QoS 1 messages unacknowledged
+    drops: int | None = None  # at most this many sessions dropped per device since the last action
     delivered_at_least: int | None = None  # acknowledged per device since the last action
     received: int | None = None  # messages received on subscriptions since the last action
     received_at_least: int | None = None

@@ -1,6 +1,6 @@
 """The devices of a scenario: who they are, what they hold, and what each of them has seen.
 
-A member is named ``group[n]`` (1-based) in scenario files; its device id comes from its
+A member is named ``group#n`` (1-based) in scenario files; its device id comes from its
 certificate. Every connection attempt and every dropped session is kept with the time it
 happened (seconds on the scenario clock), so an expectation can ask what was seen since the
 last action.
@@ -32,7 +32,7 @@ class Sighting:
 
 @dataclass
 class Member:
-    label: str  # sensors[3]
+    label: str  # sensors#3
     group: Group
     device_id: str  # the identity in its certificate
     client_id: str  # the MQTT client id it connects with

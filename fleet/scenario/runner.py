@@ -47,11 +47,13 @@ from fleet.scenario.model import (
     WaitStep,
 )
 from fleet.scenario.population import Endpoint, Member, Population
-from fleet.workspace import Workspace, init_workspace
+from fleet.workspace import Workspace, WorkspacePaths, init_workspace
 
 # Steps that act on the embedded broker itself: against --target they cannot run.
 _EMBEDDED_ONLY = (RestartBrokerStep, BrokerCertificateStep)
 _EVIDENCE_LINES = 12
+# Steps whose devices are expected to be affected: "others_unaffected" leaves them out.
+_DISRUPTIVE = (RevokeStep, RotateStep, DisconnectStep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,8 @@ class ScenarioRun:
         self.target = target
         self.keep_workspace = keep_workspace or workspace_dir is not None
         self._workspace_dir = workspace_dir
+        self._temporary: Path | None = None  # a directory this run made and removes
+        self._disrupted: set[str] = set()  # members named by revoke, rotate or disconnect
         self._listener = listener or (lambda kind, item: None)
         self._started = time.monotonic()
         self.result = ScenarioResult(scenario.name, str(scenario.path), "passed")
@@ -140,7 +144,7 @@ class ScenarioRun:
         self.broker: EmbeddedBroker | None = None
         self.workspace: Workspace | None = None
         self.credentials: ScenarioCredentials | None = None
-        self.window = Window(0.0, frozenset())
+        self.window = Window(0.0)
 
     def clock(self) -> float:
         """Seconds since the scenario began."""
@@ -176,18 +180,20 @@ class ScenarioRun:
     async def _run_steps(self) -> None:
         await self._set_up()
         for step in self.scenario.steps:
+            if isinstance(step, _DISRUPTIVE):
+                self._disrupted.update(m.label for m in self.population.select(step.devices))
             if not isinstance(step, ExpectStep | WaitStep):
-                named = getattr(step, "devices", None)
-                acted_on = [m.label for m in self.population.select(named)] if named else []
-                self.window = Window.open(self.clock(), self.population, acted_on)
+                self.window = Window.open(self.clock(), self.population, self._disrupted)
             await self._run_step(step)
 
     async def _set_up(self) -> None:
         directory = self._workspace_dir
         if directory is None:
-            directory = Path(tempfile.mkdtemp(prefix=f"fleet-scenario-{self.scenario.name}-"))
-            await asyncio.to_thread(init_workspace, directory / "fleet", config=FleetConfig())
-            directory = directory / "fleet"
+            parent = Path(tempfile.mkdtemp(prefix=f"fleet-scenario-{self.scenario.name}-"))
+            self._temporary = parent
+            directory = parent / "fleet"
+        if not WorkspacePaths(directory).config.exists():
+            await asyncio.to_thread(init_workspace, directory, config=FleetConfig())
         self.workspace = Workspace.open(directory)
         self.result.workspace = str(directory)
         run_dir = f"scenario/{self.scenario.name}-{int(time.time() * 1000)}"
@@ -209,8 +215,8 @@ class ScenarioRun:
         self._connection_curve()
         if self.broker is not None:
             await self.broker.stop()
-        if not self.keep_workspace and self.result.workspace is not None:
-            shutil.rmtree(Path(self.result.workspace).parent, ignore_errors=True)
+        if self._temporary is not None and not self.keep_workspace:
+            shutil.rmtree(self._temporary, ignore_errors=True)
             self.result.workspace = None
 
     def endpoint(self) -> Endpoint:
@@ -301,7 +307,7 @@ class ScenarioRun:
         if group.clone_of is not None:
             originals = self.population.groups[group.clone_of]
             return [
-                Member(f"{group.name}[{i + 1}]", group, o.device_id, o.client_id, o.cert, o.key)
+                Member(f"{group.name}#{i + 1}", group, o.device_id, o.client_id, o.cert, o.key)
                 for i, o in enumerate(originals[: group.count])
             ]
         if group.fleet_issued:
@@ -325,7 +331,7 @@ class ScenarioRun:
             others = self.population.groups[group.client_id_of]
             client_ids = [m.device_id for m in others[: group.count]]
         return [
-            Member(f"{group.name}[{i + 1}]", group, device_id, client_id, cert, key)
+            Member(f"{group.name}#{i + 1}", group, device_id, client_id, cert, key)
             for i, ((device_id, cert, key), client_id) in enumerate(
                 zip(files, client_ids, strict=True)
             )
