@@ -29,6 +29,7 @@ class Outcome(enum.StrEnum):
 # OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h).
 _VERIFY_CODES: dict[int, Outcome] = {
     2: Outcome.UNKNOWN_CA,  # unable to get issuer certificate
+    3: Outcome.UNKNOWN_CA,  # no CRL from the issuing CA: one this broker does not trust (retired)
     9: Outcome.NOT_YET_VALID,
     10: Outcome.EXPIRED,
     11: Outcome.CRL_STALE,  # CRL not yet valid
@@ -78,7 +79,7 @@ def refine_verify_failure(code: int, detail: str) -> tuple[Outcome, str]:
     """The outcome of a chain the verify callback refused, with the verify error spelled out."""
     text = _VERIFY_TEXT.get(code, f"X509 verify error {code}")
     if code == UNABLE_TO_GET_CRL:
-        text = "no CRL from the certificate's issuer: revocation cannot be checked"
+        text = "no CRL from its issuing CA, which is not (or no longer) trusted"
     return classify_verify_error(code), f"{detail}: {text}"
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
+from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from broker.config import BrokerSettings, RevocationPolicy
@@ -20,7 +21,14 @@ from broker.core import IndexedBroker
 from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import Outcome
-from broker.tls import BrokerError, CrlState, build_server_context, load_crl, load_issuers
+from broker.tls import (
+    BrokerError,
+    CrlState,
+    build_server_context,
+    load_crl,
+    load_issuers,
+    load_retired_key_ids,
+)
 from fleet.workspace import WorkspacePaths
 
 log = logging.getLogger("mtls_fleet.broker")
@@ -55,6 +63,7 @@ class FleetBroker:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._issuers = load_issuers(self.paths)
+        self._retired_key_ids = load_retired_key_ids(self.paths)
         self._crl: CrlState = load_crl(self.paths.crl, self._issuers)
         self._crl_signature: tuple[int, int, int] | None = None
         self.tls_context: SSL.Context = self._build_context(self._crl)
@@ -156,6 +165,8 @@ class FleetBroker:
                 continue
             self._crl_signature = signature
             try:
+                self._issuers = await asyncio.to_thread(load_issuers, self.paths)  # CA rotation
+                self._retired_key_ids = await asyncio.to_thread(load_retired_key_ids, self.paths)
                 crl = await asyncio.to_thread(load_crl, self.paths.crl, self._issuers)
             except BrokerError as exc:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
@@ -180,6 +191,10 @@ class FleetBroker:
         for serial in crl.revoked & self._by_serial.keys():
             for peer in list(self._by_serial.get(serial, ())):
                 peer.close_by_broker("revoked")
+        for peers in list(self._by_serial.values()):
+            for peer in list(peers):
+                if peer.certificate is not None and peer.certificate.issuer not in crl.issuers:
+                    peer.close_by_broker("issuer_retired")
 
     def _install_crl_metrics(self, crl: CrlState) -> None:
         self.metrics.crl_number.set(crl.number)
@@ -214,6 +229,16 @@ class FleetBroker:
         if policy is RevocationPolicy.FAIL_OPEN:
             self.tls_context = self._build_context(crl)
 
+    def issued_by_retired_ca(self, leaf: crypto.X509) -> bool:
+        """Whether ``leaf`` names a retired issuing CA as its issuer (authority key id)."""
+        try:
+            aki = leaf.to_cryptography().extensions.get_extension_for_class(
+                x509.AuthorityKeyIdentifier
+            )
+        except x509.ExtensionNotFound:
+            return False
+        return aki.value.key_identifier in self._retired_key_ids
+
     # -- connections (called by PeerConnection) ---------------------------------------------
 
     def connection_opened(self, peer: PeerConnection) -> None:
@@ -239,7 +264,13 @@ class FleetBroker:
     def handshake_accepted(self, peer: PeerConnection) -> bool:
         """After a good handshake: the CRL in force now decides, and the stale-CRL policy."""
         serial = peer.serial
-        assert serial is not None
+        assert serial is not None and peer.certificate is not None
+        if peer.certificate.issuer not in self._crl.issuers:
+            # OpenSSL refuses such a chain while it checks CRLs; a fail-open broker must too.
+            issuer = peer.certificate.issuer.rfc4514_string()
+            self.record(peer, Outcome.UNKNOWN_CA, f"issuing CA {issuer} is not trusted (retired?)")
+            peer.close()
+            return False
         if serial in self._crl.revoked:
             # The handshake began on the context of an older CRL and ended after a newer one
             # was installed: the newer one decides.
@@ -377,9 +408,16 @@ def _verify(
     only_crl_missing = peer.verify_code == _UNABLE_TO_GET_CRL
     if not ok and (peer.verify_code is None or only_crl_missing):
         peer.verify_code = errnum
-    if not ok and errnum == _UNABLE_TO_GET_CRL and depth == 0 and peer.verify_code == errnum:
+    if (
+        not ok
+        and errnum == _UNABLE_TO_GET_CRL
+        and depth == 0
+        and peer.verify_code == errnum
+        and not peer.broker.issued_by_retired_ca(cert)
+    ):
         # OpenSSL checks revocation before signatures and dates: look on, so that a leaf from
         # an expired intermediate is refused as expired, not as "no CRL for its issuer".
+        # (A retired issuer is refused at once: looking on would end in an internal_error alert.)
         return True
     if depth > 0:
         if not ok and only_crl_missing:

@@ -28,52 +28,92 @@ class BrokerError(FleetError):
 
 @dataclass(frozen=True, slots=True)
 class CrlState:
-    """A CRL whose signature was checked, with what the broker needs from it."""
+    """The CRLs in force (one per trusted issuing CA), their signatures checked."""
 
-    crl: x509.CertificateRevocationList
+    crls: tuple[x509.CertificateRevocationList, ...]
     number: int
     this_update: dt.datetime
-    next_update: dt.datetime
+    next_update: dt.datetime  # the earliest of them: stale as soon as one is
     revoked: frozenset[int]
+    issuers: frozenset[x509.Name]  # whose certificates can be checked (others are refused)
 
     def is_stale(self, now: dt.datetime) -> bool:
         return now >= self.next_update
 
 
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
 def load_crl(path: Path, issuers: list[x509.Certificate]) -> CrlState:
-    """Read ``path`` and check it is signed by one of ``issuers``; raise :class:`BrokerError`."""
+    """Read every CRL in ``path``; each must be signed by one of ``issuers`` (BrokerError)."""
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BrokerError(f"{path}: no CRL; run 'fleet crl publish' to create one") from None
-    except ValueError as exc:
-        raise BrokerError(f"{path}: not a PEM CRL ({exc})") from exc
-    if not any(
-        crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-        for issuer in issuers
-    ):
-        raise BrokerError(f"{path}: CRL signature does not verify against the issuing CA; ignored")
-    if crl.next_update_utc is None:
-        raise BrokerError(f"{path}: CRL has no nextUpdate")
-    try:
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        number = 0
+    blocks = [_CRL_BEGIN + block for block in data.split(_CRL_BEGIN)[1:]]
+    if not blocks:
+        raise BrokerError(f"{path}: not a PEM CRL")
+    crls = []
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise BrokerError(f"{path}: not a PEM CRL ({exc})") from exc
+        if not any(
+            crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            for issuer in issuers
+        ):
+            raise BrokerError(
+                f"{path}: the CRL of {crl.issuer.rfc4514_string()} does not verify against a "
+                "trusted issuing CA; ignored"
+            )
+        if crl.next_update_utc is None:
+            raise BrokerError(f"{path}: CRL has no nextUpdate")
+        crls.append(crl)
     return CrlState(
-        crl=crl,
-        number=number,
-        this_update=crl.last_update_utc,
-        next_update=crl.next_update_utc,
-        revoked=frozenset(entry.serial_number for entry in crl),
+        crls=tuple(crls),
+        number=max(_crl_number(crl) for crl in crls),
+        this_update=min(crl.last_update_utc for crl in crls),
+        next_update=min(crl.next_update_utc for crl in crls if crl.next_update_utc),
+        revoked=frozenset(entry.serial_number for crl in crls for entry in crl),
+        issuers=frozenset(crl.issuer for crl in crls),
     )
 
 
-def load_issuers(paths: WorkspacePaths) -> list[x509.Certificate]:
-    """The CA certificates whose CRLs the broker accepts (the issuing intermediate)."""
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
     try:
-        return x509.load_pem_x509_certificates(paths.issuing_cert.read_bytes())
-    except (FileNotFoundError, ValueError) as exc:
-        raise BrokerError(f"{paths.issuing_cert}: cannot load the issuing CA ({exc})") from exc
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def issuer_files(paths: WorkspacePaths) -> list[Path]:
+    """The trusted issuing CAs: the current one, then those a rotation replaced."""
+    return [paths.issuing_cert, *paths.previous_issuer_certs()]
+
+
+def load_retired_key_ids(paths: WorkspacePaths) -> frozenset[bytes]:
+    """Subject key identifiers of the issuing CAs retired by ``fleet ca retire``."""
+    key_ids = set()
+    for path in sorted(paths.retired_issuers_dir.glob("*.crt")):
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            continue
+        key_ids.add(ski.value.digest)
+    return frozenset(key_ids)
+
+
+def load_issuers(paths: WorkspacePaths) -> list[x509.Certificate]:
+    """The CA certificates whose CRLs the broker accepts (the trusted issuing intermediates)."""
+    issuers = []
+    for path in issuer_files(paths):
+        try:
+            issuers += x509.load_pem_x509_certificates(path.read_bytes())
+        except (FileNotFoundError, ValueError) as exc:
+            raise BrokerError(f"{path}: cannot load the issuing CA ({exc})") from exc
+    return issuers
 
 
 def build_server_context(
@@ -97,7 +137,8 @@ def build_server_context(
         context.load_verify_locations(str(paths.root_cert))
         # The issuing intermediate is known too, so a device that presents only its leaf (as
         # many TLS stacks and `openssl s_client -cert` do) still chains up to the root.
-        context.load_verify_locations(str(paths.issuing_cert))
+        for issuer in issuer_files(paths):
+            context.load_verify_locations(str(issuer))
         context.load_client_ca(str(paths.root_cert).encode())
     except SSL.Error as exc:
         raise BrokerError(
@@ -109,6 +150,7 @@ def build_server_context(
     if check_crl and crl is not None:
         store = context.get_cert_store()
         assert store is not None
-        store.add_crl(crl.crl)
+        for each in crl.crls:
+            store.add_crl(each)
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     return context

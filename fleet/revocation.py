@@ -71,18 +71,23 @@ def publish_crl(
 
     The ``crl`` lock orders concurrent publishers, and each one reads the registry after taking
     it, so the file on disk always reflects the latest revocation (never an older snapshot).
-    ``valid_for`` (default: the workspace's ``crl_valid_for``) sets nextUpdate.
+    ``valid_for`` (default: the workspace's ``crl_valid_for``) sets nextUpdate. After a CA
+    rotation every trusted issuing CA signs its own CRL (same entries, same number) and the
+    file holds them all, the current issuer's first; that one is returned.
     """
     now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     with workspace.lock("crl"):
-        crl = workspace.ca.build_crl(
-            workspace.registry.revoked_entries(),
-            crl_number=workspace.registry.next_crl_number(),
-            this_update=now,
-            next_update=now + (valid_for or workspace.config.crl_valid_for),
+        entries = workspace.registry.revoked_entries()
+        number = workspace.registry.next_crl_number()
+        next_update = now + (valid_for or workspace.config.crl_valid_for)
+        crls = [
+            ca.build_crl(entries, crl_number=number, this_update=now, next_update=next_update)
+            for ca in [workspace.ca, *workspace.previous_authorities()]
+        ]
+        replace_atomically(
+            workspace.paths.crl, b"".join(crl.public_bytes(Encoding.PEM) for crl in crls)
         )
-        replace_atomically(workspace.paths.crl, crl.public_bytes(Encoding.PEM))
-    return crl
+    return crls[0]
 
 
 def load_crl(workspace: Workspace) -> x509.CertificateRevocationList:

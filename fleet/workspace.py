@@ -6,7 +6,9 @@
     DIR/fleet.db                the registry (SQLite, WAL)
     DIR/ca/root.crt, root.key   trust anchor (key 0600)
     DIR/ca/issuing.crt, .key    issuing intermediate, path length 0 (key 0600)
-    DIR/ca/crl.pem              current CRL, signed by the issuing CA, always present
+    DIR/ca/previous/            issuing CAs replaced by 'fleet ca rotate', trusted until retired
+    DIR/ca/retired/             issuing CAs retired by 'fleet ca retire' (no CRL: refused)
+    DIR/ca/crl.pem              one CRL per trusted issuing CA, current first, always present
     DIR/broker/server.crt, .key broker chain (leaf + intermediate) and key (0600)
     DIR/devices/<id>/cert.pem   device chain (leaf + intermediate)
     DIR/devices/<id>/key.pem    device key (0600); absent for devices provisioned from a CSR
@@ -82,6 +84,23 @@ class WorkspacePaths:
         return self.ca_dir / "issuing.key"
 
     @property
+    def previous_issuers_dir(self) -> Path:
+        """Issuing CAs replaced by a rotation, still trusted until retired."""
+        return self.ca_dir / "previous"
+
+    @property
+    def retired_issuers_dir(self) -> Path:
+        return self.ca_dir / "retired"
+
+    @property
+    def next_issuer_dir(self) -> Path:
+        """Where a rotation stages the new issuing CA before swapping it in."""
+        return self.ca_dir / "next"
+
+    def previous_issuer_certs(self) -> list[Path]:
+        return sorted(self.previous_issuers_dir.glob("*.crt"))
+
+    @property
     def crl(self) -> Path:
         return self.ca_dir / "crl.pem"
 
@@ -140,6 +159,10 @@ class Workspace:
                 f"{root}: no fleet workspace here; run 'fleet init --dir {root}' first"
             )
         workspace = cls(paths, FleetConfig.load(paths.config))
+        if paths.next_issuer_dir.exists():
+            from fleet.ca_rotation import finish_interrupted_rotation
+
+            finish_interrupted_rotation(paths)
         workspace.recover_interrupted_runs(wait=False)
         return workspace
 
@@ -183,6 +206,20 @@ class Workspace:
             ),
             crl_distribution_url=self.config.crl_url,
         )
+
+    def previous_authorities(self) -> list[CertificateAuthority]:
+        """Issuing CAs replaced by a rotation and not yet retired (they still sign CRLs)."""
+        authorities = []
+        for cert_path in self.paths.previous_issuer_certs():
+            key_path = cert_path.with_suffix(".key")
+            authorities.append(
+                CertificateAuthority(
+                    root_cert=self.ca.root_cert,
+                    issuing_cert=_load_cert(cert_path),
+                    issuing_key=load_private_key(key_path.read_bytes(), source=str(key_path)),
+                )
+            )
+        return authorities
 
     @contextmanager
     def lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:

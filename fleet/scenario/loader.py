@@ -36,7 +36,9 @@ from fleet.scenario.model import (
     PublishCrlStep,
     PublishStep,
     RestartBrokerStep,
+    RetireCaStep,
     RevokeStep,
+    RotateCaStep,
     RotateStep,
     Scenario,
     Selector,
@@ -424,6 +426,8 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "broker_certificate": ("certificate",),
     "stale_crl": ("after",),
     "publish_crl": (),
+    "rotate_ca": (),
+    "retire_ca": (),
     "expect": (
         "devices",
         "state",
@@ -612,6 +616,12 @@ class _StepReader:
 
     def _publish_crl(self, fields: _Fields, line: int) -> Step:
         return PublishCrlStep(line)
+
+    def _rotate_ca(self, fields: _Fields, line: int) -> Step:
+        return RotateCaStep(line)
+
+    def _retire_ca(self, fields: _Fields, line: int) -> Step:
+        return RetireCaStep(line)
 
     def _expect(self, fields: _Fields, line: int) -> ExpectStep:
         selector = self.selector(fields, required=False)

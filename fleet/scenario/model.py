@@ -163,6 +163,16 @@ class PublishCrlStep(Step):
 
 
 @dataclass(frozen=True, slots=True)
+class RotateCaStep(Step):
+    """A new issuing intermediate signs from now on; the old one stays trusted."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetireCaStep(Step):
+    """Stop trusting the issuing intermediates a rotation replaced."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExpectStep(Step):
     devices: Selector | None = None
     state: DeviceState | None = None
@@ -198,6 +208,8 @@ _STEP_NAMES: dict[type[Step], str] = {
     BrokerCertificateStep: "broker_certificate",
     StaleCrlStep: "stale_crl",
     PublishCrlStep: "publish_crl",
+    RotateCaStep: "rotate_ca",
+    RetireCaStep: "retire_ca",
     ExpectStep: "expect",
     WaitStep: "wait",
 }

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
 from fleet.config import FleetConfig
 from fleet.errors import FleetError, UsageError
 from fleet.provisioning import ProvisionSpec, provision_devices
@@ -38,7 +39,9 @@ from fleet.scenario.model import (
     PublishCrlStep,
     PublishStep,
     RestartBrokerStep,
+    RetireCaStep,
     RevokeStep,
+    RotateCaStep,
     RotateStep,
     Scenario,
     StaleCrlStep,
@@ -455,6 +458,16 @@ class ScenarioRun:
         assert self.workspace is not None
         await asyncio.to_thread(publish_crl, self.workspace)
         self._note(step.line, "publish_crl", "published a fresh CRL")
+
+    async def _step_rotate_ca(self, step: RotateCaStep) -> None:
+        assert self.workspace is not None
+        cert = await asyncio.to_thread(rotate_issuing_ca, self.workspace)
+        self._note(step.line, "rotate_ca", f"new issuing CA {cert.subject.rfc4514_string()}")
+
+    async def _step_retire_ca(self, step: RetireCaStep) -> None:
+        assert self.workspace is not None
+        retired = await asyncio.to_thread(retire_previous_issuers, self.workspace)
+        self._note(step.line, "retire_ca", f"retired {', '.join(retired) or 'nothing'}")
 
     async def _step_expect(self, step: ExpectStep, *, kind: str = "expect") -> None:
         checker = Checker(
