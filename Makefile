@@ -35,7 +35,7 @@ test: tools lint typecheck unit
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/fleet demo --dir $(DEMO_DIR) --devices 200
+	$(BIN)/fleet demo --dir $(DEMO_DIR)
 	$(BIN)/fleet inventory --dir $(DEMO_DIR) --status revoked
 	openssl verify -CAfile $(DEMO_DIR)/ca/root.crt -untrusted $(DEMO_DIR)/ca/issuing.crt $(DEMO_DIR)/devices/sensor-00001/cert.pem
 	openssl crl -in $(DEMO_DIR)/ca/crl.pem -noout -text | grep -A3 'Revoked Certificates'

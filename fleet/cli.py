@@ -27,7 +27,8 @@ from fleet.inspect import describe_certificate
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
 from fleet.registry import DeviceRecord
-from fleet.revocation import publish_crl, revoke_device
+from fleet.renewal import renew_device
+from fleet.revocation import publish_crl, revoke_device, revoke_superseded
 from fleet.workspace import DEFAULT_DIR, Workspace, init_workspace
 
 app = typer.Typer(
@@ -40,6 +41,8 @@ crl_app = typer.Typer(
     help="Publish and inspect the certificate revocation list.", no_args_is_help=True
 )
 app.add_typer(crl_app, name="crl")
+ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
 scenario_app = typer.Typer(
     help="Replay scripted scenarios (expiry, revocation, rotation, rogue brokers ...) with verdicts.",
     no_args_is_help=True,
@@ -240,15 +243,29 @@ def revoke(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to revoke.")],
     directory: DirOption = DEFAULT_DIR,
     reason: Annotated[
-        str, typer.Option(help=f"One of {', '.join(REVOCATION_REASONS)}.")
-    ] = "unspecified",
+        str | None,
+        typer.Option(
+            help=f"One of {', '.join(REVOCATION_REASONS)} (default: unspecified, or superseded)."
+        ),
+    ] = None,
+    superseded_only: Annotated[
+        bool,
+        typer.Option(
+            help="Revoke only the certificates 'fleet renew' replaced; the device stays active."
+        ),
+    ] = False,
 ) -> None:
     """Revoke a device and publish a fresh CRL (DIR/ca/crl.pem, replaced atomically)."""
+    reason = reason or ("superseded" if superseded_only else "unspecified")
     flag = parse_revocation_reason(reason)
     workspace = Workspace.open(directory)
-    result = revoke_device(workspace, device_id, reason=flag)
+    if superseded_only:
+        result = revoke_superseded(workspace, device_id, reason=flag)
+    else:
+        result = revoke_device(workspace, device_id, reason=flag)
     if not result.changed:
-        out.print(f"{device_id} was already revoked; nothing changed")
+        what = "had no superseded certificates" if superseded_only else "was already revoked"
+        out.print(f"{device_id} {what}; nothing changed")
         return
     serials = ", ".join(format(s, "X") for s in result.revoked_serials)
     out.print(
@@ -256,6 +273,28 @@ def revoke(
         f"CRL #{result.crl_number} published to {workspace.paths.crl}",
         highlight=False,
     )
+
+
+@app.command()
+@_friendly_errors
+def renew(
+    device_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="The devices to renew.")],
+    directory: DirOption = DEFAULT_DIR,
+    valid_for: Annotated[
+        str | None, typer.Option(help="Validity of the new certificates (default: fleet.toml).")
+    ] = None,
+) -> None:
+    """Issue fresh certificates for the devices' keys; the old ones stay valid (overlap)."""
+    validity = parse_positive_duration(valid_for) if valid_for else None
+    workspace = Workspace.open(directory)
+    for device_id in device_ids:
+        result = renew_device(workspace, device_id, valid_for=validity)
+        out.print(
+            f"renewed {device_id}: serial {result.serial:X} valid until "
+            f"{result.not_after.isoformat()}; {result.superseded_serial:X} superseded "
+            f"(revoke it with 'fleet revoke {device_id} --superseded-only')",
+            highlight=False,
+        )
 
 
 def _device_json(
@@ -508,6 +547,35 @@ def swarm(
         raise typer.Exit(130)
 
 
+@ca_app.command("rotate")
+@_friendly_errors
+def ca_rotate(directory: DirOption = DEFAULT_DIR) -> None:
+    """Make a new issuing intermediate current; the old one stays trusted until retired."""
+    from fleet.ca_rotation import rotate_issuing_ca
+
+    workspace = Workspace.open(directory)
+    cert = rotate_issuing_ca(workspace)
+    out.print(
+        f"new issuing CA {cert.subject.rfc4514_string()} signs from now on; the previous one "
+        f"stays trusted until 'fleet ca retire'. CRL published to {workspace.paths.crl}",
+        highlight=False,
+    )
+
+
+@ca_app.command("retire")
+@_friendly_errors
+def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
+    """Stop trusting the issuing CAs a rotation replaced (their devices are then refused)."""
+    from fleet.ca_rotation import retire_previous_issuers
+
+    workspace = Workspace.open(directory)
+    retired = retire_previous_issuers(workspace)
+    if not retired:
+        out.print("no previous issuing CA to retire; nothing changed")
+        return
+    out.print(f"retired {', '.join(retired)}; CRL published to {workspace.paths.crl}")
+
+
 @scenario_app.command("list")
 @_friendly_errors
 def scenario_list(
@@ -520,8 +588,8 @@ def scenario_list(
 
     scenarios = load_scenarios(paths or [LIBRARY])
     table = Table(header_style="bold")
-    table.add_column("scenario")
-    table.add_column("file")
+    table.add_column("scenario", no_wrap=True)
+    table.add_column("file", no_wrap=True)
     table.add_column("steps", justify="right")
     table.add_column("devices", justify="right")
     table.add_column("description")
@@ -622,17 +690,22 @@ def scenario_run(
 
 @app.command()
 @_friendly_errors
-def demo(
-    directory: DirOption = Path("demo-fleet"),
-    devices: Annotated[int, typer.Option(help="How many devices to simulate.")] = 200,
-) -> None:
-    """Build a fleet, run it on the embedded broker, and revoke one device live."""
-    from fleet.demo import print_summary, run_demo
+def demo(directory: DirOption = Path("demo-fleet")) -> None:
+    """Replay the quickstart scenario in DIR: a fleet connects, one device is revoked live."""
+    from fleet.scenario import LIBRARY, load_scenario, run_scenarios
+    from fleet.scenario.report import LiveTimeline, print_result
 
-    if devices < 2:
-        raise UsageError(f"invalid --devices {devices}: the demo needs at least 2")
-    result = run_demo(directory, devices=devices, console=out)
-    print_summary(result, out)
+    if directory.exists() and any(directory.iterdir()):
+        raise UsageError(f"{directory} is not empty; remove it or choose another --dir")
+    scenario = load_scenario(LIBRARY / "quickstart.yaml")
+    out.print(f"[bold]{scenario.name}[/]: {scenario.description}")
+    (result,) = run_scenarios(
+        [scenario], workspace_dir=directory.resolve(), listener=LiveTimeline(out)
+    )
+    print_result(result, out)
+    if not result.passed:
+        raise typer.Exit(1)
+    out.print(f"the workspace is kept in {directory}: try 'fleet inventory --dir {directory}'")
 
 
 def main() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker import BrokerSettings, FleetBroker
 from fleet import DeviceIdentity, KeyType, Workspace, generate_private_key
 from fleet.keys import private_key_pem
-from tests.conftest import require_tool
+from tests.conftest import fleet_command, require_tool
 
 T = TypeVar("T")
 
@@ -197,3 +199,36 @@ def paho_device(
     client.connect("localhost", port)
     client.loop_start()
     return device
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_mosquitto(workspace_dir: Path, conf: Path) -> Iterator[int]:
+    """A real Mosquitto started from the config ``fleet broker --emit-mosquitto-conf`` writes.
+
+    Yields its port once Mosquitto says it listens; skips when Mosquitto is not installed.
+    """
+    mosquitto = require_tool("mosquitto")
+    port = free_port()
+    emitted = subprocess.run(
+        fleet_command("broker", "--dir", workspace_dir, "--port", str(port), "--emit-mosquitto-conf", conf),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert emitted.returncode == 0, emitted.stderr
+    server = subprocess.Popen(
+        [mosquitto, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # wait until Mosquitto says it listens
+            if "running" in line or "Opening ipv4 listen socket" in line:
+                break
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -32,9 +32,10 @@ from tests.broker_support import (
     issue_with_eku,
     mosquitto_pub,
     paho_device,
+    running_mosquitto,
     tls_context,
 )
-from tests.conftest import fleet_command, openssl, require_tool
+from tests.conftest import fleet_command, openssl
 
 
 def _provision(ws: Workspace, count: int, prefix: str, **options: object) -> list[str]:
@@ -398,39 +399,19 @@ def test_the_newer_session_takes_over(fleet: Workspace, running: BrokerThread) -
 # -- interop and CLI ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_emitted_mosquitto_config_runs_a_real_mosquitto(
     fleet: Workspace, tmp_path: Path
 ) -> None:
-    mosquitto = require_tool("mosquitto")
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    result = subprocess.run(
-        fleet_command("broker", "--dir", fleet.paths.root, "--port", str(port), "--emit-mosquitto-conf", conf),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    text = conf.read_text()
-    for setting in (
-        "require_certificate true",
-        "use_identity_as_username true",
-        f"crlfile {fleet.paths.crl.resolve()}",
-    ):
-        assert setting in text
     revoke_device(fleet, "dev-00004")
-    server = subprocess.Popen(
-        [mosquitto, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        assert server.stdout is not None
-        for line in server.stdout:  # wait until Mosquitto says it listens
-            if "running" in line or "Opening ipv4 listen socket" in line:
-                break
+    conf = tmp_path / "mosquitto.conf"
+    with running_mosquitto(fleet.paths.root, conf) as port:
+        text = conf.read_text()
+        for setting in (
+            "require_certificate true",
+            "use_identity_as_username true",
+            f"crlfile {fleet.paths.crl.resolve()}",
+        ):
+            assert setting in text
         ca = fleet.paths.root_cert
         good = mosquitto_pub(port, ca, _creds(fleet, "dev-00001"), "devices/dev-00001/t", "hi")
         assert good.returncode == 0, good.stderr
@@ -441,9 +422,6 @@ def test_the_emitted_mosquitto_config_runs_a_real_mosquitto(
             ).returncode
             != 0
         )
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_fleet_broker_announces_and_stops_on_sigterm(fleet: Workspace) -> None:

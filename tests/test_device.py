@@ -31,7 +31,6 @@ from fleet import (
     provision_devices,
     revoke_device,
 )
-from fleet.demo import run_demo
 
 T = TypeVar("T")
 
@@ -194,16 +193,6 @@ def test_a_key_that_does_not_match_names_the_device(fleet: Workspace) -> None:
             paths.root / "nope.pem",
             device_id="dev-00001",
         )
-
-
-def test_the_demo_tells_its_story(tmp_path: Path) -> None:
-    result = run_demo(tmp_path / "demo", devices=20)
-    assert result.connected_before == 20
-    assert result.still_connected == 19
-    assert result.acknowledged == result.sent > 0
-    assert result.broker_outcomes["revoked"] >= 1
-    assert "connected" in result.victim_attempts[0]
-    assert any("certificate_revoked" in a for a in result.victim_attempts[1:])
 
 
 def test_a_renewed_certificate_is_used_from_the_next_handshake_on(

@@ -12,9 +12,8 @@ import pytest
 from broker import BrokerSettings
 from device.swarm import SwarmConfig, run_swarm, split
 from fleet import ProvisionSpec, Workspace, provision_devices
-from tests.broker_support import BrokerThread
+from tests.broker_support import BrokerThread, free_port
 from tests.conftest import fleet_command, require_tool
-from tests.test_broker import _free_port
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_200_devices_over_two_processes_against_our_broker(
 
 def test_200_devices_against_a_real_mosquitto(fleet_200: Workspace, tmp_path: Path) -> None:
     mosquitto = require_tool("mosquitto")
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     subprocess.run(
         fleet_command("broker", "--dir", fleet_200.paths.root, "--port", str(port), "--emit-mosquitto-conf", conf),
@@ -117,7 +116,7 @@ def test_faults_become_per_device_outcomes(
 
 
 def test_a_target_that_is_not_listening(fleet_200: Workspace) -> None:
-    stats = run_swarm(_config(fleet_200, _free_port(), count=10, duration=1.5), processes=1)
+    stats = run_swarm(_config(fleet_200, free_port(), count=10, duration=1.5), processes=1)
     outcomes = stats.summary()["outcomes"]
     assert set(outcomes) == {"network_error"} and outcomes["network_error"] >= 10
 

@@ -238,7 +238,7 @@ def _rate(value: Any) -> float:
 
 
 def _choice(choices: Iterable[str]) -> Callable[[Any], str]:
-    options = tuple(choices)
+    options = tuple(str(choice) for choice in choices)
 
     def convert(value: Any) -> str:
         text = str(value).strip()

@@ -1,0 +1,220 @@
+"""The scenario engine: files checked before anything runs, the library replayed for real,
+verdicts that can fail, JUnit and JSON that add up, and the same scenarios against Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet import FleetConfig, init_workspace
+from fleet.scenario import LIBRARY, ScenarioError, load_scenario
+from tests.broker_support import running_mosquitto
+from tests.conftest import fleet_command
+
+_LIBRARY_NAMES = {
+    "expiry",
+    "unknown-authority",
+    "revoke-one",
+    "rotation",
+    "rogue-broker",
+    "spoofing",
+    "tiers",
+    "dev-vs-prod",
+    "stale-crl",
+    "reconnect-storm",
+    "ca-rotation",
+    "duplicate-identity",
+    "quickstart",
+}
+
+_GOOD = """\
+name: tiny
+fleet:
+  - name: fleet
+    count: 3
+steps:
+  - provision: all
+  - connect: fleet
+  - expect: {devices: fleet, state: connected}
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "scenario.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fleet_command("scenario", "run", *args), capture_output=True, text=True, timeout=timeout
+    )
+
+
+# -- the format -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "line", "message"),
+    [
+        (("- connect: fleet", "- conect: fleet"), 7, r"unknown step 'conect' \(did you mean 'connect'\?\)"),
+        (("state: connected", "stat: connected"), 8, r"unknown field 'stat' \(did you mean 'state'\?\)"),
+        (("state: connected", "state: conected"), 8, r"steps\[2\]\.expect\.state: 'conected' is not one of .*did you mean 'connected'"),
+        (("devices: fleet,", "devices: fleet#4,"), 8, r"'fleet#4': members of 'fleet' are numbered 1 to 3"),
+        (("devices: fleet,", "devices: flet,"), 8, r"no group 'flet' \(did you mean 'fleet'\?\)"),
+        (("count: 3", "count: -3"), 4, r"fleet\[0\]\.count: expected a whole number"),
+        (("- provision: all", "- provision: all\n  - wait: 5 parsecs"), 7, r"steps\[1\]\.wait\.for: invalid duration '5 parsecs'"),
+        (("  - provision: all\n", ""), 6, r"group 'fleet' is used before its provision step"),
+        (("  - expect: {devices: fleet, state: connected}", "  - expect: {devices: fleet, state: connected"), 9, r"YAML: "),
+    ],
+)  # fmt: skip
+def test_a_malformed_scenario_names_file_line_and_field(
+    tmp_path: Path, change: tuple[str, str], line: int, message: str
+) -> None:
+    path = _write(tmp_path, _GOOD.replace(*change))
+    with pytest.raises(ScenarioError, match=message) as caught:
+        load_scenario(path)
+    assert str(caught.value).startswith(f"{path}:{line}: "), str(caught.value)
+
+
+def test_every_file_is_checked_before_any_scenario_runs(tmp_path: Path) -> None:
+    good = _write(tmp_path, _GOOD, "a-good.yaml")
+    bad = _write(tmp_path, _GOOD.replace("count: 3", "count: three"), "b-bad.yaml")
+    result = _run(good, bad, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{bad}:4: fleet[0].count: expected a whole number" in result.stderr
+    assert "running" not in result.stdout  # nothing was started
+
+
+def test_the_library_lists_every_scenario() -> None:
+    names = {load_scenario(path).name for path in LIBRARY.glob("*.yaml")}
+    assert names == _LIBRARY_NAMES
+    listing = subprocess.run(
+        fleet_command("scenario", "list"), capture_output=True, text=True, timeout=60
+    )
+    assert listing.returncode == 0, listing.stderr
+    for name in _LIBRARY_NAMES:
+        assert name in listing.stdout
+
+
+def test_every_step_and_field_is_documented() -> None:
+    from fleet.scenario.loader import _STEP_FIELDS
+
+    readme = (LIBRARY / "README.md").read_text()
+    for step, fields in _STEP_FIELDS.items():
+        assert f"### `{step}`" in readme, step
+        for field in fields:
+            assert f"`{field}`" in readme, (step, field)
+
+
+# -- the library, replayed against the embedded broker ------------------------------------------
+
+
+def test_the_whole_library_passes_against_the_embedded_broker(tmp_path: Path) -> None:
+    junit, report = tmp_path / "junit.xml", tmp_path / "report.json"
+    result = _run("--quiet", "--junit", junit, "--json", report, timeout=400)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+    document: dict[str, Any] = json.loads(report.read_text())
+    assert document["passed"] is True
+    scenarios = {s["name"]: s for s in document["scenarios"]}
+    assert set(scenarios) == _LIBRARY_NAMES
+    for name, scenario in scenarios.items():
+        assert scenario["status"] == "passed", (name, scenario["reason"])
+        assert scenario["expectations"], name
+        times = [e["at_ms"] for e in scenario["expectations"]]
+        assert times == sorted(times), name  # observed in order, on one clock
+        assert all(e["passed"] and not e["failures"] for e in scenario["expectations"]), name
+        for group, counts in scenario["messages"].items():
+            assert counts["acknowledged"] <= counts["sent"], (name, group)
+    storm = scenarios["reconnect-storm"]
+    assert sum(storm["connections_per_second"]) == storm["messages"]["fleet"]["connections"]
+    assert storm["messages"]["fleet"]["connections"] >= 4000  # everyone, twice
+
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == str(len(_LIBRARY_NAMES))
+    assert suite.get("failures") == "0" and suite.get("errors") == "0"
+    assert len(suite.findall("testcase")) == len(_LIBRARY_NAMES)
+    assert "scenarios in" in result.stdout
+
+
+def test_a_failed_expectation_fails_the_run_with_evidence(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        name: wrong-on-purpose
+        fleet:
+          - name: fleet
+            count: 3
+        steps:
+          - provision: all
+          - connect: fleet
+          - expect: {devices: fleet, state: connected}
+          - revoke: fleet#2
+          - expect: {devices: fleet#2, state: connected, broker: ok, within: 1s}
+        """,
+    )
+    junit, report = tmp_path / "junit.xml", tmp_path / "report.json"
+    result = _run(path, "--junit", junit, "--json", report, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED wrong-on-purpose" in result.stdout
+
+    scenario = json.loads(report.read_text())["scenarios"][0]
+    assert scenario["status"] == "failed"
+    held, broken = scenario["expectations"]
+    assert held["passed"] and not broken["passed"]
+    assert broken["line"] == 10
+    (failure_line,) = broken["failures"]
+    assert failure_line.startswith("fleet#2 (fleet-00002): state rejected, broker saw ['revoked'")
+    assert any("reason=revoked" in line for line in broken["evidence"])
+    assert any("certificate_revoked" in line for line in broken["evidence"])
+    failure = ET.parse(junit).getroot().find("testcase/failure")
+    assert failure is not None and "line 10" in (failure.text or "")
+
+
+# -- against a broker that is not ours ----------------------------------------------------------
+
+
+def test_standard_scenarios_run_against_mosquitto_and_the_others_say_why_not(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "fleet"
+    init_workspace(directory, config=FleetConfig())
+    report = tmp_path / "report.json"
+    with running_mosquitto(directory, tmp_path / "mosquitto.conf") as port:
+        result = _run(
+            LIBRARY / "unknown-authority.yaml",
+            LIBRARY / "rogue-broker.yaml",
+            LIBRARY / "revoke-one.yaml",
+            "--target",
+            f"mqtts://127.0.0.1:{port}",
+            "--dir",
+            directory,
+            "--quiet",
+            "--json",
+            report,
+            timeout=120,
+        )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    scenarios = {s["name"]: s for s in json.loads(report.read_text())["scenarios"]}
+    authority = scenarios["unknown-authority"]
+    assert authority["status"] == "passed"
+    rejected = next(e for e in authority["expectations"] if "broker=unknown_ca" in e["text"])
+    assert "unknown_ca" in rejected["observed"]  # what the devices saw from Mosquitto
+    assert rejected["unchecked"] and "not observable" in rejected["unchecked"][0]
+    assert scenarios["rogue-broker"]["status"] == "skipped"
+    assert "acts on the embedded broker" in scenarios["rogue-broker"]["reason"]
+    assert scenarios["revoke-one"]["status"] == "skipped"
+    assert "live CRL reload" in scenarios["revoke-one"]["reason"]
+
+
+def test_target_needs_the_workspace_the_broker_trusts() -> None:
+    result = _run(LIBRARY / "tiers.yaml", "--target", "mqtts://127.0.0.1:1", timeout=60)
+    assert result.returncode == 2
+    assert "--target needs --dir" in result.stderr
