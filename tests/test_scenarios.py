@@ -190,8 +190,9 @@ def test_standard_scenarios_run_against_mosquitto_and_the_others_say_why_not(
     with running_mosquitto(directory, tmp_path / "mosquitto.conf") as port:
         result = _run(
             LIBRARY / "unknown-authority.yaml",
+            LIBRARY / "rotation.yaml",
             LIBRARY / "rogue-broker.yaml",
-            LIBRARY / "revoke-one.yaml",
+            LIBRARY / "expiry.yaml",
             "--target",
             f"mqtts://127.0.0.1:{port}",
             "--dir",
@@ -210,8 +211,9 @@ def test_standard_scenarios_run_against_mosquitto_and_the_others_say_why_not(
     assert rejected["unchecked"] and "not observable" in rejected["unchecked"][0]
     assert scenarios["rogue-broker"]["status"] == "skipped"
     assert "acts on the embedded broker" in scenarios["rogue-broker"]["reason"]
-    assert scenarios["revoke-one"]["status"] == "skipped"
-    assert "live CRL reload" in scenarios["revoke-one"]["reason"]
+    assert scenarios["rotation"]["status"] == "passed"  # renewal needs nothing but standards
+    assert scenarios["expiry"]["status"] == "skipped"
+    assert "notAfter" in scenarios["expiry"]["reason"]
 
 
 def test_target_needs_the_workspace_the_broker_trusts() -> None:

@@ -8,11 +8,11 @@ read in that window, so an earlier rejection cannot satisfy a later expectation.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from fleet.scenario.broker_process import BrokerLog
 from fleet.scenario.model import DeviceState, ExpectStep
@@ -59,8 +59,9 @@ def _normal(text: str) -> str:
 def reasons_seen_by_broker(log: BrokerLog, since: float) -> dict[str, list[str]]:
     """Device id -> the broker's classifications since ``since``, in order."""
     reasons: dict[str, list[str]] = {}
-    for event in log.events:
-        if event["at"] < since or not event.get("device"):
+    first = bisect.bisect_left(log.events, since, key=lambda e: float(e["at"]))  # time order
+    for event in log.events[first:]:
+        if not event.get("device"):
             continue
         kind = event["event"]
         if kind in ("rejected", "session_closed"):
@@ -249,7 +250,7 @@ def _top(counter: Counter[str], limit: int = 3) -> str:
     return ", ".join(shown)
 
 
-async def await_expectation(checker: Checker, clock: Any) -> tuple[Verdict, float]:
+async def await_expectation(checker: Checker, clock: Callable[[], float]) -> tuple[Verdict, float]:
     """Poll until the expectation holds or ``within`` passes; returns the verdict and when."""
     deadline = time.monotonic() + checker.step.within
     while True:

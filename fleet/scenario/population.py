@@ -17,6 +17,8 @@ from pathlib import Path
 from device import ConnectAttempt, ConnectOutcome, Device, DeviceSettings, PahoDriver
 from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
 
+_STOP_TIMEOUT = 15.0  # a device waits up to 3 s for its acks, then for its DISCONNECT to go out
+
 
 @dataclass(frozen=True, slots=True)
 class Sighting:
@@ -134,7 +136,7 @@ class Population:
     def _attempted(self, member: Member, attempt: ConnectAttempt) -> None:
         member.sightings.append(Sighting(self._clock(), attempt.outcome.value, attempt.detail))
 
-    async def stop(self, members: Iterable[Member], *, ack_grace: float = 3.0) -> None:
+    async def stop(self, members: Iterable[Member]) -> None:
         """Disconnect cleanly (after outstanding QoS 1 acks) and wait for the devices to end."""
         tasks = []
         for member in members:
@@ -142,7 +144,7 @@ class Population:
             if member.task is not None:
                 tasks.append(member.task)
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=ack_grace + 10)
+            done, pending = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
             for task in pending:
                 task.cancel()
             for task in done:
