@@ -220,3 +220,32 @@ def test_target_needs_the_workspace_the_broker_trusts() -> None:
     result = _run(LIBRARY / "tiers.yaml", "--target", "mqtts://127.0.0.1:1", timeout=60)
     assert result.returncode == 2
     assert "--target needs --dir" in result.stderr
+
+
+def test_a_device_that_leaves_and_comes_back_keeps_its_counts(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        name: come-back
+        devices: {publish_every: 200ms}
+        fleet:
+          - name: fleet
+            count: 2
+        steps:
+          - provision: all
+          - connect: fleet
+          - expect: {devices: fleet, state: connected, delivered_at_least: 2}
+          - disconnect: fleet#1
+          - expect: {devices: fleet#1, state: disconnected, drops: 0}
+          - expect: {devices: fleet#2, state: connected, others_unaffected: true}
+          - connect: fleet#1
+          - expect: {devices: fleet, state: connected, delivered_at_least: 2, drops: 0, lost: 0}
+        """,
+    )
+    report = tmp_path / "report.json"
+    result = _run(path, "--json", report, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    scenario = json.loads(report.read_text())["scenarios"][0]
+    counts = scenario["messages"]["fleet"]
+    assert counts["connections"] == 3 and counts["drops"] == 0
+    assert counts["acknowledged"] == counts["sent"] >= 8

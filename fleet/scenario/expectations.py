@@ -36,10 +36,9 @@ class Window:
     def open(cls, start: float, population: Population, acted_on: Iterable[str] = ()) -> Window:
         window = cls(start, frozenset(acted_on))
         for m in population.members:
-            stats = m.device.stats if m.device is not None else None
-            window.acknowledged[m.label] = stats.acknowledged if stats else 0
-            window.received[m.label] = stats.received if stats else 0
-            window.drops[m.label] = len(stats.disconnects) if stats else 0
+            window.acknowledged[m.label] = m.acknowledged
+            window.received[m.label] = m.received
+            window.drops[m.label] = m.drops
         return window
 
 
@@ -115,9 +114,7 @@ class Checker:
         step = self.step
         observed = [self._summary()]
         if step.lost is not None:
-            lost = sum(
-                m.device.unacknowledged(older_than=ACK_GRACE) for m in self.members if m.device
-            )
+            lost = sum(m.unacknowledged(older_than=ACK_GRACE) for m in self.members)
             observed.append(f"lost={lost}")
             if lost > step.lost:
                 failures.append(f"{lost} QoS 1 messages unacknowledged after {ACK_GRACE:g} s")
@@ -156,18 +153,15 @@ class Checker:
             reasons = self._broker_reasons.get(m.device_id, [])
             if step.broker not in reasons:
                 problems.append(f"broker saw {reasons[-3:] or 'nothing'}")
-        stats = m.device.stats if m.device is not None else None
         if step.drops is not None:
-            drops = (len(stats.disconnects) if stats else 0) - self.window.drops.get(m.label, 0)
+            drops = m.drops - self.window.drops.get(m.label, 0)
             if drops > step.drops:
                 problems.append(f"{drops} sessions dropped")
         if step.delivered_at_least is not None:
-            delivered = (stats.acknowledged if stats else 0) - self.window.acknowledged.get(
-                m.label, 0
-            )
+            delivered = m.acknowledged - self.window.acknowledged.get(m.label, 0)
             if delivered < step.delivered_at_least:
                 problems.append(f"{delivered} acknowledged")
-        received = (stats.received if stats else 0) - self.window.received.get(m.label, 0)
+        received = m.received - self.window.received.get(m.label, 0)
         if step.received is not None and received != step.received:
             problems.append(f"received {received}")
         if step.received_at_least is not None and received < step.received_at_least:
@@ -197,14 +191,9 @@ class Checker:
             or self.step.received_at_least is not None
         ):
             acked = sum(
-                (m.device.stats.acknowledged if m.device else 0)
-                - self.window.acknowledged.get(m.label, 0)
-                for m in self.members
+                m.acknowledged - self.window.acknowledged.get(m.label, 0) for m in self.members
             )
-            received = sum(
-                (m.device.stats.received if m.device else 0) - self.window.received.get(m.label, 0)
-                for m in self.members
-            )
+            received = sum(m.received - self.window.received.get(m.label, 0) for m in self.members)
             parts.append(f"acknowledged {acked}, received {received}")
         if self.step.subscription is not None:
             parts.append("SUBACK " + _top(Counter(m.subscription or "none" for m in self.members)))
@@ -219,9 +208,8 @@ class Checker:
         ]
         affected = []
         for m in others:
-            assert m.device is not None
-            drops = len(m.device.stats.disconnects) - self.window.drops.get(m.label, 0)
-            lost = m.device.unacknowledged(older_than=ACK_GRACE)
+            drops = m.drops - self.window.drops.get(m.label, 0)
+            lost = m.unacknowledged(older_than=ACK_GRACE)
             if not m.connected or drops or lost:
                 affected.append(
                     f"{m.label} ({m.device_id}) was affected: "

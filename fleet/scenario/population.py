@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from device import ConnectAttempt, ConnectOutcome, Device, DeviceSettings, PahoDriver
+from device import (
+    ConnectAttempt,
+    ConnectOutcome,
+    Device,
+    DeviceSettings,
+    DeviceStats,
+    PahoDriver,
+)
 from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
 
 _STOP_TIMEOUT = 15.0  # a device waits up to 3 s for its acks, then for its DISCONNECT to go out
@@ -45,6 +52,30 @@ class Member:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     sightings: list[Sighting] = field(default_factory=list)
     subscription: str | None = None  # granted / refused: the latest SUBACK
+    past: list[DeviceStats] = field(default_factory=list)  # of devices a new connect replaced
+
+    def _stats(self) -> list[DeviceStats]:
+        return [*self.past, self.device.stats] if self.device is not None else self.past
+
+    @property
+    def sent(self) -> int:
+        return sum(s.sent for s in self._stats())
+
+    @property
+    def acknowledged(self) -> int:
+        return sum(s.acknowledged for s in self._stats())
+
+    @property
+    def received(self) -> int:
+        return sum(s.received for s in self._stats())
+
+    @property
+    def drops(self) -> int:
+        """Sessions that ended without the device asking (planned reconnects are not drops)."""
+        return sum(len(s.disconnects) for s in self._stats())
+
+    def unacknowledged(self, *, older_than: float = 0.0) -> int:
+        return self.device.unacknowledged(older_than=older_than) if self.device else 0
 
     @property
     def connected(self) -> bool:
@@ -123,6 +154,8 @@ class Population:
             reconnect=reconnect,
         )
         member.stop = asyncio.Event()
+        if member.device is not None:
+            member.past.append(member.device.stats)
         member.device = Device(
             settings,
             self._driver,

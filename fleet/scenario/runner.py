@@ -243,17 +243,16 @@ class ScenarioRun:
 
     def _count_messages(self) -> None:
         for group, members in self.population.groups.items():
-            devices = [m.device for m in members if m.device is not None]
-            if not devices:
-                continue
+            if all(m.device is None for m in members):
+                continue  # never connected
             self.result.messages[group] = {
-                "sent": sum(d.stats.sent for d in devices),
-                "acknowledged": sum(d.stats.acknowledged for d in devices),
-                "unacknowledged": sum(d.unacknowledged() for d in devices),
+                "sent": sum(m.sent for m in members),
+                "acknowledged": sum(m.acknowledged for m in members),
+                "unacknowledged": sum(m.unacknowledged() for m in members),
                 "connections": sum(
                     1 for m in members for s in m.sightings if s.outcome == "connected"
                 ),
-                "drops": sum(len(d.stats.disconnects) for d in devices),
+                "drops": sum(m.drops for m in members),
             }
 
     def _connection_curve(self) -> None:
