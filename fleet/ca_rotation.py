@@ -88,5 +88,6 @@ def retire_previous_issuers(workspace: Workspace, *, now: dt.datetime | None = N
                 if path.exists():
                     os.replace(path, paths.retired_issuers_dir / path.name)
             retired.append(cert.subject.rfc4514_string())
-    publish_crl(workspace, now=now)
+    if retired:
+        publish_crl(workspace, now=now)
     return retired
