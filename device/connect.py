@@ -29,8 +29,12 @@ async def open_tls_socket(
     server_name: str | None = None,
     timeout: float = 10.0,
     source_ip: str | None = None,
+    session: ssl.SSLSession | None = None,
 ) -> TlsSocket:
-    """Connect to ``host:port`` and complete the TLS handshake; raises on any failure."""
+    """Connect to ``host:port`` and complete the TLS handshake; raises on any failure.
+
+    ``session`` resumes an earlier TLS session (``sock.session`` of a finished connection).
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     family, _, _, _, address = infos[0]
@@ -44,7 +48,10 @@ async def open_tls_socket(
             await loop.sock_connect(raw, address)
             connected = time.perf_counter()
             tls = context.wrap_socket(
-                raw, server_hostname=server_name or host, do_handshake_on_connect=False
+                raw,
+                server_hostname=server_name or host,
+                do_handshake_on_connect=False,
+                session=session,
             )
             await _handshake(loop, tls)
     except BaseException:
@@ -60,12 +67,15 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> No
             sock.do_handshake()
             return
         except ssl.SSLWantReadError:
-            await _ready(loop, sock, readable=True)
+            await wait_ready(loop, sock, readable=True)
         except ssl.SSLWantWriteError:
-            await _ready(loop, sock, readable=False)
+            await wait_ready(loop, sock, readable=False)
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, *, readable: bool) -> None:
+async def wait_ready(
+    loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, *, readable: bool
+) -> None:
+    """Wait until ``sock`` is readable (or writable) without blocking the loop."""
     future: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:

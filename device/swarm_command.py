@@ -85,7 +85,7 @@ class SwarmRequest:
             source_ips=_parse_source_ips(source_ips) if source_ips else (),
         )
         return cls(
-            config=config, processes=_parse_processes(processes), embedded_broker=target is None
+            config=config, processes=parse_processes(processes), embedded_broker=target is None
         )
 
 
@@ -105,7 +105,7 @@ def _parse_rate(text: str) -> float:
     return float(match[1])
 
 
-def _parse_processes(text: str) -> int | None:
+def parse_processes(text: str) -> int | None:
     if text == "auto":
         return None
     if not text.isdigit() or int(text) < 1:
@@ -136,7 +136,7 @@ def _parse_source_ips(text: str) -> tuple[str, ...]:
 
 
 @contextmanager
-def _embedded_broker(workspace: Path) -> Iterator[int]:
+def embedded_broker(workspace: Path) -> Iterator[int]:
     """Start ``fleet broker`` on a free port for the run; yields the port."""
     command = [
         sys.executable,
@@ -171,7 +171,7 @@ def run_swarm_command(
 ) -> SwarmStats:
     config = request.config
     if request.embedded_broker:
-        with _embedded_broker(config.workspace) as port:
+        with embedded_broker(config.workspace) as port:
             console.print(f"embedded broker on mqtts://127.0.0.1:{port}")
             request = replace(request, config=replace(config, port=port))
             return _run(request, console=console, quiet=quiet, json_out=json_out)

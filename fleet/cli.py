@@ -43,6 +43,8 @@ crl_app = typer.Typer(
 app.add_typer(crl_app, name="crl")
 ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
+bench_app = typer.Typer(help="Load-test mutual-TLS handshakes of a broker.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 scenario_app = typer.Typer(
     help="Replay scripted scenarios (expiry, revocation, rotation, rogue brokers ...) with verdicts.",
     no_args_is_help=True,
@@ -574,6 +576,76 @@ def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
         out.print("no previous issuing CA to retire; nothing changed")
         return
     out.print(f"retired {', '.join(retired)}; CRL published to {workspace.paths.crl}")
+
+
+@bench_app.command("handshake")
+@_friendly_errors
+def bench_handshake(
+    directory: DirOption = DEFAULT_DIR,
+    target: Annotated[
+        str | None,
+        typer.Option(help="mqtts://HOST:PORT of a broker trusting DIR's CA (default: embedded)."),
+    ] = None,
+    server_name: Annotated[
+        str, typer.Option(help="Host name the broker certificate must carry.")
+    ] = "localhost",
+    connections: Annotated[
+        int, typer.Option(help="Connections, each with its own device certificate.")
+    ] = 5000,
+    concurrency: Annotated[int, typer.Option(help="Connections in flight (all processes).")] = 100,
+    tls: Annotated[str | None, typer.Option(help="Pin the TLS version: 1.2 or 1.3.")] = None,
+    key_type: Annotated[
+        str | None, typer.Option(help="Device key type: ec-p256, ec-p384, rsa2048, rsa3072.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Also measure TLS session resumption against full handshakes.")
+    ] = False,
+    reject_mix: Annotated[
+        str, typer.Option(help="Share of identities the broker must refuse, e.g. 10%.")
+    ] = "0%",
+    processes: Annotated[
+        str, typer.Option(help="Client processes: auto (one per core) or N.")
+    ] = "auto",
+    sweep: Annotated[
+        str | None, typer.Option(help="Run a series, e.g. concurrency=10,50,100,200.")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="'openssl': also run openssl s_time -new against the same target."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Write report.json and PNG plots to this directory.")
+    ] = None,
+) -> None:
+    """Connection churn (TLS + CONNECT/CONNACK + DISCONNECT) with a certificate per connection."""
+    from device.bench_command import BenchRequest, run_bench_command
+
+    request = BenchRequest.parse(
+        connections=connections,
+        concurrency=concurrency,
+        target=target,
+        server_name=server_name,
+        tls=tls,
+        key_type=key_type,
+        resume=resume,
+        reject_mix=reject_mix,
+        processes=processes,
+        sweep=sweep,
+        reference=reference,
+    )
+    run_bench_command(Workspace.open(directory), request, console=out, report=report)
+
+
+@bench_app.command("compare")
+@_friendly_errors
+def bench_compare(
+    first: Annotated[Path, typer.Argument(metavar="A", help="report.json (or its directory).")],
+    second: Annotated[Path, typer.Argument(metavar="B", help="report.json (or its directory).")],
+) -> None:
+    """Print two handshake bench runs side by side with ratios (B/A)."""
+    from device.bench_report import compare
+
+    compare(first, second, out)
 
 
 @scenario_app.command("list")
