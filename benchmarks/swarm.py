@@ -7,9 +7,7 @@ import asyncio
 import json
 import multiprocessing
 import os
-import re
 import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from benchmarks.mqtt_load import (
     subscribe_packet,
 )
 from device import Device, DeviceSettings, PahoDriver
+from device.handshake_bench import BenchSettings, Identity, openssl_s_time_rate
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm, split
 from fleet import (
@@ -212,29 +211,13 @@ def device_churn_rate(
     return total / seconds
 
 
-def openssl_s_time_rate(
+def _s_time_rate(
     workspace: Workspace, device_id: str, port: int, *, seconds: float, processes: int
 ) -> float | None:
-    binary = shutil.which("openssl")
-    if binary is None:
-        return None
     paths = workspace.paths
-    command = [
-        binary, "s_time", "-connect", f"127.0.0.1:{port}", "-new", "-time", str(int(seconds)),
-        "-CAfile", str(paths.root_cert), "-cert", str(paths.device_cert(device_id)), "-key", str(paths.device_key(device_id)),
-    ]  # fmt: skip
-    runs = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(processes)
-    ]
-    total = 0.0
-    for run in runs:
-        output, _ = run.communicate(timeout=seconds + 60)
-        match = re.search(r"(\d+) connections in (\d+(?:\.\d+)?) real seconds", output)
-        if match is None:
-            return None
-        total += int(match[1]) / float(match[2])
-    return total
+    settings = BenchSettings(host="127.0.0.1", port=port, trust_anchor=paths.root_cert)
+    identity = Identity(device_id, paths.device_cert(device_id), paths.device_key(device_id))
+    return openssl_s_time_rate(settings, identity, seconds=seconds, processes=processes)
 
 
 @dataclass
@@ -254,7 +237,7 @@ def churn_against_mosquitto(
         ours_rate = device_churn_rate(
             workspace, device_ids, reference.port, seconds=seconds, processes=processes
         )
-        openssl_rate = openssl_s_time_rate(
+        openssl_rate = _s_time_rate(
             workspace, device_ids[0], reference.port, seconds=seconds, processes=processes
         )
         return ChurnComparison(reference.name, ours_rate, openssl_rate)
