@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from device.handshake_bench import Identity
+from device.handshake_bench import BenchError, Identity
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices
 from fleet.revocation import publish_crl
@@ -45,11 +45,12 @@ def _usable(workspace: Workspace, prefix: str, status: str, now: dt.datetime) ->
 def _ensure(
     workspace: Workspace, prefix: str, count: int, status: str, spec: ProvisionSpec
 ) -> list[str]:
-    now = dt.datetime.now(dt.UTC)
-    have = _usable(workspace, prefix, status, now)
+    have = _usable(workspace, prefix, status, dt.datetime.now(dt.UTC))
     if len(have) < count:
         provision_devices(workspace, replace(spec, count=count - len(have)))
-        have = _usable(workspace, prefix, status, now)
+        have = _usable(workspace, prefix, status, dt.datetime.now(dt.UTC))
+    if len(have) < count:
+        raise BenchError(f"could only prepare {len(have)} of {count} {status} identities")
     return have[:count]
 
 
@@ -128,5 +129,5 @@ def _revoked(workspace: Workspace, prefix: str, count: int, key_type: KeyType | 
         for device_id in fresh:
             workspace.registry.revoke(device_id, x509.ReasonFlags.unspecified, now=now)
         publish_crl(workspace, now=now)
-        have = _usable(workspace, prefix, "revoked", now)
+        have = _usable(workspace, prefix, "revoked", dt.datetime.now(dt.UTC))
     return have[:count]

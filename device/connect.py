@@ -12,6 +12,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +37,7 @@ async def open_tls_socket(
     ``session`` resumes an earlier TLS session (``sock.session`` of a finished connection).
     """
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family, _, _, _, address = infos[0]
+    family, address = await _resolve(loop, host, port)
     raw = socket.socket(family, socket.SOCK_STREAM)
     raw.setblocking(False)
     try:
@@ -59,6 +59,19 @@ async def open_tls_socket(
         raise
     done = time.perf_counter()
     return TlsSocket(tls, connected - started, done - connected)
+
+
+_resolved: dict[tuple[str, int], tuple[int, Any]] = {}
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[int, Any]:
+    """The address of ``host:port``, looked up once per process (a lookup is a thread hop)."""
+    key = (host, port)
+    if key not in _resolved:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        _resolved[key] = (family, address)
+    return _resolved[key]
 
 
 async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
