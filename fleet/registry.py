@@ -337,8 +337,29 @@ class Registry:
 
         Returns the serials revoked now: empty when the device was already revoked.
         """
+        return self._revoke(device_id, ("active", "superseded"), reason, now, device_too=True)
+
+    def revoke_superseded(
+        self, device_id: str, reason: x509.ReasonFlags, *, now: dt.datetime
+    ) -> list[int]:
+        """Revoke only the superseded certificates of ``device_id`` (after a renewal).
+
+        The device and its current certificate stay active. Returns the serials revoked now.
+        """
+        return self._revoke(device_id, ("superseded",), reason, now, device_too=False)
+
+    def _revoke(
+        self,
+        device_id: str,
+        statuses: tuple[str, ...],
+        reason: x509.ReasonFlags,
+        now: dt.datetime,
+        *,
+        device_too: bool,
+    ) -> list[int]:
         stamp = format_time(now)
         reason_name = reason.name.replace("_", "-")
+        marks = ",".join("?" * len(statuses))
         with self.transaction() as db:
             row = db.execute(
                 "SELECT status FROM devices WHERE id = ? AND status != 'pending'", (device_id,)
@@ -348,50 +369,21 @@ class Registry:
             serials = [
                 r[0]
                 for r in db.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ? AND status IN ('active', 'superseded')",
-                    (device_id,),
+                    f"SELECT serial FROM certificates WHERE device_id = ? AND status IN ({marks})",
+                    (device_id, *statuses),
                 )
             ]
             db.execute(
                 "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-                "WHERE device_id = ? AND status IN ('active', 'superseded')",
-                (stamp, reason_name, device_id),
+                f"WHERE device_id = ? AND status IN ({marks})",
+                (stamp, reason_name, device_id, *statuses),
             )
-            db.execute(
-                "UPDATE devices SET status = 'revoked', updated_at = ? WHERE id = ? AND status != 'revoked'",
-                (stamp, device_id),
-            )
-        return [int(serial, 16) for serial in serials]
-
-    def revoke_superseded(
-        self, device_id: str, reason: x509.ReasonFlags, *, now: dt.datetime
-    ) -> list[int]:
-        """Revoke only the superseded certificates of ``device_id`` (after a renewal).
-
-        The device and its current certificate stay active. Returns the serials revoked now.
-        """
-        stamp = format_time(now)
-        reason_name = reason.name.replace("_", "-")
-        with self.transaction() as db:
-            if (
+            if device_too:
                 db.execute(
-                    "SELECT 1 FROM devices WHERE id = ? AND status != 'pending'", (device_id,)
-                ).fetchone()
-                is None
-            ):
-                raise UnknownDeviceError(device_id)
-            serials = [
-                r[0]
-                for r in db.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ? AND status = 'superseded'",
-                    (device_id,),
+                    "UPDATE devices SET status = 'revoked', updated_at = ? "
+                    "WHERE id = ? AND status != 'revoked'",
+                    (stamp, device_id),
                 )
-            ]
-            db.execute(
-                "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
-                "WHERE device_id = ? AND status = 'superseded'",
-                (stamp, reason_name, device_id),
-            )
         return [int(serial, 16) for serial in serials]
 
     # -- renewal ----------------------------------------------------------------------------

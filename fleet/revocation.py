@@ -36,12 +36,9 @@ def revoke_device(
     Revoking a revoked device changes nothing and publishes nothing.
     """
     now = now or dt.datetime.now(dt.UTC)
-    serials = workspace.registry.revoke(device_id, reason, now=now)
-    if not serials:
-        return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
-    crl = publish_crl(workspace, now=now)
-    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=number)
+    return _published(
+        workspace, device_id, workspace.registry.revoke(device_id, reason, now=now), now
+    )
 
 
 def revoke_superseded(
@@ -54,6 +51,13 @@ def revoke_superseded(
     """Revoke the certificates a renewal replaced; the device's current one stays valid."""
     now = now or dt.datetime.now(dt.UTC)
     serials = workspace.registry.revoke_superseded(device_id, reason, now=now)
+    return _published(workspace, device_id, serials, now)
+
+
+def _published(
+    workspace: Workspace, device_id: str, serials: list[int], now: dt.datetime
+) -> RevocationResult:
+    """Publish a CRL when something was revoked now (nothing changed: nothing published)."""
     if not serials:
         return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
     crl = publish_crl(workspace, now=now)

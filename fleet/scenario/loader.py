@@ -495,14 +495,16 @@ class _StepReader:
 
     # selectors ---------------------------------------------------------------------------
 
-    def selector(
-        self, fields: _Fields, key: str = "devices", *, required: bool = True
-    ) -> Selector | None:
+    def devices(self, fields: _Fields) -> Selector:
+        """The step's required ``devices``."""
+        selector = self.selector(fields)
+        if selector is None:
+            raise ScenarioError(self.path, fields.line(), fields.where, "missing field 'devices'")
+        return selector
+
+    def selector(self, fields: _Fields, key: str = "devices") -> Selector | None:
+        """The devices a step names, checked against the groups; None when not given."""
         if not fields.has(key):
-            if required:
-                raise ScenarioError(
-                    self.path, fields.line(), fields.where, f"missing field {key!r}"
-                )
             return None
         value = fields.mapping[key]
         items = value if isinstance(value, list) else [value]
@@ -549,8 +551,7 @@ class _StepReader:
         return ProvisionStep(line, tuple(str(n) for n in names))
 
     def _connect(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return ConnectStep(
             line,
             selector,
@@ -559,13 +560,11 @@ class _StepReader:
         )
 
     def _disconnect(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return DisconnectStep(line, selector)
 
     def _publish(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return PublishStep(
             line,
             selector,
@@ -575,22 +574,19 @@ class _StepReader:
         )
 
     def _subscribe(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return SubscribeStep(
             line, selector, topic=fields.required("topic", _text), qos=fields.get("qos", _qos, 1)
         )
 
     def _revoke(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return RevokeStep(
             line, selector, superseded_only=fields.get("superseded_only", _flag, False)
         )
 
     def _rotate(self, fields: _Fields, line: int) -> Step:
-        selector = self.selector(fields)
-        assert selector is not None
+        selector = self.devices(fields)
         return RotateStep(
             line,
             selector,
@@ -624,7 +620,7 @@ class _StepReader:
         return RetireCaStep(line)
 
     def _expect(self, fields: _Fields, line: int) -> ExpectStep:
-        selector = self.selector(fields, required=False)
+        selector = self.selector(fields)
         state = fields.get("state", _choice(DeviceState), None)
         step = ExpectStep(
             line,
