@@ -40,6 +40,7 @@ async def open_tls_socket(
     family, address = await _resolve(loop, host, port)
     raw = socket.socket(family, socket.SOCK_STREAM)
     raw.setblocking(False)
+    sock: socket.socket = raw
     try:
         if source_ip:
             raw.bind((source_ip, 0))
@@ -47,7 +48,7 @@ async def open_tls_socket(
         async with asyncio.timeout(timeout):
             await loop.sock_connect(raw, address)
             connected = time.perf_counter()
-            tls = context.wrap_socket(
+            tls = sock = context.wrap_socket(  # takes the descriptor over from ``raw``
                 raw,
                 server_hostname=server_name or host,
                 do_handshake_on_connect=False,
@@ -55,7 +56,7 @@ async def open_tls_socket(
             )
             await _handshake(loop, tls)
     except BaseException:
-        raw.close()
+        sock.close()  # closing ``raw`` after wrap_socket would leave the descriptor open
         raise
     done = time.perf_counter()
     return TlsSocket(tls, connected - started, done - connected)
