@@ -29,6 +29,8 @@ class BrokerSettings:
     handshake_timeout: float = 10.0
     revocation_policy: RevocationPolicy = RevocationPolicy.FAIL_CLOSED
     crl_poll_interval: float = 0.05
+    crl_url: str | None = None  # fetch the CRL from here (fleet serve) instead of DIR/ca/crl.pem
+    crl_url_interval: float = 5.0
     max_connect_bytes: int = 64 * 1024
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
     log_connections: bool = False  # also one event per admitted session and per session end
@@ -40,5 +42,7 @@ class BrokerSettings:
             raise UsageError(f"invalid --port {self.port}: use 0-65535")
         if self.handshake_timeout <= 0:
             raise UsageError("--handshake-timeout must be positive")
-        if self.crl_poll_interval <= 0:
+        if self.crl_poll_interval <= 0 or self.crl_url_interval <= 0:
             raise UsageError("the CRL poll interval must be positive")
+        if self.crl_url is not None and not self.crl_url.startswith(("http://", "https://")):
+            raise UsageError(f"invalid --crl-url {self.crl_url!r}: use an http:// or https:// URL")

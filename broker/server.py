@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import logging
 import os
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from broker.tls import (
     load_crl,
     load_issuers,
     load_retired_key_ids,
+    parse_crls,
 )
 from fleet.workspace import WorkspacePaths
 
@@ -66,6 +68,8 @@ class FleetBroker:
         self._retired_key_ids = load_retired_key_ids(self.paths)
         self._crl: CrlState = load_crl(self.paths.crl, self._issuers)
         self._crl_signature: tuple[int, int, int] | None = None
+        self._crl_fetched: bytes | None = None  # the last CRL fetched from settings.crl_url
+        self._crl_url_reachable = True
         self.tls_context: SSL.Context = self._build_context(self._crl)
         self._connections: set[PeerConnection] = set()
         self._by_serial: dict[int, set[PeerConnection]] = {}
@@ -158,16 +162,19 @@ class FleetBroker:
 
     async def _watch_crl(self) -> None:
         """Pick up every new CRL within one poll interval, without a restart."""
+        url = self.settings.crl_url
+        interval = self.settings.crl_url_interval if url else self.settings.crl_poll_interval
         while True:
-            await asyncio.sleep(self.settings.crl_poll_interval)
-            signature = self._stat_crl()
-            if signature is None or signature == self._crl_signature:
+            await asyncio.sleep(interval)
+            data = await (self._fetch_new_crl(url) if url else self._read_new_crl())
+            if data is None:
                 continue
-            self._crl_signature = signature
             try:
                 self._issuers = await asyncio.to_thread(load_issuers, self.paths)  # CA rotation
                 self._retired_key_ids = await asyncio.to_thread(load_retired_key_ids, self.paths)
-                crl = await asyncio.to_thread(load_crl, self.paths.crl, self._issuers)
+                crl = await asyncio.to_thread(
+                    parse_crls, data, self._issuers, source=url or str(self.paths.crl)
+                )
             except BrokerError as exc:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
                 self.log_event("crl_rejected", None, detail=str(exc))
@@ -178,6 +185,41 @@ class FleetBroker:
                 )
                 continue
             await self.install_crl(crl)
+
+    async def _read_new_crl(self) -> bytes | None:
+        """The CRL file's content when it changed since the last look, else None."""
+        signature = self._stat_crl()
+        if signature is None or signature == self._crl_signature:
+            return None
+        self._crl_signature = signature
+        try:
+            return await asyncio.to_thread(self.paths.crl.read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def _fetch_new_crl(self, url: str) -> bytes | None:
+        """The CRL served at ``url`` when it changed since the last fetch, else None.
+
+        An unreachable URL keeps the CRL in force (logged once per outage); its nextUpdate and
+        the revocation policy decide what happens when the outage lasts.
+        """
+        try:
+            data = await asyncio.to_thread(_fetch, url, self.settings.crl_url_interval + 5)
+        except OSError as exc:
+            if self._crl_url_reachable:
+                log.error(
+                    "cannot fetch the CRL from %s (%s); keeping CRL #%s", url, exc, self._crl.number
+                )
+                self.log_event("crl_fetch_failed", None, detail=f"{url}: {exc}")
+            self._crl_url_reachable = False
+            return None
+        if not self._crl_url_reachable:
+            self.log_event("crl_fetch_recovered", None, detail=url)
+        self._crl_url_reachable = True
+        if data == self._crl_fetched:
+            return None
+        self._crl_fetched = data
+        return data
 
     async def install_crl(self, crl: CrlState) -> None:
         """Use ``crl`` for new handshakes and close every live session it revokes."""
@@ -388,6 +430,12 @@ class FleetBroker:
             return await asyncio.wait_for(found, timeout)
         finally:
             self._event_listeners.remove(listener)
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # settings allow http(s) only
+        data: bytes = response.read(16 * 1024 * 1024)
+        return data
 
 
 def _verify(

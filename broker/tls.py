@@ -50,25 +50,32 @@ def load_crl(path: Path, issuers: list[x509.Certificate]) -> CrlState:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BrokerError(f"{path}: no CRL; run 'fleet crl publish' to create one") from None
-    blocks = [_CRL_BEGIN + block for block in data.split(_CRL_BEGIN)[1:]]
-    if not blocks:
-        raise BrokerError(f"{path}: not a PEM CRL")
+    return parse_crls(data, issuers, source=str(path))
+
+
+def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> CrlState:
+    """Every CRL in ``data`` (PEM, one or more; or one DER), each signed by one of ``issuers``."""
+    if _CRL_BEGIN in data:
+        blocks = [_CRL_BEGIN + block for block in data.split(_CRL_BEGIN)[1:]]
+        load = x509.load_pem_x509_crl
+    else:
+        blocks, load = [data], x509.load_der_x509_crl
     crls = []
     for block in blocks:
         try:
-            crl = x509.load_pem_x509_crl(block)
+            crl = load(block)
         except ValueError as exc:
-            raise BrokerError(f"{path}: not a PEM CRL ({exc})") from exc
+            raise BrokerError(f"{source}: not a CRL ({exc})") from exc
         if not any(
             crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
             for issuer in issuers
         ):
             raise BrokerError(
-                f"{path}: the CRL of {crl.issuer.rfc4514_string()} does not verify against a "
+                f"{source}: the CRL of {crl.issuer.rfc4514_string()} does not verify against a "
                 "trusted issuing CA; ignored"
             )
         if crl.next_update_utc is None:
-            raise BrokerError(f"{path}: CRL has no nextUpdate")
+            raise BrokerError(f"{source}: CRL has no nextUpdate")
         crls.append(crl)
     return CrlState(
         crls=tuple(crls),

@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -29,6 +30,7 @@ from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_
 from fleet.registry import DeviceRecord
 from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
+from fleet.signals import stop_on_signals
 from fleet.workspace import DEFAULT_DIR, Workspace, init_workspace
 
 app = typer.Typer(
@@ -438,6 +440,71 @@ def crl_publish(directory: DirOption = DEFAULT_DIR) -> None:
     )
 
 
+@crl_app.command("sync")
+@_friendly_errors
+def crl_sync(
+    url: Annotated[
+        str, typer.Option(help="Where 'fleet serve' publishes, e.g. http://HOST:8080/crl.pem.")
+    ],
+    out_file: Annotated[Path, typer.Option("--out", help="The broker's CRL file to keep current.")],
+    directory: DirOption = DEFAULT_DIR,
+    signal_pid: Annotated[
+        int | None,
+        typer.Option(
+            "--signal", help="PID to send SIGHUP after a change (Mosquitto rereads its crlfile)."
+        ),
+    ] = None,
+    every: Annotated[
+        str | None, typer.Option(help="Keep syncing at this interval (e.g. 60s) until Ctrl-C.")
+    ] = None,
+) -> None:
+    """Fetch the CRLs, verify their signatures, replace OUT when they changed, signal the broker."""
+    from fleet.crl_sync import sync_crl
+
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"invalid --url {url!r}: use an http:// or https:// URL")
+    interval = parse_positive_duration(every).total_seconds() if every else None
+    workspace = Workspace.open(directory)
+    with stop_on_signals() as stop:
+        while True:
+            result = sync_crl(workspace, url, out_file, signal_pid=signal_pid)
+            if result.changed:
+                signalled = f"; sent SIGHUP to {signal_pid}" if signal_pid else ""
+                out.print(f"wrote CRL #{result.crl_number} to {out_file}{signalled}")
+            elif interval is None:
+                out.print(f"{out_file} already holds CRL #{result.crl_number}; nothing changed")
+            if interval is None:
+                return
+            deadline = time.monotonic() + interval
+            while time.monotonic() < deadline:
+                if stop.requested:
+                    return
+                time.sleep(0.2)
+
+
+@app.command()
+@_friendly_errors
+def serve(
+    directory: DirOption = DEFAULT_DIR,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (0: any free port).")] = 8080,
+) -> None:
+    """Serve the CRL (/crl, /crl.pem) and OCSP (/ocsp) over HTTP, keeping the CRL fresh."""
+    from fleet.control_plane import ControlPlane
+
+    workspace = Workspace.open(directory)
+    try:
+        plane = ControlPlane(workspace, host=host, port=port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    plane.start()
+    print(f"serving {plane.url} (CRL at /crl and /crl.pem, OCSP at /ocsp)", flush=True)
+    with stop_on_signals() as stop:
+        while not stop.requested:
+            time.sleep(0.2)
+    plane.stop()
+
+
 @app.command("broker")
 @_friendly_errors
 def broker_command(
@@ -464,6 +531,11 @@ def broker_command(
         bool,
         typer.Option(help="Also log one JSON event per admitted session and per session end."),
     ] = False,
+    crl_url: Annotated[
+        str | None,
+        typer.Option(help="Fetch the CRL from this URL ('fleet serve' /crl.pem) instead of DIR."),
+    ] = None,
+    crl_url_every: Annotated[str, typer.Option(help="How often to fetch --crl-url.")] = "5s",
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
@@ -489,6 +561,8 @@ def broker_command(
         handshake_timeout=handshake_timeout,
         revocation_policy=policy,
         log_connections=log_connections,
+        crl_url=crl_url,
+        crl_url_interval=parse_positive_duration(crl_url_every).total_seconds(),
     )
     run_broker(settings, announce=lambda line: print(line, flush=True))
 

@@ -437,6 +437,25 @@ class Registry:
         )
         return [(int(r[0], 16), r[1], parse_time(r[2]), parse_time(r[3])) for r in rows]
 
+    def certificate_status(self, serial: int) -> tuple[str, RevokedEntry | None] | None:
+        """The status of the certificate ``serial`` (None: never issued by this fleet).
+
+        ``pending`` certificates (a provisioning run still writing) count as never issued.
+        """
+        rows = self._query(
+            "SELECT status, revoked_at, revocation_reason FROM certificates WHERE serial = ?",
+            (serial_hex(serial),),
+        )
+        if not rows or rows[0][0] == "pending":
+            return None
+        status, revoked_at, reason = rows[0]
+        if status != "revoked":
+            return status, None
+        entry = RevokedEntry(
+            serial, parse_time(revoked_at), x509.ReasonFlags[reason.replace("-", "_")]
+        )
+        return status, entry
+
     def revoked_entries(self) -> list[RevokedEntry]:
         """Every revoked certificate, for the CRL."""
         rows = self._query(

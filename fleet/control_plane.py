@@ -1,0 +1,181 @@
+"""``fleet serve``: the control plane's HTTP side. Revocation for any broker.
+
+* ``GET /crl``      the current issuing CA's CRL, DER (``application/pkix-crl``): the CRL
+  distribution point that ``fleet init --crl-url`` embeds in every certificate;
+* ``GET /crl.pem``  every trusted issuer's CRL, PEM (what ``fleet broker --crl-url`` and
+  ``fleet crl sync`` fetch);
+* ``POST /ocsp`` and ``GET /ocsp/<base64 request>``  OCSP (RFC 6960) for every issued serial;
+* ``GET /healthz``.
+
+It also keeps the CRL fresh: when less than half of its lifetime is left it publishes a new
+one, so brokers only go stale when the control plane is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import threading
+import urllib.parse
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from fleet.ca import CertificateAuthority
+from fleet.ocsp import OcspResponder
+from fleet.revocation import publish_crl
+from fleet.workspace import Workspace
+
+log = logging.getLogger("mtls_fleet.control_plane")
+
+_MAX_REQUEST = 64 * 1024
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+class ControlPlane:
+    """Serves CRLs and OCSP for one workspace until :meth:`stop`."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        crl_check_every: float = 60.0,
+    ) -> None:
+        self.workspace = workspace
+        self._responder_signature: tuple[object, ...] | None = None
+        self._responder: OcspResponder | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._crl_check_every = crl_check_every
+        self.server = ThreadingHTTPServer((host, port), _handler(self))
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.host = host
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.refresh_crl()
+        for target in (self.server.serve_forever, self._keep_crl_fresh):
+            thread = threading.Thread(target=target, name=target.__name__, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        for thread in self._threads:
+            thread.join(10)
+
+    # -- CRL -----------------------------------------------------------------------------------
+
+    def refresh_crl(self, *, now: dt.datetime | None = None) -> bool:
+        """Publish a new CRL when less than half of the current one's lifetime is left."""
+        now = now or dt.datetime.now(dt.UTC)
+        current = x509.load_pem_x509_crl(self.workspace.paths.crl.read_bytes())
+        next_update = current.next_update_utc or now
+        lifetime = next_update - current.last_update_utc
+        if next_update - now > lifetime / 2:
+            return False
+        crl = publish_crl(self.workspace, now=now)
+        log.warning("published a fresh CRL (nextUpdate %s)", crl.next_update_utc)
+        return True
+
+    def _keep_crl_fresh(self) -> None:
+        while not self._stop.wait(self._crl_check_every):
+            try:
+                self.refresh_crl()
+            except Exception:  # keep serving; the next round tries again
+                log.exception("could not refresh the CRL")
+
+    def crl_pem(self) -> bytes:
+        return self.workspace.paths.crl.read_bytes()
+
+    def crl_der(self) -> bytes:
+        first = self.crl_pem().split(_CRL_BEGIN)[1]
+        return x509.load_pem_x509_crl(_CRL_BEGIN + first).public_bytes(Encoding.DER)
+
+    # -- OCSP ----------------------------------------------------------------------------------
+
+    def responder(self) -> OcspResponder:
+        """The responder for the issuers trusted now (reloaded after a CA rotation)."""
+        paths = self.workspace.paths
+        signature = (
+            paths.issuing_cert.stat().st_mtime_ns,
+            tuple(p.name for p in paths.previous_issuer_certs()),
+        )
+        with self._lock:
+            if self._responder is None or signature != self._responder_signature:
+                fresh = Workspace(paths, self.workspace.config)
+                authorities: list[CertificateAuthority] = [fresh.ca, *fresh.previous_authorities()]
+                self._responder = OcspResponder(self.workspace.registry, authorities)
+                self._responder_signature = signature
+            return self._responder
+
+
+def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "mtls-fleet"
+
+        def log_message(self, format: str, *args: object) -> None:
+            log.info("%s %s", self.address_string(), format % args)
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: HTTPStatus, message: str) -> None:
+            body = json.dumps({"error": message, "status": status.value}).encode()
+            self._send(status, body, "application/json")
+
+        def _ocsp(self, request: bytes) -> None:
+            answer = plane.responder().answer(request)
+            self._send(HTTPStatus.OK, answer.der, "application/ocsp-response")
+
+        def do_GET(self) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            if path == "/crl":
+                self._send(HTTPStatus.OK, plane.crl_der(), "application/pkix-crl")
+            elif path == "/crl.pem":
+                self._send(HTTPStatus.OK, plane.crl_pem(), "application/x-pem-file")
+            elif path.startswith("/ocsp/"):
+                encoded = urllib.parse.unquote(path[len("/ocsp/") :])
+                try:
+                    request = base64.b64decode(encoded, validate=True)
+                except binascii.Error:
+                    self._error(HTTPStatus.BAD_REQUEST, "the OCSP request is not base64")
+                    return
+                self._ocsp(request)
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, b'{"status": "ok"}', "application/json")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, f"no such resource {path!r}")
+
+        def do_POST(self) -> None:
+            if urllib.parse.urlsplit(self.path).path != "/ocsp":
+                self._error(HTTPStatus.NOT_FOUND, f"no such resource {self.path!r}")
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 < length <= _MAX_REQUEST:
+                self._error(
+                    HTTPStatus.BAD_REQUEST, "an OCSP request needs a body of at most 64 KiB"
+                )
+                return
+            self._ocsp(self.rfile.read(length))
+
+    return Handler
