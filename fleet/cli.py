@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -492,6 +493,7 @@ def serve(
     """Serve the CRL (/crl, /crl.pem) and OCSP (/ocsp) over HTTP, keeping the CRL fresh."""
     from fleet.control_plane import ControlPlane
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     workspace = Workspace.open(directory)
     try:
         plane = ControlPlane(workspace, host=host, port=port)

@@ -89,7 +89,7 @@ class ControlPlane:
         if next_update - now > lifetime / 2:
             return False
         crl = publish_crl(self.workspace, now=now)
-        log.warning("published a fresh CRL (nextUpdate %s)", crl.next_update_utc)
+        log.info("published a fresh CRL (nextUpdate %s)", crl.next_update_utc)
         return True
 
     def _keep_crl_fresh(self) -> None:

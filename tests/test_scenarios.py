@@ -31,6 +31,7 @@ _LIBRARY_NAMES = {
     "ca-rotation",
     "duplicate-identity",
     "quickstart",
+    "revocation-unreachable",
 }
 
 _GOOD = """\

@@ -28,6 +28,7 @@ _STOP_TIMEOUT = 20.0
 class BrokerOptions:
     env: str | None = None
     revocation_policy: str = "fail-closed"
+    crl_url: str | None = None  # fetch the CRL from the control plane (every 200 ms)
 
 
 @dataclass
@@ -70,6 +71,8 @@ class EmbeddedBroker:
         ]
         if self.options.env is not None:
             command += ["--env", self.options.env]
+        if self.options.crl_url is not None:
+            command += ["--crl-url", self.options.crl_url, "--crl-url-every", "0.2s"]
         return command
 
     async def start(self) -> None:

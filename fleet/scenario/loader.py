@@ -43,7 +43,9 @@ from fleet.scenario.model import (
     Scenario,
     Selector,
     StaleCrlStep,
+    StartControlPlaneStep,
     Step,
+    StopControlPlaneStep,
     SubscribeStep,
     WaitStep,
 )
@@ -52,6 +54,7 @@ T = TypeVar("T")
 
 REVOCATION_POLICIES = ("fail-closed", "fail-open")
 SUBSCRIPTION_RESULTS = ("granted", "refused")
+CRL_SOURCES = ("file", "control-plane")
 _SELECTOR = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:#(\d+)(?:-(\d+))?)?$")
 
 
@@ -264,6 +267,7 @@ _TOP_FIELDS = (
     "description",
     "seed",
     "timeout",
+    "crl_valid_for",
     "tags",
     "broker",
     "devices",
@@ -306,6 +310,7 @@ def load_scenario(path: Path) -> Scenario:
         devices=_device_defaults(path, top),
         steps=steps,
         timeout=top.get("timeout", _positive_duration, 120.0),
+        crl_valid_for=top.get("crl_valid_for", _positive_duration, None),
         tags=tuple(top.get("tags", lambda v: [_text(t) for t in _sequence(v)], [])),
     )
 
@@ -329,13 +334,16 @@ def _broker(path: Path, top: _Fields) -> BrokerSpec:
     mapping = _mapping(path, top, "broker")
     if mapping is None:
         return BrokerSpec()
-    fields = _Fields(path, mapping, "broker", ("env", "revocation_policy", "needs_fleet_broker"))
+    fields = _Fields(
+        path, mapping, "broker", ("env", "revocation_policy", "needs_fleet_broker", "crl_from")
+    )
     return BrokerSpec(
         env=fields.get("env", _choice(ENVIRONMENTS), None),
         revocation_policy=fields.get(
             "revocation_policy", _choice(REVOCATION_POLICIES), "fail-closed"
         ),
         needs_fleet_broker=fields.get("needs_fleet_broker", _text, None),
+        crl_from=fields.get("crl_from", _choice(CRL_SOURCES), "file"),
     )
 
 
@@ -426,6 +434,8 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "broker_certificate": ("certificate",),
     "stale_crl": ("after",),
     "publish_crl": (),
+    "stop_control_plane": (),
+    "start_control_plane": (),
     "rotate_ca": (),
     "retire_ca": (),
     "expect": (
@@ -612,6 +622,12 @@ class _StepReader:
 
     def _publish_crl(self, fields: _Fields, line: int) -> Step:
         return PublishCrlStep(line)
+
+    def _stop_control_plane(self, fields: _Fields, line: int) -> Step:
+        return StopControlPlaneStep(line)
+
+    def _start_control_plane(self, fields: _Fields, line: int) -> Step:
+        return StartControlPlaneStep(line)
 
     def _rotate_ca(self, fields: _Fields, line: int) -> Step:
         return RotateCaStep(line)

@@ -65,6 +65,7 @@ class BrokerSpec:
     env: str | None = None
     revocation_policy: str = "fail-closed"
     needs_fleet_broker: str | None = None  # why the scenario cannot run against --target
+    crl_from: str = "file"  # or "control-plane": the broker fetches it from 'fleet serve'
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,16 @@ class PublishCrlStep(Step):
 
 
 @dataclass(frozen=True, slots=True)
+class StopControlPlaneStep(Step):
+    """The control plane (fleet serve) goes away: no CRL, no OCSP, no refresh."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartControlPlaneStep(Step):
+    """The control plane comes back (on the same port)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RotateCaStep(Step):
     """A new issuing intermediate signs from now on; the old one stays trusted."""
 
@@ -208,6 +219,8 @@ _STEP_NAMES: dict[type[Step], str] = {
     BrokerCertificateStep: "broker_certificate",
     StaleCrlStep: "stale_crl",
     PublishCrlStep: "publish_crl",
+    StopControlPlaneStep: "stop_control_plane",
+    StartControlPlaneStep: "start_control_plane",
     RotateCaStep: "rotate_ca",
     RetireCaStep: "retire_ca",
     ExpectStep: "expect",
@@ -227,6 +240,7 @@ class Scenario:
     devices: DeviceDefaults
     steps: tuple[Step, ...]
     timeout: float = 120.0  # the whole scenario, a safety net
+    crl_valid_for: float | None = None  # the fresh workspace's CRL lifetime (default 7 days)
     tags: tuple[str, ...] = field(default=())
 
     def group(self, name: str) -> Group:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
 from fleet.config import FleetConfig
+from fleet.control_plane import ControlPlane
 from fleet.errors import FleetError, UsageError
 from fleet.provisioning import ProvisionSpec, provision_devices
 from fleet.renewal import renew_device
@@ -45,7 +46,9 @@ from fleet.scenario.model import (
     RotateStep,
     Scenario,
     StaleCrlStep,
+    StartControlPlaneStep,
     Step,
+    StopControlPlaneStep,
     SubscribeStep,
     WaitStep,
 )
@@ -140,6 +143,7 @@ class ScenarioRun:
         self._workspace_dir = workspace_dir
         self._temporary: Path | None = None  # a directory this run made and removes
         self._disrupted: set[str] = set()  # members named by revoke, rotate or disconnect
+        self._control_plane_port = 0
         self._listener = listener or (lambda kind, item: None)
         self._started = time.monotonic()
         self.result = ScenarioResult(scenario.name, str(scenario.path), "passed")
@@ -147,6 +151,7 @@ class ScenarioRun:
         self.broker: EmbeddedBroker | None = None
         self.workspace: Workspace | None = None
         self.credentials: ScenarioCredentials | None = None
+        self.control_plane: ControlPlane | None = None
         self.window = Window(0.0)
 
     def clock(self) -> float:
@@ -196,15 +201,26 @@ class ScenarioRun:
             self._temporary = parent
             directory = parent / "fleet"
         if not WorkspacePaths(directory).config.exists():
-            await asyncio.to_thread(init_workspace, directory, config=FleetConfig())
+            config = FleetConfig()
+            if self.scenario.crl_valid_for is not None:
+                config = replace(
+                    config, crl_valid_for=dt.timedelta(seconds=self.scenario.crl_valid_for)
+                )
+            await asyncio.to_thread(init_workspace, directory, config=config)
         self.workspace = Workspace.open(directory)
         self.result.workspace = str(directory)
         run_dir = f"scenario/{self.scenario.name}-{int(time.time() * 1000)}"
         self.credentials = ScenarioCredentials(self.workspace, directory / run_dir)
+        crl_url = None
+        if self.scenario.broker.crl_from == "control-plane":
+            await self._start_control_plane(port=0)
+            assert self.control_plane is not None
+            crl_url = f"{self.control_plane.url}/crl.pem"
         if self.target is None:
             options = BrokerOptions(
                 env=self.scenario.broker.env,
                 revocation_policy=self.scenario.broker.revocation_policy,
+                crl_url=crl_url,
             )
             self.broker = EmbeddedBroker(directory, options, clock=self.clock)
             await self.broker.start()
@@ -212,7 +228,16 @@ class ScenarioRun:
         else:
             self._note(0, "broker", f"target mqtts://{self.target.host}:{self.target.port}")
 
+    async def _start_control_plane(self, *, port: int) -> None:
+        assert self.workspace is not None
+        plane = ControlPlane(self.workspace, port=port, crl_check_every=0.25)
+        await asyncio.to_thread(plane.start)
+        self.control_plane = plane
+        self._note(0, "control_plane", f"fleet serve on {plane.url} (CRL and OCSP)")
+
     async def _tear_down(self) -> None:
+        if self.control_plane is not None:
+            await asyncio.to_thread(self.control_plane.stop)
         await self.population.stop(self.population.members)
         self._count_messages()
         self._connection_curve()
@@ -457,6 +482,21 @@ class ScenarioRun:
         assert self.workspace is not None
         await asyncio.to_thread(publish_crl, self.workspace)
         self._note(step.line, "publish_crl", "published a fresh CRL")
+
+    async def _step_stop_control_plane(self, step: StopControlPlaneStep) -> None:
+        if self.control_plane is None:
+            raise UsageError(
+                f"{self.scenario.path}:{step.line}: stop_control_plane: no control plane runs "
+                "(set broker.crl_from: control-plane)"
+            )
+        plane, self.control_plane = self.control_plane, None
+        await asyncio.to_thread(plane.stop)
+        self._note(step.line, "stop_control_plane", f"{plane.url} is down")
+        self._control_plane_port = plane.port
+
+    async def _step_start_control_plane(self, step: StartControlPlaneStep) -> None:
+        if self.control_plane is None:
+            await self._start_control_plane(port=self._control_plane_port)
 
     async def _step_rotate_ca(self, step: RotateCaStep) -> None:
         assert self.workspace is not None
