@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import broker, handshake, provisioning, swarm
+from benchmarks import broker, control_plane, handshake, provisioning, swarm
 from benchmarks.mqtt_load import percentile
 
 console = Console(width=max(160, Console().width))  # wide tables stay readable in logs
@@ -215,12 +215,33 @@ def bench_handshake(base: Path, connections: int) -> None:
             )
 
 
+def bench_control_plane(base: Path) -> None:
+    console.rule("control plane")
+    figures = control_plane.run(base / "control-plane")
+    console.print(
+        _table(
+            f"OCSP answers for {figures.requests:,} requests (good, signed, EC P-256)",
+            ["how", "per second"],
+            [
+                [
+                    "bare: OcspResponder.answer() in one process (registry lookup + sign)",
+                    f"{figures.bare_per_second:,.0f}",
+                ],
+                [
+                    f"fleet serve over HTTP, {figures.http_clients} client threads, a connection each",
+                    f"{figures.http_per_second:,.0f}",
+                ],
+            ],
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
     parser.add_argument(
         "--only",
-        choices=["provisioning", "broker", "swarm", "handshake"],
+        choices=["provisioning", "broker", "swarm", "handshake", "control-plane"],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="devices to provision")
@@ -237,6 +258,8 @@ def main() -> None:
         bench_provisioning(args.dir, args.devices)
     if args.only in (None, "broker"):
         bench_broker(args.dir, args.churn, args.held)
+    if args.only in (None, "control-plane"):
+        bench_control_plane(args.dir)
     if args.only in (None, "handshake"):
         bench_handshake(args.dir, args.handshakes)
     if args.only in (None, "swarm"):
