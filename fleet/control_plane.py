@@ -5,6 +5,9 @@
 * ``GET /crl.pem``  every trusted issuer's CRL, PEM (what ``fleet broker --crl-url`` and
   ``fleet crl sync`` fetch);
 * ``POST /ocsp`` and ``GET /ocsp/<base64 request>``  OCSP (RFC 6960) for every issued serial;
+* ``GET /metrics``  Prometheus: ``fleet_certificates_expiring{within="1h|1d|7d|30d"}`` (devices
+  whose current certificate expires within that window, revoked ones left out) and
+  ``fleet_certificates_expired``, for alerting;
 * ``GET /healthz``.
 
 It also keeps the CRL fresh: when less than half of its lifetime is left it publishes a new
@@ -20,11 +23,15 @@ import json
 import logging
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fleet.ca import CertificateAuthority
 from fleet.ocsp import OcspResponder
@@ -35,6 +42,44 @@ log = logging.getLogger("mtls_fleet.control_plane")
 
 _MAX_REQUEST = 64 * 1024
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+EXPIRY_WINDOWS = {
+    "1h": dt.timedelta(hours=1),
+    "1d": dt.timedelta(days=1),
+    "7d": dt.timedelta(days=7),
+    "30d": dt.timedelta(days=30),
+}
+
+
+class _ExpiryCollector(Collector):
+    """Counts, at every scrape, the devices whose certificate expires soon (from the registry)."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+
+    def collect(self) -> Iterator[Metric]:
+        now = dt.datetime.now(dt.UTC)
+        horizon = now + max(EXPIRY_WINDOWS.values())
+        soon = [
+            record
+            for record in self.workspace.registry.devices(not_after_before=horizon)
+            if record.status != "revoked"
+        ]
+        expiring = GaugeMetricFamily(
+            "fleet_certificates_expiring",
+            "Devices whose current certificate expires within the window (revoked ones excluded)",
+            labels=["within"],
+        )
+        for label, window in EXPIRY_WINDOWS.items():
+            count = sum(1 for r in soon if now < r.not_after <= now + window)
+            expiring.add_metric([label], count)
+        yield expiring
+        yield GaugeMetricFamily(
+            "fleet_certificates_expired",
+            "Devices whose current certificate has expired (revoked ones excluded)",
+            value=sum(1 for r in soon if r.not_after <= now),
+        )
 
 
 class ControlPlane:
@@ -59,6 +104,8 @@ class ControlPlane:
         self.port = int(self.server.server_address[1])
         self.host = host
         self._threads: list[threading.Thread] = []
+        self.metrics = CollectorRegistry()
+        self.metrics.register(_ExpiryCollector(workspace))
 
     @property
     def url(self) -> str:
@@ -161,6 +208,8 @@ def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
                     self._error(HTTPStatus.BAD_REQUEST, "the OCSP request is not base64")
                     return
                 self._ocsp(request)
+            elif path == "/metrics":
+                self._send(HTTPStatus.OK, generate_latest(plane.metrics), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b'{"status": "ok"}', "application/json")
             else:

@@ -227,3 +227,34 @@ def test_crl_sync_feeds_a_real_mosquitto(
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_metrics_count_certificates_about_to_expire(
+    served: tuple[Workspace, ControlPlane],
+) -> None:
+    workspace, plane = served  # 3 devices valid for 90 days
+    now = dt.datetime.now(dt.UTC)
+    provision_devices(
+        workspace, ProvisionSpec(count=2, prefix="soon", valid_for=dt.timedelta(hours=2))
+    )
+    provision_devices(
+        workspace,
+        ProvisionSpec(
+            count=1,
+            prefix="old",
+            not_before=now - dt.timedelta(days=2),
+            valid_for=dt.timedelta(days=1),
+        ),
+    )
+    revoke_device(workspace, "soon-00002")  # revoked: no longer expected to be renewed
+    with urllib.request.urlopen(f"{plane.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fleet_certificates_")
+    }
+    assert samples['fleet_certificates_expiring{within="1h"}'] == 0
+    assert samples['fleet_certificates_expiring{within="1d"}'] == 1
+    assert samples['fleet_certificates_expiring{within="30d"}'] == 1
+    assert samples["fleet_certificates_expired"] == 1
