@@ -24,6 +24,7 @@ from device import (
 )
 from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
 
+MAX_HANDSHAKES_IN_FLIGHT = 100
 _STOP_TIMEOUT = 15.0  # a device waits up to 3 s for its acks, then for its DISCONNECT to go out
 
 
@@ -109,6 +110,7 @@ class Population:
         self.groups: dict[str, list[Member]] = {}
         self._clock = clock
         self._driver: PahoDriver | None = None
+        self._gate: asyncio.Semaphore | None = None  # caps handshakes in flight, like the swarm
 
     def add_group(self, members: list[Member]) -> None:
         self.groups[members[0].group.name] = members
@@ -135,6 +137,7 @@ class Population:
             return
         if self._driver is None:
             self._driver = PahoDriver()
+            self._gate = asyncio.Semaphore(MAX_HANDSHAKES_IN_FLIGHT)
         d = self.defaults
         settings = DeviceSettings(
             member.device_id,
@@ -159,6 +162,7 @@ class Population:
         member.device = Device(
             settings,
             self._driver,
+            connect_gate=self._gate,
             on_attempt=lambda attempt: self._attempted(member, attempt),
             on_drop=lambda detail: member.sightings.append(
                 Sighting(self._clock(), "dropped", detail)
