@@ -250,3 +250,28 @@ def test_a_device_that_leaves_and_comes_back_keeps_its_counts(tmp_path: Path) ->
     counts = scenario["messages"]["fleet"]
     assert counts["connections"] == 3 and counts["drops"] == 0
     assert counts["acknowledged"] == counts["sent"] >= 8
+
+
+def test_a_defect_in_one_scenario_is_reported_and_the_next_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet.scenario import ScenarioRun, load_scenarios, run_scenarios
+
+    original = ScenarioRun._step_connect
+    calls = 0
+
+    async def broken_once(self: ScenarioRun, step: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("simulated defect")
+        await original(self, step)
+
+    monkeypatch.setattr(ScenarioRun, "_step_connect", broken_once)
+    first = _write(tmp_path, _GOOD, "a.yaml")
+    second = _write(tmp_path, _GOOD.replace("name: tiny", "name: tiny-2"), "b.yaml")
+    broken, fine = run_scenarios(load_scenarios([first, second]))
+    assert broken.status == "error" and not broken.passed
+    assert "internal error RuntimeError: simulated defect" in broken.reason
+    assert broken.traceback is not None and "simulated defect" in broken.traceback
+    assert fine.status == "passed", fine.reason

@@ -89,6 +89,8 @@ def print_result(result: ScenarioResult, console: Console) -> None:
             f"  connections/s: {sparkline(result.connections_per_second)} "
             f"(peak {max(result.connections_per_second)}/s)"
         )
+    if result.traceback:
+        console.print(f"[red]{escape(result.traceback)}[/]")
     if result.workspace:
         console.print(f"  workspace kept: {result.workspace}")
 

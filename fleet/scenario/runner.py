@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -104,6 +105,7 @@ class ScenarioResult:
     messages: dict[str, dict[str, int]] = field(default_factory=dict)  # per group
     connections_per_second: list[int] = field(default_factory=list)
     workspace: str | None = None
+    traceback: str | None = None  # when the run itself failed (a defect, not a verdict)
 
     @property
     def passed(self) -> bool:
@@ -173,6 +175,11 @@ class ScenarioRun:
             self._error(f"did not finish within its timeout of {self.scenario.timeout:g} s")
         except FleetError as exc:
             self._error(str(exc))
+        except Exception as exc:  # a defect: report it for this scenario, run the others
+            self.result.traceback = traceback.format_exc()
+            self._error(
+                f"internal error {type(exc).__name__}: {exc} (traceback in the JSON report)"
+            )
         finally:
             await self._tear_down()
         self.result.seconds = self.clock()
