@@ -176,6 +176,21 @@ class IndexedBroker(Broker):
                     (topic_filter, QOS_0), client_session
                 )
         await self._client_message_loop(client_session, handler)
+        await self._forget_clean_session(client_session)
+
+    async def _forget_clean_session(self, session: Session) -> None:
+        """Drop a clean session's state when its connection ends [MQTT-3.1.2-6].
+
+        amqtt leaves it to a monitor that sweeps every session once a second: after a wave of
+        disconnects it then tears thousands down in one go and stalls the loop. One at a time,
+        here, the cost is spread over the disconnections. A session that a takeover replaced is
+        not the current one for its client id, and is left alone (its successor owns the id).
+        """
+        if not (session.clean_session or session.is_anonymous):
+            return
+        current = self._sessions.get(session.client_id)
+        if current is not None and current[0] is session:
+            await self._cleanup_session(session.client_id)
 
     def _matching_filters(self, topic: str) -> list[str]:
         filters = [topic] if topic in self._subscriptions else []
