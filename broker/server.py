@@ -84,6 +84,8 @@ class FleetBroker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.settings.crl_url:
+            await self._first_crl_from_url(self.settings.crl_url)
         self._amqtt = IndexedBroker(_amqtt_config(), loop=loop)
         await self._amqtt.start()
         try:
@@ -185,6 +187,20 @@ class FleetBroker:
                 )
                 continue
             await self.install_crl(crl)
+
+    async def _first_crl_from_url(self, url: str) -> None:
+        """Before listening, prefer the served CRL to the workspace file (it may be newer)."""
+        data = await self._fetch_new_crl(url)
+        if data is None:
+            return  # unreachable: start on the file's CRL, logged; the watcher keeps trying
+        try:
+            crl = await asyncio.to_thread(parse_crls, data, self._issuers, source=url)
+        except BrokerError as exc:
+            log.error("CRL from %s rejected, starting on CRL #%s: %s", url, self._crl.number, exc)
+            return
+        if crl.number >= self._crl.number:
+            self._crl = crl
+            self.tls_context = await asyncio.to_thread(self._build_context, crl)
 
     async def _read_new_crl(self) -> bytes | None:
         """The CRL file's content when it changed since the last look, else None."""

@@ -258,3 +258,32 @@ def test_metrics_count_certificates_about_to_expire(
     assert samples['fleet_certificates_expiring{within="1d"}'] == 1
     assert samples['fleet_certificates_expiring{within="30d"}'] == 1
     assert samples["fleet_certificates_expired"] == 1
+
+
+def test_a_broker_starts_on_the_served_crl_when_it_is_newer_than_its_file(
+    served: tuple[Workspace, ControlPlane], tmp_path: Path
+) -> None:
+    import shutil
+
+    workspace, plane = served
+    elsewhere = tmp_path / "broker-host"
+    shutil.copytree(workspace.paths.root, elsewhere)  # a broker machine with yesterday's files
+    revoke_device(workspace, "dev-00001")
+    settings = BrokerSettings(
+        workspace=elsewhere,
+        port=0,
+        metrics_port=None,
+        event_log=False,
+        crl_url=f"{plane.url}/crl.pem",
+        crl_url_interval=3600,  # no polling in this test: only the fetch at start
+    )
+    broker = BrokerThread(settings)
+    try:
+        copy = Workspace.open(elsewhere)
+        device = paho_device(
+            broker.port, copy.paths.root_cert, device_credentials(copy, "dev-00001")
+        )
+        assert device.disconnected.wait(10) and not device.connected.is_set()
+        assert broker.outcome_count("revoked") == 1
+    finally:
+        broker.stop()
