@@ -20,6 +20,7 @@ from fleet.scenario.population import Member, Population
 
 ACK_GRACE = 2.0  # a QoS 1 message unacknowledged for longer than this counts as lost
 _POLL = 0.025
+_POLLS_PER_PROGRESS = 10  # a live status every quarter of a second
 
 
 @dataclass
@@ -238,11 +239,22 @@ def _top(counter: Counter[str], limit: int = 3) -> str:
     return ", ".join(shown)
 
 
-async def await_expectation(checker: Checker, clock: Callable[[], float]) -> tuple[Verdict, float]:
-    """Poll until the expectation holds or ``within`` passes; returns the verdict and when."""
+async def await_expectation(
+    checker: Checker,
+    clock: Callable[[], float],
+    progress: Callable[[Verdict], None] | None = None,
+) -> tuple[Verdict, float]:
+    """Poll until the expectation holds or ``within`` passes; returns the verdict and when.
+
+    ``progress`` sees the verdict a few times a second while it does not hold yet.
+    """
     deadline = time.monotonic() + checker.step.within
+    polls = 0
     while True:
         verdict = checker.evaluate()
         if verdict.passed or time.monotonic() >= deadline:
             return verdict, clock()
+        polls += 1
+        if progress is not None and polls % _POLLS_PER_PROGRESS == 0:
+            progress(verdict)
         await asyncio.sleep(_POLL)

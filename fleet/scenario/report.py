@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.status import Status
 from rich.table import Table
 
 from fleet.scenario.runner import ExpectationResult, ScenarioResult, TimelineEntry
@@ -23,11 +24,14 @@ class LiveTimeline:
     def __init__(self, console: Console, *, quiet: bool = False) -> None:
         self.console = console
         self.quiet = quiet
+        self._status: Status | None = None  # what an expectation is waiting for, live
 
     def __call__(self, kind: str, item: object) -> None:
         if self.quiet:
             return
-        if isinstance(item, TimelineEntry):
+        if kind == "status":
+            self._show_status(item if isinstance(item, str) else None)
+        elif isinstance(item, TimelineEntry):
             where = f"line {item.line:<3}" if item.line else "        "
             self.console.print(
                 f"  [dim]{item.at_ms:>7} ms[/] {where} [bold]{item.kind}[/] {escape(item.text)}"
@@ -38,6 +42,18 @@ class LiveTimeline:
                 f"  [dim]{item.at_ms:>7} ms[/] line {item.line:<3} {mark} {item.kind} "
                 f"{escape(item.text)} [dim]→ {escape(item.observed)}[/]"
             )
+
+    def _show_status(self, text: str | None) -> None:
+        if text is None:
+            if self._status is not None:
+                self._status.stop()
+                self._status = None
+            return
+        if self._status is None:
+            self._status = self.console.status(escape(text))
+            self._status.start()
+        else:
+            self._status.update(escape(text))
 
 
 def sparkline(values: list[int]) -> str:

@@ -30,7 +30,7 @@ from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
 from fleet.scenario.credentials import ScenarioCredentials
-from fleet.scenario.expectations import Checker, Window, await_expectation
+from fleet.scenario.expectations import Checker, Verdict, Window, await_expectation
 from fleet.scenario.model import (
     BrokerCertificateStep,
     ConnectStep,
@@ -112,7 +112,8 @@ class ScenarioResult:
         return self.status in ("passed", "skipped")
 
 
-Listener = Callable[[str, object], None]  # ("step", TimelineEntry) / ("expectation", result)
+# ("step", TimelineEntry), ("expectation", ExpectationResult), ("status", text or None: cleared)
+Listener = Callable[[str, object], None]
 
 
 def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
@@ -519,7 +520,18 @@ class ScenarioRun:
         checker = Checker(
             step, self.population, self.broker.log if self.broker else None, self.window
         )
-        verdict, at = await await_expectation(checker, self.clock)
+
+        def progress(verdict: Verdict) -> None:
+            waited = self.clock() - started
+            self._listener(
+                "status",
+                f"line {step.line}: {kind} {step.text} ({waited:.1f}/{step.within:g} s): "
+                f"{verdict.observed}",
+            )
+
+        started = self.clock()
+        verdict, at = await await_expectation(checker, self.clock, progress)
+        self._listener("status", None)
         result = ExpectationResult(
             line=step.line,
             kind=kind,
