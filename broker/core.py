@@ -162,6 +162,7 @@ class IndexedBroker(Broker):
         await handler.mqtt_connack_authorize(authenticated)
         if not authenticated:
             await writer.close()
+            await self._forget_clean_session(client_session)  # amqtt would keep it "connected"
             return
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_CONNECTED,

@@ -396,6 +396,28 @@ def test_the_newer_session_takes_over(fleet: Workspace, running: BrokerThread) -
         second.stop()
 
 
+def test_ended_and_refused_sessions_are_not_kept(fleet: Workspace, running: BrokerThread) -> None:
+    """Clean sessions end with their connection, refused ones too (amqtt alone keeps both)."""
+    ca = fleet.paths.root_cert
+    for index, device_id in enumerate(("dev-00001", "dev-00002", "dev-00004")):
+        refused = paho_device(running.port, ca, _creds(fleet, device_id), client_id=f"x-{index}")
+        assert refused.disconnected.wait(10) and not refused.connected.is_set()
+        refused.stop()
+        leaving = paho_device(running.port, ca, _creds(fleet, device_id))
+        assert leaving.connected.wait(10)
+        leaving.stop()  # a clean DISCONNECT
+        assert leaving.disconnected.wait(10)
+    amqtt = running.broker._amqtt
+    assert amqtt is not None
+    kept: dict[str, Any] = {}
+    for _ in range(100):  # the broker finishes each teardown right after the socket closes
+        kept = dict(amqtt._sessions)
+        if not kept:
+            break
+        time.sleep(0.02)
+    assert kept == {}
+
+
 # -- interop and CLI ----------------------------------------------------------------------------
 
 
