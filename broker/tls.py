@@ -17,6 +17,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from fleet.errors import FleetError
+from fleet.revocation import PEM_CRL_BEGIN, split_pem_crls
 from fleet.workspace import WorkspacePaths
 
 VerifyCallback = Callable[[SSL.Connection, crypto.X509, int, int, int], bool]
@@ -41,9 +42,6 @@ class CrlState:
         return now >= self.next_update
 
 
-_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
-
-
 def load_crl(path: Path, issuers: list[x509.Certificate]) -> CrlState:
     """Read every CRL in ``path``; each must be signed by one of ``issuers`` (BrokerError)."""
     try:
@@ -55,8 +53,8 @@ def load_crl(path: Path, issuers: list[x509.Certificate]) -> CrlState:
 
 def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> CrlState:
     """Every CRL in ``data`` (PEM, one or more; or one DER), each signed by one of ``issuers``."""
-    if _CRL_BEGIN in data:
-        blocks = [_CRL_BEGIN + block for block in data.split(_CRL_BEGIN)[1:]]
+    if PEM_CRL_BEGIN in data:
+        blocks = split_pem_crls(data)
         load = x509.load_pem_x509_crl
     else:
         blocks, load = [data], x509.load_der_x509_crl

@@ -35,13 +35,12 @@ from prometheus_client.registry import Collector
 
 from fleet.ca import CertificateAuthority
 from fleet.ocsp import OcspResponder
-from fleet.revocation import publish_crl
+from fleet.revocation import load_crl, publish_crl
 from fleet.workspace import Workspace
 
 log = logging.getLogger("mtls_fleet.control_plane")
 
 _MAX_REQUEST = 64 * 1024
-_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
 
 
 EXPIRY_WINDOWS = {
@@ -150,8 +149,7 @@ class ControlPlane:
         return self.workspace.paths.crl.read_bytes()
 
     def crl_der(self) -> bytes:
-        first = self.crl_pem().split(_CRL_BEGIN)[1]
-        return x509.load_pem_x509_crl(_CRL_BEGIN + first).public_bytes(Encoding.DER)
+        return load_crl(self.workspace).public_bytes(Encoding.DER)
 
     # -- OCSP ----------------------------------------------------------------------------------
 

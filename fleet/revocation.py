@@ -95,4 +95,13 @@ def publish_crl(
 
 
 def load_crl(workspace: Workspace) -> x509.CertificateRevocationList:
+    """The current issuing CA's CRL (the first of ``crl.pem``)."""
     return x509.load_pem_x509_crl(workspace.paths.crl.read_bytes())
+
+
+PEM_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+def split_pem_crls(data: bytes) -> list[bytes]:
+    """The PEM blocks of a file holding one CRL per trusted issuing CA (as ``publish_crl`` writes)."""
+    return [PEM_CRL_BEGIN + block for block in data.split(PEM_CRL_BEGIN)[1:]]

@@ -18,16 +18,14 @@ from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
 from fleet.files import write_public, write_secret
 from fleet.keys import load_private_key, private_key_pem
 from fleet.renewal import renew_device
-from fleet.revocation import revoke_superseded
+from fleet.revocation import revoke_superseded, split_pem_crls
 from tests.conftest import openssl
 
 Cli = Callable[..., Result]
 
 
 def _crls(workspace: Workspace) -> list[x509.CertificateRevocationList]:
-    data = workspace.paths.crl.read_bytes()
-    marker = b"-----BEGIN X509 CRL-----"
-    return [x509.load_pem_x509_crl(marker + block) for block in data.split(marker)[1:]]
+    return [x509.load_pem_x509_crl(b) for b in split_pem_crls(workspace.paths.crl.read_bytes())]
 
 
 def _verify(workspace: Workspace, device_id: str) -> None:
