@@ -7,6 +7,11 @@ Every device may publish and subscribe under ``devices/<own id>/#`` and subscrib
 * ``gold`` has silver's rights, may publish to ``fleet/broadcast/#`` and may send commands to
   any device, ``devices/+/commands``.
 
+Every device may also use its renewal topics (``$fleet/renew/<own id>/request`` to publish,
+``.../reply`` to subscribe). A *claim* certificate gets its own enrollment request's two topics
+and nothing else; the *admin* (the control plane) gets every request topic to read and every
+reply topic to write (see :mod:`fleet.mqtt_api`).
+
 A subscription is granted only when *every* topic its filter can match is readable, so
 ``devices/#`` from a bronze device is refused outright rather than silently narrowed.
 """
@@ -14,6 +19,15 @@ A subscription is granted only when *every* topic its filter can match is readab
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from fleet.mqtt_api import (
+    PROVISION,
+    RENEW,
+    REPLY_PUBLICATIONS,
+    REQUEST_SUBSCRIPTIONS,
+    reply_topic,
+    request_topic,
+)
 
 TIER_ORDER = ("bronze", "silver", "gold")
 
@@ -75,11 +89,23 @@ class TopicRights:
 def rights_for(device_id: str, tier: str) -> TopicRights:
     """The rights of ``device_id`` at ``tier`` (see the module docstring)."""
     own = f"devices/{device_id}/#"
-    publish = [own]
-    subscribe = [own, "fleet/broadcast/#"]
+    publish = [own, request_topic(RENEW, device_id)]
+    subscribe = [own, "fleet/broadcast/#", reply_topic(RENEW, device_id)]
     rank = TIER_ORDER.index(tier)
     if rank >= 1:
         subscribe.append("devices/+/telemetry")
     if rank >= 2:
         publish += ["fleet/broadcast/#", "devices/+/commands"]
     return TopicRights(publish=tuple(publish), subscribe=tuple(subscribe))
+
+
+def claim_rights(request_id: str) -> TopicRights:
+    """A claim certificate's connection: its own enrollment request and reply, nothing else."""
+    return TopicRights(
+        publish=(request_topic(PROVISION, request_id),),
+        subscribe=(reply_topic(PROVISION, request_id),),
+    )
+
+
+ADMIN_RIGHTS = TopicRights(publish=REPLY_PUBLICATIONS, subscribe=REQUEST_SUBSCRIPTIONS)
+NO_RIGHTS = TopicRights(publish=(), subscribe=())

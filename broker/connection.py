@@ -18,10 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from broker.acl import TopicRights, rights_for
+from broker.acl import NO_RIGHTS, TopicRights, rights_for
 from broker.outcomes import Outcome, classify_tls_error, openssl_reason, refine_verify_failure
 from fleet.errors import CertificateError
-from fleet.identity import DeviceIdentity, identity_from_certificate
+from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate
 
 if TYPE_CHECKING:
     import ssl
@@ -63,6 +63,7 @@ class PeerConnection(asyncio.Protocol):
         self.certificate: x509.Certificate | None = None
         self.identity: DeviceIdentity | None = None
         self.rights: TopicRights | None = None
+        self.client_id: str | None = None  # the MQTT client id, once CONNECT was admitted
         self.authorized = False
         self.reader = asyncio.StreamReader(limit=_READ_SIZE)
         self._timers: list[asyncio.TimerHandle] = []
@@ -179,7 +180,11 @@ class PeerConnection(asyncio.Protocol):
             self.broker.record(self, Outcome.IDENTITY_MISMATCH, exc.reason)
             self.close()
             return
-        self.rights = rights_for(self.identity.device_id, self.identity.tier)
+        self.rights = (  # a claim's or the admin's rights are set at CONNECT
+            rights_for(self.identity.device_id, self.identity.tier)
+            if self.identity.role == DEVICE
+            else NO_RIGHTS
+        )
         if self._seconds_left() <= 0:  # OpenSSL compares whole seconds; we do not
             self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")
             self.close()

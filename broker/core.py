@@ -27,6 +27,7 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from transitions import MachineError
 
 _REFUSED = 0x80
+FLEET_API_PREFIX = "$fleet/"
 
 
 def _is_wildcard(topic_filter: str) -> bool:
@@ -192,6 +193,31 @@ class IndexedBroker(Broker):
         current = self._sessions.get(session.client_id)
         if current is not None and current[0] is session:
             await self._cleanup_session(session.client_id)
+
+    async def _handle_message_delivery(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[Any],
+    ) -> bool:
+        """amqtt closes any client that publishes to a ``$`` topic; the control plane's API
+        lives under ``$fleet/`` (like AWS IoT's ``$aws/``), so those go through the topic
+        rights like any other message. Everything else is amqtt's, unchanged."""
+        message = wait_deliver.result()
+        topic = getattr(message, "topic", None) or ""
+        if not topic.startswith(FLEET_API_PREFIX) or "+" in topic or "#" in topic:
+            return bool(
+                await super()._handle_message_delivery(client_session, handler, wait_deliver)
+            )
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=message
+        )
+        if await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_BROADCAST, client_id=client_session.client_id, message=message
+            )
+            await self._broadcast_message(client_session, topic, message.data)
+        return True
 
     def _matching_filters(self, topic: str) -> list[str]:
         filters = [topic] if topic in self._subscriptions else []

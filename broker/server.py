@@ -16,6 +16,7 @@ from amqtt.adapters import ReaderAdapter, WriterAdapter
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from broker.acl import ADMIN_RIGHTS, claim_rights
 from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
 from broker.core import IndexedBroker
@@ -31,6 +32,8 @@ from broker.tls import (
     load_retired_key_ids,
     parse_crls,
 )
+from fleet.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
+from fleet.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
 from fleet.workspace import WorkspacePaths
 
 log = logging.getLogger("mtls_fleet.broker")
@@ -309,9 +312,9 @@ class FleetBroker:
             self._by_serial[serial].discard(peer)
             if not self._by_serial[serial]:
                 del self._by_serial[serial]
-        if peer.authorized and peer.identity is not None:
-            if self._sessions.get(peer.identity.device_id) is peer:
-                del self._sessions[peer.identity.device_id]
+        if peer.authorized and peer.client_id is not None:
+            if self._sessions.get(peer.client_id) is peer:
+                del self._sessions[peer.client_id]
             self.metrics.connected.dec()
             if self.settings.log_connections:
                 self.log_event("disconnected", peer)
@@ -364,27 +367,35 @@ class FleetBroker:
             self.log_event("mqtt_error", peer, detail=f"{type(exc).__name__}: {exc}")
 
     def authorize_connect(self, peer: PeerConnection, client_id: str | None) -> bool:
-        """CONNECT: the client id must be the certificate's device id, the env the broker's."""
+        """CONNECT: the client id must fit the certificate (see :meth:`_client_id_problem`), a
+        device's or claim's env the broker's; the connection's topic rights follow its role."""
         identity = peer.identity
         assert identity is not None
-        if client_id != identity.device_id:
-            self.record(
-                peer,
-                Outcome.IDENTITY_MISMATCH,
-                f"client id {client_id!r} is not the certificate's device id {identity.device_id!r}",
-            )
+        problem = _client_id_problem(identity, client_id)
+        if problem is not None:
+            self.record(peer, Outcome.IDENTITY_MISMATCH, problem)
             return False
-        if self.settings.env is not None and identity.env != self.settings.env:
+        assert client_id is not None
+        if (
+            self.settings.env is not None
+            and identity.role != ADMIN
+            and identity.env != self.settings.env
+        ):
             self.record(
                 peer,
                 Outcome.ENV_MISMATCH,
                 f"{identity.env} certificate refused by a {self.settings.env} broker",
             )
             return False
-        previous = self._sessions.get(identity.device_id)
+        if identity.role == CLAIM:
+            peer.rights = claim_rights(client_id.removeprefix(ENROLL_CLIENT_PREFIX))
+        elif identity.role == ADMIN:
+            peer.rights = ADMIN_RIGHTS
+        previous = self._sessions.get(client_id)
         if previous is not None and previous is not peer:
             previous.close_by_broker("takeover")
-        self._sessions[identity.device_id] = peer
+        self._sessions[client_id] = peer
+        peer.client_id = client_id
         peer.authorized = True
         self.metrics.connected.inc()
         self.record(peer, Outcome.OK, None)
@@ -423,6 +434,8 @@ class FleetBroker:
                 "serial": format(serial, "X") if serial is not None else None,
                 "peer": peer.peer_address,
             }
+            if peer.identity is not None and peer.identity.role != DEVICE:
+                record |= {"role": peer.identity.role, "client_id": peer.client_id}
         record |= {key: value for key, value in fields.items() if value is not None}
         self.events.append(record)
         if self.settings.event_log:
@@ -446,6 +459,30 @@ class FleetBroker:
             return await asyncio.wait_for(found, timeout)
         finally:
             self._event_listeners.remove(listener)
+
+
+def _client_id_problem(identity: DeviceIdentity, client_id: str | None) -> str | None:
+    """Why ``client_id`` may not be used with this certificate (None: it may).
+
+    A device must use its own id; a claim certificate, shared by a batch of new devices,
+    ``enroll:<request-id>``; the admin ``admin:<its name>``. Device ids never contain ':', so
+    neither of the others can take a device's session over.
+    """
+    if identity.role == DEVICE:
+        expected = identity.device_id
+    elif identity.role == ADMIN:
+        expected = f"{ADMIN_CLIENT_PREFIX}{identity.device_id}"
+    else:
+        request_id = (client_id or "").removeprefix(ENROLL_CLIENT_PREFIX)
+        if client_id == f"{ENROLL_CLIENT_PREFIX}{request_id}" and is_request_id(request_id):
+            return None
+        return (
+            f"client id {client_id!r} is not 'enroll:<request id>' for claim "
+            f"{identity.device_id!r} (request id: 8-64 of A-Z a-z 0-9 _ -)"
+        )
+    if client_id != expected:
+        return f"client id {client_id!r} is not the certificate's {identity.role} id {expected!r}"
+    return None
 
 
 def _fetch(url: str, timeout: float) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import random
 import ssl
@@ -20,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from device.connect import open_tls_socket
+from device.identity_files import install_identity
 from device.outcomes import ConnectAttempt, ConnectOutcome, alert_name, classify_tls_failure
+from device.requests import prepare_renewal
 from device.tls import device_tls_context
 from fleet.errors import CertificateError
+from fleet.mqtt_api import RENEW, ProtocolError, Reply, decode_reply, reply_topic, request_topic
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,9 @@ class DeviceSettings:
     source_ip: str | None = None
     client_id: str | None = None  # default: the device id (a different one tests spoofing)
     reconnect: bool = True  # False: one session at most, no retry after a refusal or a drop
+    subscribe_commands: bool = True  # to devices/<id>/commands at every connect
+    renew_at: float | None = None  # renew over MQTT at this fraction of the lifetime (e.g. 2/3)
+    request_timeout: float = 10.0  # wait this long for the control plane's reply
 
 
 @dataclass
@@ -61,6 +69,8 @@ class DeviceStats:
     received_topics: Counter[str] = field(default_factory=Counter)
     disconnects: list[str] = field(default_factory=list)
     planned_reconnects: int = 0
+    renewals: int = 0
+    renewal_failures: Counter[str] = field(default_factory=Counter)
 
 
 class _ObservedSocket:
@@ -165,6 +175,10 @@ class Device:
         self._disconnected = asyncio.Event()
         self._tls_error: str | None = None
         self._seq = 0
+        self._session_ready = asyncio.Event()  # connected (set) or not (clear)
+        self._reply_topics: set[str] = set()  # subscribed in this session
+        self._replies: dict[str, asyncio.Future[Reply]] = {}  # request id -> its answer
+        self._request_mids: set[int] = set()
         self.connected = False
 
     @property
@@ -246,6 +260,8 @@ class Device:
             self._connack.set_result(("lost", detail))
         if self.connected:
             self.connected = False
+            self._session_ready.clear()
+            self._reply_topics.clear()
             self._planned_drop = self._leaving
             self._leaving = False
             if not self._planned_drop:
@@ -257,14 +273,29 @@ class Device:
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
+        if mid in self._request_mids:  # a request to the control plane, not telemetry
+            self._request_mids.discard(mid)
+            return
         self.stats.acknowledged += 1
         self._inflight.pop(mid, None)
         if not self._inflight:
             self._all_acknowledged.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        if message.topic in self._reply_topics:
+            self._take_reply(message.payload)
+            return
         self.stats.received += 1
         self.stats.received_topics[message.topic] += 1
+
+    def _take_reply(self, payload: bytes) -> None:
+        try:
+            reply = decode_reply(payload)
+        except ProtocolError:
+            return  # not an answer to us; a waiter times out rather than trusting it
+        waiter = self._replies.pop(reply.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
@@ -329,7 +360,9 @@ class Device:
         mqtt_seconds = time.perf_counter() - started
         if result == "ok":
             self.connected = True
-            self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
+            self._session_ready.set()
+            if s.subscribe_commands:
+                self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
             outcome: ConnectOutcome = ConnectOutcome.CONNECTED
         elif result == "refused":
             outcome = ConnectOutcome.CONNACK_REFUSED
@@ -384,6 +417,85 @@ class Device:
         self._subscriptions[mid] = waiter
         return await asyncio.wait_for(waiter, timeout)
 
+    # -- requests to the control plane (see fleet.mqtt_api) ---------------------------------
+
+    async def request(self, kind: str, subject: str, request_id: str, payload: bytes) -> Reply:
+        """Publish a request and wait for the control plane's reply (QoS 1 both ways).
+
+        Raises ``TimeoutError`` when no reply comes within ``request_timeout`` and
+        ``ConnectionError`` when not connected or the broker refuses the reply subscription.
+        """
+        answer = reply_topic(kind, subject)
+        if answer not in self._reply_topics:
+            if not await self.subscribe(answer, timeout=self.settings.request_timeout):
+                raise ConnectionError(f"the broker refused the subscription to {answer}")
+            self._reply_topics.add(answer)
+        waiter: asyncio.Future[Reply] = self._loop.create_future()
+        self._replies[request_id] = waiter
+        try:
+            info = self._client.publish(request_topic(kind, subject), payload, qos=1)
+            self._request_mids.add(info.mid)
+            return await asyncio.wait_for(waiter, self.settings.request_timeout)
+        finally:
+            self._replies.pop(request_id, None)
+
+    async def renew(self) -> Reply:
+        """Renew over MQTT: a new key and CSR, proven with the current certificate.
+
+        On success the new pair replaces ``cert``/``key`` on disk and is used for the next
+        handshake; the live session is kept (see :meth:`reconnect_gracefully`).
+        """
+        s = self.settings
+        prepared = await asyncio.to_thread(prepare_renewal, s.device_id, s.cert, s.key)
+        reply = await self.request(RENEW, s.device_id, prepared.request_id, prepared.payload)
+        if reply.issued:
+            await asyncio.to_thread(
+                install_identity, s.cert, s.key, reply.certificate.encode(), prepared.key_pem
+            )
+            self.swap_certificate(s.cert, s.key)
+            self.stats.renewals += 1
+        return reply
+
+    def _renewal_due_in(self, fraction: float) -> float:
+        """Seconds until this device should renew: at ``fraction`` of its certificate's life,
+        10% earlier at most, at random, so a fleet provisioned at once does not renew at once."""
+        cert = x509.load_pem_x509_certificate(self.settings.cert.read_bytes())
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        due = start + (end - start) * fraction * random.uniform(0.9, 1.0)
+        return (due - dt.datetime.now(dt.UTC)).total_seconds()
+
+    async def _keep_renewed(self, stop: asyncio.Event, fraction: float) -> None:
+        """Renew at ``fraction`` of each certificate's lifetime, then move the live session to
+        the new certificate. Failures are counted by reason and retried with backoff."""
+        failures = 0
+        while not stop.is_set():
+            if failures == 0:
+                delay = self._renewal_due_in(fraction)
+            else:
+                cap = min(self.settings.backoff_cap, self.settings.backoff_base * 2**failures)
+                delay = random.uniform(cap / 2, cap)
+            if await _stopped_within(stop, max(0.0, delay)):
+                return
+            while not self.connected or self._leaving:
+                if await _stopped_within(stop, 0.2):
+                    return
+            try:
+                reply = await self.renew()
+            except TimeoutError:
+                reason = "timeout"
+            except ConnectionError:
+                reason = "disconnected"
+            except CertificateError:
+                reason = "credentials_error"
+            else:
+                if reply.issued:
+                    failures = 0
+                    await self.reconnect_gracefully()
+                    continue
+                reason = reply.reason
+            self.stats.renewal_failures[reason] += 1
+            failures += 1
+
     async def reconnect_gracefully(self, *, ack_grace: float = 3.0) -> None:
         """Drain QoS 1 acks and disconnect cleanly; :meth:`run` connects again at once.
 
@@ -399,7 +511,24 @@ class Device:
         self._client.disconnect()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Stay connected and publishing until ``stop``; back off with full jitter between tries."""
+        """Stay connected and publishing until ``stop``; back off with full jitter between tries.
+
+        With ``renew_at`` set, the certificate is renewed over MQTT as it ages.
+        """
+        renewing = (
+            asyncio.ensure_future(self._keep_renewed(stop, self.settings.renew_at))
+            if self.settings.renew_at
+            else None
+        )
+        try:
+            await self._stay_connected(stop)
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewing
+
+    async def _stay_connected(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
             attempt = await self.connect()
@@ -443,3 +572,10 @@ class Device:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), 5)
         self.connected = False
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds``; True when ``stop`` was set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()

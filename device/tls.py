@@ -7,6 +7,7 @@ import os
 import ssl
 from pathlib import Path
 
+from device.identity_files import recover_identity
 from fleet.errors import CertificateError
 
 
@@ -33,6 +34,7 @@ def device_tls_context(
         raise CertificateError(
             f"cannot load trust anchor {trust_anchor}: {exc}", device_id=device_id
         ) from exc
+    recover_identity(cert, key)  # a renewal that a crash interrupted
     for path in (cert, key):
         if not path.is_file():
             raise CertificateError(f"missing {path}", device_id=device_id)

@@ -38,6 +38,15 @@ class UnknownDeviceError(RegistryError):
         )
 
 
+class RequestRefused(FleetError):
+    """The control plane refused an enrollment or renewal; ``reason`` is a stable name
+    (``id_taken``, ``claim_exhausted`` …) that devices and metrics use."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
 class CertificateError(FleetError):
     """A certificate, key or CSR is unusable; the message names the device and the reason."""
 

@@ -6,6 +6,11 @@ The encoding, documented in the README, is what the broker (ours or anyone's) re
 * a SAN URI ``spiffe://<trust-domain>/device/<id>`` carries the id and the trust domain;
 * two ``OU`` attributes carry ``tier:<bronze|silver|gold>`` and ``env:<prod|dev>``;
 * ``O`` is the trust domain.
+
+Two other kinds of principal carry the same fields, told apart by their role (the SPIFFE path
+segment and an ``OU role:<role>``): a *claim* certificate, shared by a batch of new devices and
+good only for enrollment, and the control plane's *admin* certificate. Their names follow the
+device-id rules; a device certificate has no ``role`` OU.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from fleet.errors import CertificateError, UsageError
 
 TIERS = ("bronze", "silver", "gold")
 ENVIRONMENTS = ("prod", "dev")
+DEVICE, CLAIM, ADMIN = "device", "claim", "admin"
+ROLES = (DEVICE, CLAIM, ADMIN)
 
 _DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-_SPIFFE = re.compile(r"^spiffe://(?P<domain>[^/]+)/device/(?P<id>[^/]+)$")
+_SPIFFE = re.compile(r"^spiffe://(?P<domain>[^/]+)/(?P<role>device|claim|admin)/(?P<id>[^/]+)$")
 
 
 def validate_device_id(device_id: str) -> str:
@@ -60,30 +67,38 @@ def validate_env(env: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DeviceIdentity:
-    """Who a device is, as its certificate says."""
+    """Who a device (or a claim, or the admin) is, as its certificate says.
+
+    For a claim or the admin, ``device_id`` is the claim's or the admin's name.
+    """
 
     device_id: str
     tier: str
     env: str
     trust_domain: str
+    role: str = DEVICE
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
         validate_tier(self.tier)
         validate_env(self.env)
         validate_trust_domain(self.trust_domain)
+        if self.role not in ROLES:
+            raise UsageError(f"invalid role {self.role!r}: choose one of {', '.join(ROLES)}")
 
     @property
     def spiffe_uri(self) -> str:
-        return f"spiffe://{self.trust_domain}/device/{self.device_id}"
+        return f"spiffe://{self.trust_domain}/{self.role}/{self.device_id}"
 
     def subject(self) -> x509.Name:
         """The certificate subject that encodes this identity."""
+        units = [f"tier:{self.tier}", f"env:{self.env}"]
+        if self.role != DEVICE:
+            units.append(f"role:{self.role}")
         return x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"tier:{self.tier}"),
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"env:{self.env}"),
+                *(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in units),
                 x509.NameAttribute(NameOID.COMMON_NAME, self.device_id),
             ]
         )
@@ -107,9 +122,16 @@ def identity_from_certificate(cert: x509.Certificate) -> DeviceIdentity:
     ]
     tier = _tagged_value(units, "tier", device_id)
     env = _tagged_value(units, "env", device_id)
-    domain = _spiffe_domain(cert, device_id)
+    domain, role = _spiffe_domain_and_role(cert, device_id)
+    roles = [unit.split(":", 1)[1] for unit in units if unit.startswith("role:")]
+    if roles != ([] if role == DEVICE else [role]):
+        raise CertificateError(
+            f"the OU role {roles} disagrees with the SAN URI's role {role!r}", device_id=device_id
+        )
     try:
-        return DeviceIdentity(device_id=device_id, tier=tier, env=env, trust_domain=domain)
+        return DeviceIdentity(
+            device_id=device_id, tier=tier, env=env, trust_domain=domain, role=role
+        )
     except UsageError as exc:
         raise CertificateError(str(exc), device_id=device_id) from exc
 
@@ -121,7 +143,7 @@ def _tagged_value(units: list[str], tag: str, device_id: str) -> str:
     return values[0]
 
 
-def _spiffe_domain(cert: x509.Certificate, device_id: str) -> str:
+def _spiffe_domain_and_role(cert: x509.Certificate, device_id: str) -> tuple[str, str]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -134,7 +156,7 @@ def _spiffe_domain(cert: x509.Certificate, device_id: str) -> str:
             raise CertificateError(
                 f"SAN URI {uri!r} names another device than the CN", device_id=device_id
             )
-        return match["domain"]
+        return match["domain"], match["role"]
     raise CertificateError(
         "certificate has no SAN URI spiffe://<domain>/device/<id>", device_id=device_id
     )

@@ -30,11 +30,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from fleet.ca import CertificateAuthority
-from fleet.errors import ProvisioningInterrupted, UsageError
+from fleet.errors import ProvisioningInterrupted, RequestRefused, UsageError
 from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.identity import DeviceIdentity, validate_device_id, validate_env, validate_tier
 from fleet.keys import KeyType, generate_private_key, key_type_of, load_private_key, private_key_pem
-from fleet.registry import NewDevice
+from fleet.registry import Enrollment, NewDevice
 from fleet.signals import StopRequest, stop_on_signals
 from fleet.workspace import Workspace
 
@@ -171,10 +171,13 @@ def provision_from_csr(
     valid_for: dt.timedelta | None = None,
     not_before: dt.datetime | None = None,
     now: dt.datetime | None = None,
+    enrollment: Enrollment | None = None,
 ) -> x509.Certificate:
     """Sign a device-generated CSR for ``device_id``; the device keeps its private key.
 
     Only ``cert.pem`` is written. Subject and extensions come from the fleet, never the CSR.
+    With ``enrollment`` the device becomes visible in the same transaction that spends a use
+    of its claim (see :meth:`Registry.activate_enrollment`).
     """
     validate_device_id(device_id)
     try:
@@ -191,6 +194,8 @@ def provision_from_csr(
     with workspace.lock("provision"), stop_on_signals():
         workspace.roll_back_pending()
         if workspace.registry.taken_ids([device_id]):
+            if enrollment is not None:
+                raise RequestRefused("id_taken", f"device id {device_id!r} is already enrolled")
             raise UsageError(f"device {device_id!r} already exists; choose another --id")
         batch_id = uuid.uuid4().hex
         record = NewDevice(
@@ -208,7 +213,10 @@ def provision_from_csr(
             directory = workspace.paths.device_dir(device_id)
             directory.mkdir(mode=PRIVATE_DIR_MODE)
             write_public(directory / "cert.pem", workspace.ca.chain_pem(cert))
-            workspace.registry.activate_batch(batch_id)
+            if enrollment is None:
+                workspace.registry.activate_batch(batch_id)
+            else:
+                workspace.registry.activate_enrollment(batch_id, enrollment)
         except BaseException:
             workspace.roll_back_pending(batch_id)
             raise

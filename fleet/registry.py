@@ -21,9 +21,9 @@ from typing import Any
 from cryptography import x509
 
 from fleet.ca import RevokedEntry
-from fleet.errors import RegistryError, UnknownDeviceError, WorkspaceError
+from fleet.errors import RegistryError, RequestRefused, UnknownDeviceError, WorkspaceError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -56,6 +56,28 @@ CREATE TABLE IF NOT EXISTS certificates (
 );
 CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
 CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(status) WHERE status = 'revoked';
+CREATE TABLE IF NOT EXISTS claims (
+    name              TEXT PRIMARY KEY,
+    serial            TEXT NOT NULL UNIQUE,
+    tier              TEXT NOT NULL,
+    env               TEXT NOT NULL,
+    allow_ids         TEXT NOT NULL,
+    max_uses          INTEGER NOT NULL CHECK (max_uses > 0),
+    uses              INTEGER NOT NULL DEFAULT 0 CHECK (uses <= max_uses),
+    device_valid_for  REAL NOT NULL,
+    not_after         TEXT NOT NULL,
+    created_at        TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    revoked_at        TEXT,
+    revocation_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    device_id       TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    claim           TEXT NOT NULL REFERENCES claims(name),
+    hardware_serial TEXT NOT NULL,
+    request_id      TEXT NOT NULL,
+    enrolled_at     TEXT NOT NULL
+);
 """
 
 
@@ -118,6 +140,71 @@ class DeviceRecord:
         return self.status
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRecord:
+    """A claim: a certificate shared by a batch of new devices, good for enrollment only."""
+
+    name: str
+    serial: int
+    tier: str  # what the devices it enrolls get
+    env: str
+    allow_ids: str  # shell pattern the requested device ids must match, e.g. 'sensor-*'
+    max_uses: int
+    uses: int
+    device_valid_for: dt.timedelta  # lifetime of the certificates it leads to
+    not_after: dt.datetime
+    created_at: dt.datetime
+    status: str = "active"
+    revoked_at: dt.datetime | None = None
+
+    def refusal(self, now: dt.datetime) -> tuple[str, str] | None:
+        """Why this claim cannot enroll anyone now: (reason, message), or None."""
+        if self.status == "revoked":
+            return "claim_revoked", f"claim {self.name!r} was revoked"
+        if self.not_after <= now:
+            return "claim_expired", f"claim {self.name!r} expired at {format_time(self.not_after)}"
+        if self.uses >= self.max_uses:
+            return (
+                "claim_exhausted",
+                f"claim {self.name!r} has used all {self.max_uses} enrollments",
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """How a device joined through a claim."""
+
+    device_id: str
+    claim: str
+    hardware_serial: str
+    request_id: str
+    enrolled_at: dt.datetime
+
+
+_CLAIM_COLUMNS = """
+    name, serial, tier, env, allow_ids, max_uses, uses, device_valid_for, not_after, created_at,
+    status, revoked_at
+"""
+
+
+def _claim(row: sqlite3.Row) -> ClaimRecord:
+    return ClaimRecord(
+        name=row[0],
+        serial=int(row[1], 16),
+        tier=row[2],
+        env=row[3],
+        allow_ids=row[4],
+        max_uses=int(row[5]),
+        uses=int(row[6]),
+        device_valid_for=dt.timedelta(seconds=float(row[7])),
+        not_after=parse_time(row[8]),
+        created_at=parse_time(row[9]),
+        status=row[10],
+        revoked_at=parse_time(row[11]) if row[11] else None,
+    )
+
+
 _DEVICE_COLUMNS = """
     d.id, c.serial, d.tier, d.env, d.status, d.key_source, c.key_type, c.not_before, c.not_after,
     d.created_at, d.updated_at, c.revoked_at, c.revocation_reason
@@ -160,15 +247,25 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        if create:
-            with self.transaction():
-                # executescript() would COMMIT first: run the statements one by one instead.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+        if create or self._schema_version() < SCHEMA_VERSION:
+            self._create_schema()
+
+    def _schema_version(self) -> int:
+        rows = self._query("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(rows[0][0]) if rows else 0
+
+    def _create_schema(self) -> None:
+        """Create what is missing (every statement is IF NOT EXISTS): a new registry, or one
+        written by an older version, gains the newer tables in one transaction."""
+        with self.transaction():
+            # executescript() would COMMIT first: run the statements one by one instead.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(statement)
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -264,17 +361,21 @@ class Registry:
     def activate_batch(self, batch_id: str) -> int:
         """Make a pending batch visible, in one transaction. Returns the number of devices."""
         with self.transaction() as db:
-            db.execute(
-                "UPDATE certificates SET status = 'active' WHERE status = 'pending' AND device_id IN "
-                "(SELECT id FROM devices WHERE batch_id = ? AND status = 'pending')",
-                (batch_id,),
-            )
-            cursor = db.execute(
-                "UPDATE devices SET status = 'active', batch_id = NULL "
-                "WHERE batch_id = ? AND status = 'pending'",
-                (batch_id,),
-            )
-            return cursor.rowcount
+            return self._activate(db, batch_id)
+
+    @staticmethod
+    def _activate(db: sqlite3.Connection, batch_id: str) -> int:
+        db.execute(
+            "UPDATE certificates SET status = 'active' WHERE status = 'pending' AND device_id IN "
+            "(SELECT id FROM devices WHERE batch_id = ? AND status = 'pending')",
+            (batch_id,),
+        )
+        cursor = db.execute(
+            "UPDATE devices SET status = 'active', batch_id = NULL "
+            "WHERE batch_id = ? AND status = 'pending'",
+            (batch_id,),
+        )
+        return cursor.rowcount
 
     def pending_batches(self) -> dict[str, list[str]]:
         """Batches whose provisioning run did not finish: batch id -> device ids."""
@@ -443,8 +544,9 @@ class Registry:
         ``pending`` certificates (a provisioning run still writing) count as never issued.
         """
         rows = self._query(
-            "SELECT status, revoked_at, revocation_reason FROM certificates WHERE serial = ?",
-            (serial_hex(serial),),
+            "SELECT status, revoked_at, revocation_reason FROM certificates WHERE serial = ? "
+            "UNION ALL SELECT status, revoked_at, revocation_reason FROM claims WHERE serial = ?",
+            (serial_hex(serial), serial_hex(serial)),
         )
         if not rows or rows[0][0] == "pending":
             return None
@@ -457,10 +559,12 @@ class Registry:
         return status, entry
 
     def revoked_entries(self) -> list[RevokedEntry]:
-        """Every revoked certificate, for the CRL."""
+        """Every revoked certificate (devices' and claims'), for the CRL."""
         rows = self._query(
             "SELECT serial, revoked_at, revocation_reason FROM certificates "
-            "WHERE status = 'revoked' ORDER BY revoked_at, serial"
+            "WHERE status = 'revoked' UNION ALL "
+            "SELECT serial, revoked_at, revocation_reason FROM claims WHERE status = 'revoked' "
+            "ORDER BY revoked_at, serial"
         )
         return [
             RevokedEntry(
@@ -470,3 +574,102 @@ class Registry:
             )
             for serial, revoked_at, reason in rows
         ]
+
+    # -- claims and enrollment --------------------------------------------------------------
+
+    def add_claim(self, claim: ClaimRecord) -> None:
+        """Record a new claim; a name in use is refused (revoked claims keep their name)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM claims WHERE name = ?", (claim.name,)).fetchone():
+                raise RegistryError(
+                    f"claim {claim.name!r} already exists; choose another --name "
+                    "('fleet claim list' shows them)"
+                )
+            db.execute(
+                "INSERT INTO claims(name, serial, tier, env, allow_ids, max_uses, uses, "
+                "device_valid_for, not_after, created_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, 'active')",
+                (
+                    claim.name,
+                    serial_hex(claim.serial),
+                    claim.tier,
+                    claim.env,
+                    claim.allow_ids,
+                    claim.max_uses,
+                    claim.device_valid_for.total_seconds(),
+                    format_time(claim.not_after),
+                    format_time(claim.created_at),
+                ),
+            )
+
+    def claims(self) -> list[ClaimRecord]:
+        return [
+            _claim(row) for row in self._query(f"SELECT {_CLAIM_COLUMNS} FROM claims ORDER BY name")
+        ]
+
+    def claim(self, name: str) -> ClaimRecord:
+        rows = self._query(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE name = ?", (name,))
+        if not rows:
+            raise RegistryError(f"unknown claim {name!r}: 'fleet claim list' shows the claims")
+        return _claim(rows[0])
+
+    def claim_by_serial(self, serial: int) -> ClaimRecord | None:
+        rows = self._query(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE serial = ?", (serial_hex(serial),)
+        )
+        return _claim(rows[0]) if rows else None
+
+    def revoke_claim(self, name: str, reason: x509.ReasonFlags, *, now: dt.datetime) -> bool:
+        """Revoke a claim (no more enrollments; its certificate goes on the CRL).
+
+        Devices it enrolled are unaffected. False when it was already revoked.
+        """
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM claims WHERE name = ?", (name,)).fetchone():
+                raise RegistryError(f"unknown claim {name!r}: 'fleet claim list' shows the claims")
+            cursor = db.execute(
+                "UPDATE claims SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                "WHERE name = ? AND status = 'active'",
+                (format_time(now), reason.name.replace("_", "-"), name),
+            )
+            return cursor.rowcount == 1
+
+    def activate_enrollment(self, batch_id: str, enrollment: Enrollment) -> None:
+        """Make an enrolled device visible and spend one use of its claim, in one transaction.
+
+        Raises :class:`RequestRefused` (and changes nothing) when the claim was revoked or
+        used up meanwhile: two requests racing for the last use cannot both win.
+        """
+        with self.transaction() as db:
+            spent = db.execute(
+                "UPDATE claims SET uses = uses + 1 "
+                "WHERE name = ? AND status = 'active' AND uses < max_uses",
+                (enrollment.claim,),
+            )
+            if spent.rowcount != 1:
+                raise RequestRefused(
+                    "claim_exhausted", f"claim {enrollment.claim!r} has no uses left or was revoked"
+                )
+            db.execute(
+                "INSERT INTO enrollments(device_id, claim, hardware_serial, request_id, enrolled_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    enrollment.device_id,
+                    enrollment.claim,
+                    enrollment.hardware_serial,
+                    enrollment.request_id,
+                    format_time(enrollment.enrolled_at),
+                ),
+            )
+            self._activate(db, batch_id)
+
+    def enrollment(self, device_id: str) -> Enrollment | None:
+        rows = self._query(
+            "SELECT device_id, claim, hardware_serial, request_id, enrolled_at FROM enrollments "
+            "WHERE device_id = ?",
+            (device_id,),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Enrollment(row[0], row[1], row[2], row[3], parse_time(row[4]))

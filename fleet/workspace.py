@@ -12,6 +12,8 @@
     DIR/broker/server.crt, .key broker chain (leaf + intermediate) and key (0600)
     DIR/devices/<id>/cert.pem   device chain (leaf + intermediate)
     DIR/devices/<id>/key.pem    device key (0600); absent for devices provisioned from a CSR
+    DIR/admin/cert.pem, key.pem the control plane's admin identity (chain; key 0600)
+    DIR/claims/<name>/          a claim's cert.pem, key.pem (0600) and root.crt, for a factory
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from fleet.ca import CertificateAuthority, create_intermediate_ca, create_root_c
 from fleet.config import FleetConfig
 from fleet.errors import WorkspaceError
 from fleet.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
+from fleet.identity import ADMIN, DeviceIdentity
 from fleet.keys import (
     generate_private_key,
     key_type_of,
@@ -123,6 +126,25 @@ class WorkspacePaths:
     @property
     def locks_dir(self) -> Path:
         return self.root / ".locks"
+
+    @property
+    def admin_dir(self) -> Path:
+        return self.root / "admin"
+
+    @property
+    def admin_cert(self) -> Path:
+        return self.admin_dir / "cert.pem"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.admin_dir / "key.pem"
+
+    @property
+    def claims_dir(self) -> Path:
+        return self.root / "claims"
+
+    def claim_dir(self, name: str) -> Path:
+        return self.claims_dir / name
 
     def device_dir(self, device_id: str) -> Path:
         return self.devices_dir / device_id
@@ -298,6 +320,7 @@ def init_workspace(
         crl_distribution_url=config.crl_url,
     )
     issue_broker_certificate(paths, ca, hosts=hosts, now=now)
+    issue_admin_certificate(paths, ca, config, now=now)
 
     registry = Registry(paths.db, create=True)
     try:
@@ -334,3 +357,39 @@ def issue_broker_certificate(
     replace_atomically(paths.server_key, private_key_pem(key), mode=0o600)
     replace_atomically(paths.server_cert, ca.chain_pem(cert))
     return cert
+
+
+ADMIN_NAME = "control-plane"
+ADMIN_VALIDITY = dt.timedelta(days=365)
+
+
+def issue_admin_certificate(
+    paths: WorkspacePaths,
+    ca: CertificateAuthority,
+    config: FleetConfig,
+    *,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """(Re)issue ``admin/cert.pem`` and ``key.pem``: the control plane's own identity, with which
+    it connects to brokers (role admin, MQTT client id ``admin:control-plane``)."""
+    now = now or dt.datetime.now(dt.UTC)
+    paths.admin_dir.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    key = generate_private_key(key_type_of(ca.issuing_key))
+    identity = DeviceIdentity(ADMIN_NAME, "bronze", "prod", config.trust_domain, role=ADMIN)
+    cert = ca.issue_device(
+        identity, key.public_key(), not_before=now, not_after=now + ADMIN_VALIDITY
+    )
+    replace_atomically(paths.admin_key, private_key_pem(key), mode=0o600)
+    replace_atomically(paths.admin_cert, ca.chain_pem(cert))
+    return cert
+
+
+def ensure_admin_certificate(workspace: Workspace) -> None:
+    """Give a workspace made before the admin identity existed (or whose admin certificate
+    expires within a week) a fresh one."""
+    paths = workspace.paths
+    if paths.admin_cert.exists() and paths.admin_key.exists():
+        cert = _load_cert(paths.admin_cert)
+        if cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=7):
+            return
+    issue_admin_certificate(paths, workspace.ca, workspace.config)

@@ -1,0 +1,209 @@
+"""The control plane's MQTT API: enrollment by claim and renewal, as topics and JSON messages.
+
+Shared by the three parties so none of them spells a topic differently:
+
+* a new device connects with a *claim* certificate and the client id ``enroll:<request-id>``,
+  subscribes to ``$fleet/provision/<request-id>/reply`` and publishes an :class:`EnrollRequest`
+  to ``$fleet/provision/<request-id>/request``;
+* an enrolled device renews with its own certificate: it subscribes to
+  ``$fleet/renew/<device-id>/reply`` and publishes a :class:`RenewRequest` to
+  ``$fleet/renew/<device-id>/request``;
+* the control plane connects with the *admin* certificate (client id ``admin:<name>``),
+  subscribes to both request topics with a ``+`` for the id and answers on the reply topic with
+  a :class:`Reply`.
+
+Every request carries a proof of possession: the certificate the device connected with and a
+signature, by that certificate's key, over the request's id, the topic kind and the CSR. The
+control plane checks the proof itself, so it never has to trust the broker to say who
+published (Mosquitto, EMQX … know nothing of claims); the broker's topic rights are a second
+fence that keeps claim certificates away from everything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from fleet.errors import UsageError
+from fleet.keys import PrivateKey
+
+PROVISION = "provision"
+RENEW = "renew"
+ENROLL_CLIENT_PREFIX = "enroll:"
+ADMIN_CLIENT_PREFIX = "admin:"
+REQUEST_SUBSCRIPTIONS = ("$fleet/provision/+/request", "$fleet/renew/+/request")
+REPLY_PUBLICATIONS = ("$fleet/provision/+/reply", "$fleet/renew/+/reply")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_TOPIC = re.compile(r"^\$fleet/(?P<kind>provision|renew)/(?P<id>[^/]+)/request$")
+MAX_MESSAGE = 64 * 1024
+
+
+class ProtocolError(UsageError):
+    """A message that does not follow this API; ``field`` names the offending field."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def is_request_id(text: str) -> bool:
+    return bool(_REQUEST_ID.match(text))
+
+
+def request_topic(kind: str, subject: str) -> str:
+    """``$fleet/<kind>/<request-id or device-id>/request``."""
+    return f"$fleet/{kind}/{subject}/request"
+
+
+def reply_topic(kind: str, subject: str) -> str:
+    return f"$fleet/{kind}/{subject}/reply"
+
+
+def parse_request_topic(topic: str) -> tuple[str, str] | None:
+    """(kind, request-id or device-id) of a request topic; None for any other topic."""
+    match = _TOPIC.match(topic)
+    return (match["kind"], match["id"]) if match else None
+
+
+def enroll_client_id(request_id: str) -> str:
+    return f"{ENROLL_CLIENT_PREFIX}{request_id}"
+
+
+# -- proof of possession ------------------------------------------------------------------------
+
+
+def _signed_bytes(kind: str, subject: str, csr_pem: str) -> bytes:
+    return b"\n".join((b"mtls-fleet", kind.encode(), subject.encode(), csr_pem.encode()))
+
+
+def sign_proof(key: PrivateKey, kind: str, subject: str, csr_pem: str) -> str:
+    """Base64 signature by ``key`` binding the CSR to this request's kind and id."""
+    data = _signed_bytes(kind, subject, csr_pem)
+    if isinstance(key, rsa.RSAPrivateKey):
+        signature = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
+    return base64.b64encode(signature).decode()
+
+
+def verify_proof(
+    cert: x509.Certificate, signature: str, kind: str, subject: str, csr_pem: str
+) -> bool:
+    """True when ``signature`` was made by ``cert``'s key over this request."""
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    data = _signed_bytes(kind, subject, csr_pem)
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(raw, data, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(raw, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    """A new device asks for a certificate for ``device_id``, proving it holds the claim."""
+
+    device_id: str
+    csr: str  # PEM, made by the device's own new key
+    claim_certificate: str  # PEM of the claim certificate the device connected with
+    signature: str  # sign_proof(claim key, PROVISION, request id, csr)
+    hardware_serial: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RenewRequest:
+    """An enrolled device asks for a fresh certificate, proving it holds its current one."""
+
+    request_id: str
+    csr: str
+    certificate: str  # PEM of the device's current certificate
+    signature: str  # sign_proof(current key, RENEW, device id, csr)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The control plane's answer: ``issued`` with the chain, or ``refused`` with a reason."""
+
+    request_id: str
+    status: str  # issued | refused
+    certificate: str = ""  # PEM chain (leaf first) when issued
+    reason: str = ""  # a stable name when refused, e.g. id_taken, claim_exhausted
+    message: str = ""  # what the device's operator should do about it
+
+    @property
+    def issued(self) -> bool:
+        return self.status == "issued"
+
+
+def encode(message: EnrollRequest | RenewRequest | Reply) -> bytes:
+    return json.dumps(asdict(message), separators=(",", ":")).encode()
+
+
+def _fields(
+    payload: bytes, names: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, str]:
+    if len(payload) > MAX_MESSAGE:
+        raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
+    try:
+        body: Any = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"message is not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a JSON object")
+    values: dict[str, str] = {}
+    for name in (*names, *optional):
+        value = body.get(name, "" if name in optional else None)
+        if value is None:
+            raise ProtocolError(f"missing field {name!r}", field=name)
+        if not isinstance(value, str):
+            raise ProtocolError(f"field {name!r} must be a string", field=name)
+        values[name] = value
+    unknown = sorted(set(body) - set(names) - set(optional))
+    if unknown:
+        raise ProtocolError(f"unknown field {unknown[0]!r}", field=unknown[0])
+    return values
+
+
+def decode_enroll_request(payload: bytes) -> EnrollRequest:
+    values = _fields(
+        payload, ("device_id", "csr", "claim_certificate", "signature"), ("hardware_serial",)
+    )
+    return EnrollRequest(**values)
+
+
+def decode_renew_request(payload: bytes) -> RenewRequest:
+    return RenewRequest(**_fields(payload, ("request_id", "csr", "certificate", "signature")))
+
+
+def decode_reply(payload: bytes) -> Reply:
+    values = _fields(payload, ("request_id", "status"), ("certificate", "reason", "message"))
+    if values["status"] not in ("issued", "refused"):
+        raise ProtocolError(f"unknown status {values['status']!r}", field="status")
+    return Reply(**values)
+
+
+def leaf_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(Encoding.PEM).decode()
