@@ -12,8 +12,9 @@ renewal     ``bad_request``, ``bad_csr``, ``bad_signature``, ``not_your_certific
             ``unknown_certificate``, ``certificate_revoked``, ``certificate_expired``,
             ``device_revoked``
 
-A request id seen before gets the same answer again (QoS 1 may deliver a request twice, and a
-device that lost the reply asks again): nothing is issued twice for one request.
+A request id that was answered with a certificate gets the same answer again (QoS 1 may
+deliver a request twice, and a device that lost the reply asks again): nothing is issued twice
+for one request. Refusals are not remembered; a request is checked afresh each time.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class CertificateRequests:
                 reply = Reply(request_id, "refused", reason="internal_error", message=str(exc))
             counter = self.enrollments if kind == PROVISION else self.renewals
             counter.labels(ISSUED if reply.issued else reply.reason).inc()
-            if request_id and reply.reason != "internal_error":
+            if request_id and reply.issued:
                 self._replies[key] = reply
                 while len(self._replies) > _REMEMBERED_REPLIES:
                     self._replies.popitem(last=False)

@@ -28,7 +28,7 @@ from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
 from fleet.inspect import describe_certificate
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
-from fleet.registry import DeviceRecord
+from fleet.registry import ClaimRecord, DeviceRecord
 from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
 from fleet.signals import stop_on_signals
@@ -46,6 +46,11 @@ crl_app = typer.Typer(
 app.add_typer(crl_app, name="crl")
 ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
+claim_app = typer.Typer(
+    help="Claims: one certificate a batch of new devices enrolls with (bootstrap).",
+    no_args_is_help=True,
+)
+app.add_typer(claim_app, name="claim")
 bench_app = typer.Typer(help="Load-test mutual-TLS handshakes of a broker.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 scenario_app = typer.Typer(
@@ -489,18 +494,35 @@ def serve(
     directory: DirOption = DEFAULT_DIR,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (0: any free port).")] = 8080,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            help="Also answer enrollment and renewal requests over MQTT on this broker "
+            "(mqtts://HOST:PORT), connecting with DIR/admin/."
+        ),
+    ] = None,
 ) -> None:
-    """Serve the CRL (/crl, /crl.pem) and OCSP (/ocsp) over HTTP, keeping the CRL fresh."""
+    """Serve the CRL (/crl, /crl.pem), OCSP (/ocsp) and /metrics over HTTP, keeping the CRL
+    fresh; with --broker, enroll devices by claim and renew certificates over MQTT."""
+    from device.swarm_command import parse_target
     from fleet.control_plane import ControlPlane
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     workspace = Workspace.open(directory)
+    target = parse_target(broker) if broker else None
     try:
         plane = ControlPlane(workspace, host=host, port=port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     plane.start()
-    print(f"serving {plane.url} (CRL at /crl and /crl.pem, OCSP at /ocsp)", flush=True)
+    if target is not None:
+        try:
+            plane.answer_requests(*target)
+        except FleetError:
+            plane.stop()
+            raise
+    answering = f"; answering certificate requests on {broker}" if broker else ""
+    print(f"serving {plane.url} (CRL at /crl and /crl.pem, OCSP at /ocsp){answering}", flush=True)
     with stop_on_signals() as stop:
         while not stop.requested:
             time.sleep(0.2)
@@ -654,6 +676,174 @@ def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
     out.print(f"retired {', '.join(retired)}; CRL published to {workspace.paths.crl}")
 
 
+@claim_app.command("create")
+@_friendly_errors
+def claim_create(
+    name: Annotated[str, typer.Option(help="The claim's name, e.g. factory-batch-7.")],
+    directory: DirOption = DEFAULT_DIR,
+    max_uses: Annotated[int, typer.Option(help="How many devices it may enroll.")] = 1000,
+    valid_for: Annotated[str, typer.Option(help="How long the claim can be used.")] = "30d",
+    allow_ids: Annotated[
+        str, typer.Option(help="Shell pattern the enrolling ids must match, e.g. 'sensor-*'.")
+    ] = "*",
+    tier: Annotated[str, typer.Option(help=f"Tier of the devices: {', '.join(TIERS)}.")] = "bronze",
+    env: Annotated[str, typer.Option(help=f"Environment: {', '.join(ENVIRONMENTS)}.")] = "prod",
+    device_valid_for: Annotated[
+        str | None,
+        typer.Option(help="Lifetime of the enrolled devices' certificates (default: fleet.toml)."),
+    ] = None,
+) -> None:
+    """Issue a claim certificate into DIR/claims/NAME/ (cert.pem, key.pem, root.crt)."""
+    from fleet.claims import ClaimRules, create_claim
+
+    rules = ClaimRules(
+        name=name,
+        max_uses=max_uses,
+        valid_for=parse_positive_duration(valid_for),
+        allow_ids=allow_ids,
+        tier=tier,
+        env=env,
+        device_valid_for=parse_positive_duration(device_valid_for) if device_valid_for else None,
+    )
+    workspace = Workspace.open(directory)
+    claim = create_claim(workspace, rules)
+    out.print(
+        f"claim {claim.name}: up to {claim.max_uses} {claim.tier} {claim.env} devices with ids "
+        f"matching {claim.allow_ids!r} until {claim.not_after.isoformat()}; give devices "
+        f"{workspace.paths.claim_dir(claim.name)}/ and run 'fleet serve --broker ...'",
+        highlight=False,
+    )
+
+
+@claim_app.command("list")
+@_friendly_errors
+def claim_list(
+    directory: DirOption = DEFAULT_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the claims with their rules and uses."""
+    workspace = Workspace.open(directory)
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "name": c.name,
+            "tier": c.tier,
+            "env": c.env,
+            "allow_ids": c.allow_ids,
+            "uses": c.uses,
+            "max_uses": c.max_uses,
+            "not_after": c.not_after.isoformat(),
+            "status": _claim_status(c, now),
+            "serial": format(c.serial, "X"),
+        }
+        for c in workspace.registry.claims()
+    ]
+    if as_json:
+        json.dump({"claims": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    table = Table(title=f"{len(rows)} claim(s)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "tier", "env", "ids", "uses", "expires (UTC)", "status"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            str(row["name"]),
+            str(row["tier"]),
+            str(row["env"]),
+            str(row["allow_ids"]),
+            f"{row['uses']}/{row['max_uses']}",
+            str(row["not_after"])[:16].replace("T", " "),
+            str(row["status"]),
+        )
+    out.print(table)
+
+
+def _claim_status(claim: ClaimRecord, now: dt.datetime) -> str:
+    refusal = claim.refusal(now)
+    return "active" if refusal is None else refusal[0].removeprefix("claim_")
+
+
+@claim_app.command("revoke")
+@_friendly_errors
+def claim_revoke(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The claim to revoke.")],
+    directory: DirOption = DEFAULT_DIR,
+) -> None:
+    """Stop a claim enrolling devices (its certificate goes on the CRL); enrolled devices stay."""
+    from fleet.claims import revoke_claim
+
+    workspace = Workspace.open(directory)
+    if not revoke_claim(workspace, name):
+        out.print(f"claim {name} was already revoked; nothing changed")
+        return
+    out.print(f"revoked claim {name}; CRL published to {workspace.paths.crl}", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def enroll(
+    claim: Annotated[
+        Path, typer.Option(help="The claim directory a device holds (DIR/claims/NAME).")
+    ],
+    device_ids: Annotated[
+        list[str], typer.Option("--id", help="Device id to enroll (repeat for several).")
+    ],
+    store: Annotated[
+        Path, typer.Option(help="Where each device keeps STORE/<id>/key.pem and cert.pem.")
+    ],
+    target: Annotated[
+        str, typer.Option(help="mqtts://HOST:PORT of the broker the control plane answers on.")
+    ] = "mqtts://127.0.0.1:8883",
+    server_name: Annotated[
+        str, typer.Option(help="Host name the broker certificate must carry.")
+    ] = "localhost",
+    hardware_serial: Annotated[
+        str, typer.Option(help="A hardware serial recorded with the enrollment.")
+    ] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 10.0,
+) -> None:
+    """Enroll devices as the devices themselves do: connect with the claim, send a CSR for a
+    key generated here, keep the key. Exit 1 when any enrollment was refused or failed."""
+    import asyncio
+
+    from device.enrollment import ClaimBundle, EnrollmentResult, enroll
+    from device.swarm_command import parse_target
+
+    host, port = parse_target(target)
+    bundle = ClaimBundle(claim)
+
+    async def enroll_all() -> list[EnrollmentResult]:
+        context = bundle.context()
+        return list(
+            await asyncio.gather(
+                *(
+                    enroll(
+                        device_id, bundle, store, host=host, port=port, server_name=server_name,
+                        hardware_serial=hardware_serial, timeout=timeout, context=context,
+                    )
+                    for device_id in device_ids
+                )
+            )
+        )  # fmt: skip
+
+    failed = 0
+    for result in asyncio.run(enroll_all()):
+        if result.enrolled:
+            out.print(
+                f"enrolled {result.device_id} in {result.seconds * 1000:.0f} ms: "
+                f"{store / result.device_id}/cert.pem and key.pem",
+                highlight=False,
+            )
+        else:
+            failed += 1
+            err.print(
+                f"{result.device_id}: {result.status} ({result.reason}) {result.detail}",
+                highlight=False,
+            )
+    if failed:
+        raise typer.Exit(1)
+
+
 @bench_app.command("handshake")
 @_friendly_errors
 def bench_handshake(
@@ -783,6 +973,10 @@ def scenario_run(
         bool, typer.Option(help="Keep each scenario's workspace (for inspection).")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No live timeline, only the verdicts.")] = False,
+    skip_tag: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave out scenarios with this tag, e.g. long (repeatable)."),
+    ] = None,
 ) -> None:
     """Run scenarios; exit 0 only when every expectation of every scenario held."""
     from device.swarm_command import parse_target
@@ -796,6 +990,8 @@ def scenario_run(
     )
 
     scenarios = load_scenarios(paths or [LIBRARY])  # every file is checked before any runs
+    skipped = set(skip_tag or ())
+    scenarios = [s for s in scenarios if not skipped & set(s.tags)]
     chosen_target = None
     if target is not None:
         if directory is None:

@@ -12,6 +12,10 @@
 
 It also keeps the CRL fresh: when less than half of its lifetime is left it publishes a new
 one, so brokers only go stale when the control plane is down.
+
+Given a broker (``fleet serve --broker mqtts://HOST:PORT``) it also answers enrollment and
+renewal requests over MQTT (:mod:`fleet.certificate_service`), counted on ``/metrics`` as
+``fleet_enrollments_total{outcome}`` and ``fleet_renewals_total{outcome}``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fleet.ca import CertificateAuthority
+from fleet.certificate_requests import CertificateRequests
+from fleet.certificate_service import CertificateService
 from fleet.ocsp import OcspResponder
 from fleet.revocation import load_crl, publish_crl
 from fleet.workspace import Workspace
@@ -105,6 +111,8 @@ class ControlPlane:
         self._threads: list[threading.Thread] = []
         self.metrics = CollectorRegistry()
         self.metrics.register(_ExpiryCollector(workspace))
+        self.requests = CertificateRequests(workspace, self.metrics)
+        self.service: CertificateService | None = None
 
     @property
     def url(self) -> str:
@@ -117,8 +125,19 @@ class ControlPlane:
             thread.start()
             self._threads.append(thread)
 
+    def answer_requests(self, host: str, port: int) -> None:
+        """Also answer enrollment and renewal requests on the broker at ``host:port``.
+
+        Raises :class:`~fleet.certificate_service.BrokerUnreachable` if it cannot connect.
+        """
+        service = CertificateService(self.workspace, self.requests, host=host, port=port)
+        service.start()
+        self.service = service
+
     def stop(self) -> None:
         self._stop.set()
+        if self.service is not None:
+            self.service.stop()
         self.server.shutdown()
         self.server.server_close()
         for thread in self._threads:

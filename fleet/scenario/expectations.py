@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from device import ConnectOutcome
 from fleet.scenario.broker_process import BrokerLog
 from fleet.scenario.model import DeviceState, ExpectStep
 from fleet.scenario.population import Member, Population
@@ -85,8 +86,10 @@ class Checker:
         population: Population,
         broker: BrokerLog | None,
         window: Window,
+        certificates_of: Callable[[str], int] | None = None,
     ) -> None:
         self.step = step
+        self.certificates_of = certificates_of  # the registry's certificate count per device
         self.population = population
         self.broker = broker
         self.window = window
@@ -158,6 +161,14 @@ class Checker:
             drops = m.drops - self.window.drops.get(m.label, 0)
             if drops > step.drops:
                 problems.append(f"{drops} sessions dropped")
+        if step.refusals is not None:
+            refused = [
+                s
+                for s in m.sightings_since(since)
+                if s.outcome not in (ConnectOutcome.CONNECTED.value, "dropped")
+            ]
+            if len(refused) > step.refusals:
+                problems.append(f"{len(refused)} attempts failed (latest: {refused[-1].text()})")
         if step.delivered_at_least is not None:
             delivered = m.acknowledged - self.window.acknowledged.get(m.label, 0)
             if delivered < step.delivered_at_least:
@@ -169,7 +180,28 @@ class Checker:
             problems.append(f"received {received}")
         if step.subscription is not None and m.subscription != step.subscription:
             problems.append(f"subscription {m.subscription or 'none'}")
+        if step.enrollment is not None and not (
+            m.enrollment is not None and _normal(step.enrollment) in _normal(m.enrollment)
+        ):
+            problems.append(f"enrollment {m.enrollment or 'not tried'}")
+        if step.renewed_at_least is not None:
+            problems.extend(self._renewal_problems(m, step.renewed_at_least))
+        if step.renewal_failures is not None and m.renewal_failures > step.renewal_failures:
+            failures = m.device.stats.renewal_failures if m.device else {}
+            problems.append(f"{m.renewal_failures} renewals failed ({dict(failures)})")
         return [f"{m.label} ({m.device_id}): {', '.join(problems)}"] if problems else []
+
+    def _renewal_problems(self, m: Member, wanted: int) -> list[str]:
+        """Renewed on the device, and on record: the registry holds the original certificate
+        and one more per renewal."""
+        if m.renewals < wanted:
+            return [f"renewed {m.renewals} times"]
+        problems = []
+        if self.certificates_of is not None:
+            held = self.certificates_of(m.device_id)
+            if held < wanted + 1:
+                problems.append(f"the registry holds {held} certificates")
+        return problems
 
     def _summary(self) -> str:
         if not self.members:
@@ -198,6 +230,14 @@ class Checker:
             parts.append(f"acknowledged {acked}, received {received}")
         if self.step.subscription is not None:
             parts.append("SUBACK " + _top(Counter(m.subscription or "none" for m in self.members)))
+        if self.step.enrollment is not None:
+            parts.append(
+                "enrollment " + _top(Counter(m.enrollment or "none" for m in self.members))
+            )
+        if self.step.renewed_at_least is not None or self.step.renewal_failures is not None:
+            renewals = [m.renewals for m in self.members]
+            failed = sum(m.renewal_failures for m in self.members)
+            parts.append(f"renewals per device {min(renewals)}-{max(renewals)}, {failed} failed")
         return "; ".join(parts)
 
     def _affected_others(self) -> tuple[list[str], int]:

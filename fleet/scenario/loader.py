@@ -25,10 +25,12 @@ from fleet.scenario.model import (
     BrokerCertificateStep,
     BrokerSpec,
     ConnectStep,
+    CreateClaimStep,
     DeviceDefaults,
     DeviceState,
     DisconnectStep,
     Eku,
+    EnrollStep,
     ExpectStep,
     Group,
     Issuer,
@@ -37,6 +39,7 @@ from fleet.scenario.model import (
     PublishStep,
     RestartBrokerStep,
     RetireCaStep,
+    RevokeClaimStep,
     RevokeStep,
     RotateCaStep,
     RotateStep,
@@ -268,6 +271,7 @@ _TOP_FIELDS = (
     "seed",
     "timeout",
     "crl_valid_for",
+    "certificate_requests",
     "tags",
     "broker",
     "devices",
@@ -285,6 +289,9 @@ _GROUP_FIELDS = (
     "eku",
     "clone_of",
     "client_id_of",
+    "enroll_with",
+    "holds_claim",
+    "auto_renew",
 )
 
 
@@ -300,6 +307,16 @@ def load_scenario(path: Path) -> Scenario:
     groups = _groups(path, top)
     group_names = {g.name: g for g in groups}
     steps = _steps(path, top, group_names)
+    requests = top.get("certificate_requests", _flag, False)
+    needs_requests = [g for g in groups if g.enroll_with or g.auto_renew]
+    if needs_requests and not requests:
+        group = needs_requests[0]
+        raise ScenarioError(
+            path,
+            group.line,
+            f"fleet group {group.name!r}",
+            "enrollment and auto_renew need the control plane: add 'certificate_requests: true'",
+        )
     return Scenario(
         name=name,
         description=top.get("description", _text, ""),
@@ -311,6 +328,7 @@ def load_scenario(path: Path) -> Scenario:
         steps=steps,
         timeout=top.get("timeout", _positive_duration, 120.0),
         crl_valid_for=top.get("crl_valid_for", _positive_duration, None),
+        certificate_requests=requests,
         tags=tuple(top.get("tags", lambda v: [_text(t) for t in _sequence(v)], [])),
     )
 
@@ -398,7 +416,12 @@ def _groups(path: Path, top: _Fields) -> tuple[Group, ...]:
             eku=Eku(fields.get("eku", _choice(Eku), Eku.CLIENT_AUTH.value)),
             clone_of=fields.get("clone_of", _text, None),
             client_id_of=fields.get("client_id_of", _text, None),
+            enroll_with=fields.get("enroll_with", _group_name, None),
+            holds_claim=fields.get("holds_claim", _group_name, None),
+            auto_renew=fields.get("auto_renew", _fraction, None),
         )
+        if group.enroll_with and group.holds_claim:
+            raise fields.error("holds_claim", "a group either enrolls or holds the claim, not both")
         for key, other in (("clone_of", group.clone_of), ("client_id_of", group.client_id_of)):
             if other is None:
                 continue
@@ -410,6 +433,12 @@ def _groups(path: Path, top: _Fields) -> tuple[Group, ...]:
                 raise fields.error(key, f"group {other!r} has fewer than {group.count} devices")
         groups[name] = group
     return tuple(groups.values())
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError("expected a fraction of the lifetime between 0 and 1, e.g. 0.66")
+    return float(value)
 
 
 def _group_name(value: Any) -> str:
@@ -438,6 +467,17 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "start_control_plane": (),
     "rotate_ca": (),
     "retire_ca": (),
+    "create_claim": (
+        "name",
+        "max_uses",
+        "allow_ids",
+        "valid_for",
+        "tier",
+        "env",
+        "device_valid_for",
+    ),
+    "enroll": ("devices",),
+    "revoke_claim": ("name",),
     "expect": (
         "devices",
         "state",
@@ -445,12 +485,16 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
         "device",
         "lost",
         "drops",
+        "refusals",
         "delivered_at_least",
         "received",
         "received_at_least",
         "subscription",
         "others_unaffected",
         "broker_event",
+        "enrollment",
+        "renewed_at_least",
+        "renewal_failures",
         "within",
     ),
     "wait": ("for", "until", "timeout"),
@@ -465,13 +509,16 @@ _SHORTHAND = {
     "broker_certificate": "certificate",
     "stale_crl": "after",
     "wait": "for",
+    "enroll": "devices",
+    "revoke_claim": "name",
 }
 
 
 class _StepReader:
     def __init__(self, path: Path, groups: dict[str, Group]) -> None:
         self.path, self.groups = path, groups
-        self.provisioned: set[str] = set()
+        # groups that enroll or hold a claim exist from the start: nothing to provision
+        self.provisioned: set[str] = {name for name, g in groups.items() if not g.provisioned}
 
     def read(self, item: Any, line: int, where: str) -> Step:
         if not isinstance(item, _Map) or len(item) != 1:
@@ -553,6 +600,10 @@ class _StepReader:
         for name in names:
             if name not in self.groups:
                 raise fields.error("groups", f"no group {name!r}{_suggest(str(name), self.groups)}")
+            if not self.groups[name].provisioned:
+                raise fields.error(
+                    "groups", f"{name!r} enrolls through a claim or holds one: not provisioned"
+                )
             original = self.groups[name].clone_of
             if original is not None and original not in self.provisioned and original not in names:
                 # a clone has no certificates of its own: its original must be provisioned
@@ -629,6 +680,30 @@ class _StepReader:
     def _start_control_plane(self, fields: _Fields, line: int) -> Step:
         return StartControlPlaneStep(line)
 
+    def _create_claim(self, fields: _Fields, line: int) -> Step:
+        return CreateClaimStep(
+            line,
+            name=fields.required("name", _group_name),
+            max_uses=fields.get("max_uses", _positive_count, 1000),
+            allow_ids=fields.get("allow_ids", _text, "*"),
+            valid_for=fields.get("valid_for", _positive_duration, 86400.0),
+            tier=fields.get("tier", _choice(TIERS), "bronze"),
+            env=fields.get("env", _choice(ENVIRONMENTS), "prod"),
+            device_valid_for=fields.get("device_valid_for", _positive_duration, 3600.0),
+        )
+
+    def _enroll(self, fields: _Fields, line: int) -> Step:
+        selector = self.devices(fields)
+        for group_name, _, _ in selector.refs:
+            if self.groups[group_name].enroll_with is None:
+                raise fields.error(
+                    "devices", f"group {group_name!r} has no 'enroll_with: CLAIM' to enroll with"
+                )
+        return EnrollStep(line, selector)
+
+    def _revoke_claim(self, fields: _Fields, line: int) -> Step:
+        return RevokeClaimStep(line, name=fields.required("name", _group_name))
+
     def _rotate_ca(self, fields: _Fields, line: int) -> Step:
         return RotateCaStep(line)
 
@@ -646,12 +721,16 @@ class _StepReader:
             device=fields.get("device", _text, None),
             lost=fields.get("lost", _count, None),
             drops=fields.get("drops", _count, None),
+            refusals=fields.get("refusals", _count, None),
             delivered_at_least=fields.get("delivered_at_least", _count, None),
             received=fields.get("received", _count, None),
             received_at_least=fields.get("received_at_least", _count, None),
             subscription=fields.get("subscription", _choice(SUBSCRIPTION_RESULTS), None),
             others_unaffected=fields.get("others_unaffected", _flag, False),
             broker_event=fields.get("broker_event", _text, None),
+            enrollment=fields.get("enrollment", _text, None),
+            renewed_at_least=fields.get("renewed_at_least", _count, None),
+            renewal_failures=fields.get("renewal_failures", _count, None),
             within=fields.get("within", _positive_duration, 5.0),
             text=_describe(fields),
         )
@@ -661,10 +740,14 @@ class _StepReader:
             "device",
             "lost",
             "drops",
+            "refusals",
             "delivered_at_least",
             "received",
             "received_at_least",
             "subscription",
+            "enrollment",
+            "renewed_at_least",
+            "renewal_failures",
         )
         if selector is None and any(fields.has(k) for k in per_device):
             raise ScenarioError(

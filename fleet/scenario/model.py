@@ -53,11 +53,21 @@ class Group:
     eku: Eku = Eku.CLIENT_AUTH
     clone_of: str | None = None  # use that group's certificates and ids (same identity twice)
     client_id_of: str | None = None  # own certificate, but that group's ids as MQTT client id
+    enroll_with: str | None = None  # no provisioning: enrolls through this claim (enroll step)
+    holds_claim: str | None = None  # connects with this claim's own certificate
+    auto_renew: float | None = None  # renew over MQTT at this fraction of the lifetime
 
     @property
     def fleet_issued(self) -> bool:
-        """Provisioned through the registry like any real device."""
-        return self.issuer is Issuer.FLEET and self.eku is Eku.CLIENT_AUTH
+        """Provisioned (or enrolled) through the registry like any real device."""
+        return (
+            self.issuer is Issuer.FLEET and self.eku is Eku.CLIENT_AUTH and self.holds_claim is None
+        )
+
+    @property
+    def provisioned(self) -> bool:
+        """Its members exist from a ``provision`` step (not from enrollment or a claim)."""
+        return self.enroll_with is None and self.holds_claim is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +184,29 @@ class StartControlPlaneStep(Step):
 
 
 @dataclass(frozen=True, slots=True)
+class CreateClaimStep(Step):
+    name: str
+    max_uses: int = 1000
+    allow_ids: str = "*"
+    valid_for: float = 86400.0
+    tier: str = "bronze"
+    env: str = "prod"
+    device_valid_for: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollStep(Step):
+    """The members enroll through their group's claim (``enroll_with``)."""
+
+    devices: Selector
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeClaimStep(Step):
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class RotateCaStep(Step):
     """A new issuing intermediate signs from now on; the old one stays trusted."""
 
@@ -191,12 +224,16 @@ class ExpectStep(Step):
     device: str | None = None  # what the device saw (outcome, alert or verify reason)
     lost: int | None = None  # at most this many QoS 1 messages unacknowledged
     drops: int | None = None  # at most this many sessions dropped per device since the last action
+    refusals: int | None = None  # at most this many failed connection attempts per device
     delivered_at_least: int | None = None  # acknowledged per device since the last action
     received: int | None = None  # messages received on subscriptions since the last action
     received_at_least: int | None = None
     subscription: str | None = None  # granted / refused: the latest SUBACK
     others_unaffected: bool = False
     broker_event: str | None = None
+    enrollment: str | None = None  # enrolled, or the refusal / failure the latest try got
+    renewed_at_least: int | None = None  # renewals over MQTT per device (and in the registry)
+    renewal_failures: int | None = None  # at most this many failed renewals per device
     within: float = 5.0
     text: str = ""
 
@@ -221,6 +258,9 @@ _STEP_NAMES: dict[type[Step], str] = {
     PublishCrlStep: "publish_crl",
     StopControlPlaneStep: "stop_control_plane",
     StartControlPlaneStep: "start_control_plane",
+    CreateClaimStep: "create_claim",
+    EnrollStep: "enroll",
+    RevokeClaimStep: "revoke_claim",
     RotateCaStep: "rotate_ca",
     RetireCaStep: "retire_ca",
     ExpectStep: "expect",
@@ -241,6 +281,7 @@ class Scenario:
     steps: tuple[Step, ...]
     timeout: float = 120.0  # the whole scenario, a safety net
     crl_valid_for: float | None = None  # the fresh workspace's CRL lifetime (default 7 days)
+    certificate_requests: bool = False  # the control plane answers enrollment/renewal over MQTT
     tags: tuple[str, ...] = field(default=())
 
     def group(self, name: str) -> Group:

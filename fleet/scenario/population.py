@@ -54,6 +54,7 @@ class Member:
     sightings: list[Sighting] = field(default_factory=list)
     subscription: str | None = None  # granted / refused: the latest SUBACK
     past: list[DeviceStats] = field(default_factory=list)  # of devices a new connect replaced
+    enrollment: str | None = None  # "enrolled", or e.g. "refused id_taken: ..." (latest try)
 
     def _stats(self) -> list[DeviceStats]:
         return [*self.past, self.device.stats] if self.device is not None else self.past
@@ -69,6 +70,14 @@ class Member:
     @property
     def received(self) -> int:
         return sum(s.received for s in self._stats())
+
+    @property
+    def renewals(self) -> int:
+        return sum(s.renewals for s in self._stats())
+
+    @property
+    def renewal_failures(self) -> int:
+        return sum(s.renewal_failures.total() for s in self._stats())
 
     @property
     def drops(self) -> int:
@@ -131,13 +140,18 @@ class Population:
 
     # -- running devices ---------------------------------------------------------------------
 
+    def connection_resources(self) -> tuple[PahoDriver, asyncio.Semaphore]:
+        """The paho driver and the in-flight handshake cap every connection here shares."""
+        if self._driver is None or self._gate is None:
+            self._driver = PahoDriver()
+            self._gate = asyncio.Semaphore(MAX_HANDSHAKES_IN_FLIGHT)
+        return self._driver, self._gate
+
     def start(self, member: Member, endpoint: Endpoint, *, reconnect: bool) -> None:
         """Connect ``member`` and keep it publishing (reconnecting with backoff unless told not to)."""
         if member.task is not None and not member.task.done():
             return
-        if self._driver is None:
-            self._driver = PahoDriver()
-            self._gate = asyncio.Semaphore(MAX_HANDSHAKES_IN_FLIGHT)
+        driver, gate = self.connection_resources()
         d = self.defaults
         settings = DeviceSettings(
             member.device_id,
@@ -155,14 +169,16 @@ class Population:
             backoff_cap=d.backoff_cap,
             client_id=member.client_id,
             reconnect=reconnect,
+            subscribe_commands=member.group.holds_claim is None,
+            renew_at=member.group.auto_renew,
         )
         member.stop = asyncio.Event()
         if member.device is not None:
             member.past.append(member.device.stats)
         member.device = Device(
             settings,
-            self._driver,
-            connect_gate=self._gate,
+            driver,
+            connect_gate=gate,
             on_attempt=lambda attempt: self._attempted(member, attempt),
             on_drop=lambda detail: member.sightings.append(
                 Sighting(self._clock(), "dropped", detail)

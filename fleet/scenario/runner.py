@@ -21,10 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from device.enrollment import ClaimBundle, enroll
+from device.requests import new_request_id
 from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
+from fleet.claims import ClaimRules, create_claim, revoke_claim
 from fleet.config import FleetConfig
 from fleet.control_plane import ControlPlane
 from fleet.errors import FleetError, UsageError
+from fleet.mqtt_api import enroll_client_id
 from fleet.provisioning import ProvisionSpec, provision_devices
 from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
@@ -34,7 +38,9 @@ from fleet.scenario.expectations import Checker, Verdict, Window, await_expectat
 from fleet.scenario.model import (
     BrokerCertificateStep,
     ConnectStep,
+    CreateClaimStep,
     DisconnectStep,
+    EnrollStep,
     ExpectStep,
     Group,
     ProvisionStep,
@@ -42,6 +48,7 @@ from fleet.scenario.model import (
     PublishStep,
     RestartBrokerStep,
     RetireCaStep,
+    RevokeClaimStep,
     RevokeStep,
     RotateCaStep,
     RotateStep,
@@ -235,13 +242,46 @@ class ScenarioRun:
             self._note(0, "broker", f"embedded broker on mqtts://127.0.0.1:{self.broker.port}")
         else:
             self._note(0, "broker", f"target mqtts://{self.target.host}:{self.target.port}")
+        for group in self.scenario.groups:
+            if not group.provisioned:
+                self.population.add_group(self._unprovisioned_members(group))
+        if self.scenario.certificate_requests:
+            await self._start_control_plane(port=0)
+
+    def _unprovisioned_members(self, group: Group) -> list[Member]:
+        """Members that enroll (their files appear at the enroll step) or hold a claim."""
+        assert self.workspace is not None
+        paths = self.workspace.paths
+        members = []
+        for n in range(1, group.count + 1):
+            label = f"{group.name}#{n}"
+            if group.holds_claim is not None:
+                claim = ClaimBundle(paths.claim_dir(group.holds_claim))
+                client_id = enroll_client_id(new_request_id())
+                members.append(
+                    Member(label, group, group.holds_claim, client_id, claim.cert, claim.key)
+                )
+            else:
+                device_id = f"{group.name}-{n:05d}"
+                cert, key = paths.device_cert(device_id), paths.device_key(device_id)
+                members.append(Member(label, group, device_id, device_id, cert, key))
+        return members
 
     async def _start_control_plane(self, *, port: int) -> None:
+        """Start 'fleet serve' (HTTP: CRL, OCSP); once the broker runs, and if the scenario asks,
+        it also answers enrollment and renewal requests over MQTT."""
         assert self.workspace is not None
-        plane = ControlPlane(self.workspace, port=port, crl_check_every=0.25)
-        await asyncio.to_thread(plane.start)
-        self.control_plane = plane
-        self._note(0, "control_plane", f"fleet serve on {plane.url} (CRL and OCSP)")
+        if self.control_plane is None:
+            plane = ControlPlane(self.workspace, port=port, crl_check_every=0.25)
+            await asyncio.to_thread(plane.start)
+            self.control_plane = plane
+            self._note(0, "control_plane", f"fleet serve on {plane.url} (CRL and OCSP)")
+        plane = self.control_plane
+        broker_up = self.target is not None or self.broker is not None
+        if self.scenario.certificate_requests and broker_up and plane.service is None:
+            endpoint = self.endpoint()
+            await asyncio.to_thread(plane.answer_requests, endpoint.host, endpoint.port)
+            self._note(0, "control_plane", "answering enrollment and renewal requests over MQTT")
 
     async def _tear_down(self) -> None:
         if self.control_plane is not None:
@@ -503,8 +543,75 @@ class ScenarioRun:
         self._control_plane_port = plane.port
 
     async def _step_start_control_plane(self, step: StartControlPlaneStep) -> None:
-        if self.control_plane is None:
-            await self._start_control_plane(port=self._control_plane_port)
+        await self._start_control_plane(port=self._control_plane_port)
+
+    async def _step_create_claim(self, step: CreateClaimStep) -> None:
+        assert self.workspace is not None
+        rules = ClaimRules(
+            name=step.name,
+            max_uses=step.max_uses,
+            valid_for=dt.timedelta(seconds=step.valid_for),
+            allow_ids=step.allow_ids,
+            tier=step.tier,
+            env=step.env,
+            device_valid_for=dt.timedelta(seconds=step.device_valid_for),
+        )
+        await asyncio.to_thread(create_claim, self.workspace, rules)
+        self._note(
+            step.line,
+            "create_claim",
+            f"{step.name}: {step.max_uses} uses, ids {step.allow_ids!r}, {step.tier} {step.env}",
+        )
+
+    async def _step_enroll(self, step: EnrollStep) -> None:
+        assert self.workspace is not None
+        members = self.population.select(step.devices)
+        endpoint = self.endpoint()
+        driver, gate = self.population.connection_resources()
+        store = self.workspace.paths.devices_dir
+        contexts = {}
+        for member in members:
+            claim_name = member.group.enroll_with
+            assert claim_name is not None
+            if claim_name not in contexts:
+                bundle = ClaimBundle(self.workspace.paths.claim_dir(claim_name))
+                contexts[claim_name] = (bundle, await asyncio.to_thread(bundle.context))
+        started = self.clock()
+        results = await asyncio.gather(
+            *(
+                enroll(
+                    m.device_id,
+                    contexts[m.group.enroll_with or ""][0],
+                    store,
+                    host=endpoint.host,
+                    port=endpoint.port,
+                    server_name=endpoint.server_name,
+                    hardware_serial=f"HW-{m.label}",
+                    driver=driver,
+                    context=contexts[m.group.enroll_with or ""][1],
+                    connect_gate=gate,
+                )
+                for m in members
+            )
+        )
+        for member, result in zip(members, results, strict=True):
+            member.enrollment = " ".join(
+                part for part in (result.status, result.reason, result.detail) if part
+            )
+        seconds = self.clock() - started
+        outcomes = Counter(" ".join(filter(None, (r.status, r.reason))) for r in results)
+        shown = ", ".join(f"{n}x {o}" for o, n in outcomes.most_common())
+        self._note(
+            step.line, "enroll", f"{len(members)} devices ({step.devices.text}) in "
+            f"{seconds:.1f} s: {shown}",
+        )  # fmt: skip
+
+    async def _step_revoke_claim(self, step: RevokeClaimStep) -> None:
+        assert self.workspace is not None
+        changed = await asyncio.to_thread(revoke_claim, self.workspace, step.name)
+        self._note(
+            step.line, "revoke_claim", f"{step.name} revoked" if changed else "already revoked"
+        )
 
     async def _step_rotate_ca(self, step: RotateCaStep) -> None:
         assert self.workspace is not None
@@ -518,7 +625,11 @@ class ScenarioRun:
 
     async def _step_expect(self, step: ExpectStep, *, kind: str = "expect") -> None:
         checker = Checker(
-            step, self.population, self.broker.log if self.broker else None, self.window
+            step,
+            self.population,
+            self.broker.log if self.broker else None,
+            self.window,
+            self._certificates_of,
         )
 
         def progress(verdict: Verdict) -> None:
@@ -551,6 +662,10 @@ class ScenarioRun:
             result.evidence = self._evidence(failing or verdict.devices, self.window.start)
         self.result.expectations.append(result)
         self._listener("expectation", result)
+
+    def _certificates_of(self, device_id: str) -> int:
+        assert self.workspace is not None
+        return len(self.workspace.registry.certificate_history(device_id))
 
     async def _step_wait(self, step: WaitStep) -> None:
         if step.until is not None:
