@@ -236,12 +236,46 @@ def bench_control_plane(base: Path) -> None:
     )
 
 
+def bench_enrollment(base: Path, devices: int = 500) -> None:
+    console.rule("enrollment")
+    report = control_plane.run_enrollment(base / "enrollment", devices=devices)
+    rows = [
+        [
+            f"enroll through a claim over MQTT via {f.through} (fleet serve --broker)",
+            f"{f.enrolled}/{f.devices}",
+            f"{f.seconds:.2f}",
+            f"{f.per_second:,.0f}",
+            f"{f.p50_ms:.0f} / {f.p99_ms:.0f}",
+        ]
+        for f in report.runs
+    ]
+    rows.append(
+        [
+            "reference: provision_from_csr in one process (the control plane's share, no MQTT)",
+            str(devices), "", f"{report.signing_per_second:,.0f}", "",
+        ]
+    )  # fmt: skip
+    rows.append(
+        [
+            "reference: fleet provision (keys made by the fleet, bulk)",
+            str(devices), "", f"{report.provisioning_per_second:,.0f}", "",
+        ]
+    )  # fmt: skip
+    console.print(
+        _table(
+            f"enrollment of {devices} devices (CSR over MQTT to signed certificate in hand)",
+            ["how", "devices", "seconds", "per second", "p50 / p99 ms"],
+            rows,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
     parser.add_argument(
         "--only",
-        choices=["provisioning", "broker", "swarm", "handshake", "control-plane"],
+        choices=["provisioning", "broker", "swarm", "handshake", "control-plane", "enrollment"],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="devices to provision")
@@ -260,6 +294,8 @@ def main() -> None:
         bench_broker(args.dir, args.churn, args.held)
     if args.only in (None, "control-plane"):
         bench_control_plane(args.dir)
+    if args.only in (None, "enrollment"):
+        bench_enrollment(args.dir)
     if args.only in (None, "handshake"):
         bench_handshake(args.dir, args.handshakes)
     if args.only in (None, "swarm"):

@@ -289,3 +289,43 @@ def test_a_raw_request_on_the_wire_gets_a_reply(workspace: Workspace, tmp_path: 
 
     reply = decode_reply(run(scenario()))
     assert reply.issued and "BEGIN CERTIFICATE" in reply.certificate
+
+
+def test_enrollment_and_renewal_work_through_a_real_mosquitto(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """Nothing here needs our broker: the control plane checks every proof itself."""
+    from tests.broker_support import running_mosquitto
+
+    create_claim(workspace, ClaimRules("mosq-batch", max_uses=2))
+    claim = ClaimBundle(workspace.paths.claim_dir("mosq-batch"))
+    store = tmp_path / "store"
+
+    async def scenario(port: int) -> tuple[list[EnrollmentResult], int, str]:
+        requests = CertificateRequests(workspace)
+        service = CertificateService(workspace, requests, host="127.0.0.1", port=port)
+        await asyncio.to_thread(service.start)
+        try:
+            results = [
+                await enroll(f"m-{n}", claim, store, port=port, timeout=10) for n in range(3)
+            ]
+            device = Device(
+                DeviceSettings(
+                    "m-0", store / "m-0" / "cert.pem", store / "m-0" / "key.pem",
+                    workspace.paths.root_cert, port=port,
+                ),
+                PahoDriver(),
+            )  # fmt: skip
+            assert (await device.connect()).outcome is ConnectOutcome.CONNECTED
+            reply = await device.renew()
+            await device.close()
+            return results, device.stats.renewals, reply.reason
+        finally:
+            await asyncio.to_thread(service.stop)
+
+    with running_mosquitto(workspace.paths.root, tmp_path / "mosquitto.conf") as port:
+        results, renewals, reason = run(scenario(port))
+    assert [r.status for r in results] == ["enrolled", "enrolled", "refused"], results
+    assert results[2].reason == "claim_exhausted"
+    assert (renewals, reason) == (1, "")
+    assert len(workspace.registry.certificate_history("m-0")) == 2
