@@ -60,6 +60,7 @@ class CertificateService:
         self._ready = threading.Event()
         self._pending: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._stopping = False
         self.answered = 0
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -98,6 +99,7 @@ class CertificateService:
             )
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._pending.put(None)
@@ -127,7 +129,8 @@ class CertificateService:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        log.warning("control plane lost the broker (%s); reconnecting", reason)
+        if not self._stopping:
+            log.warning("control plane lost the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._pending.put(message)
