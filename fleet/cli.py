@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -19,19 +20,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleet.admin_client import AdminClient
 from fleet.bundles import export_pkcs12
 from fleet.ca import REVOCATION_REASONS, parse_revocation_reason
 from fleet.config import FleetConfig
 from fleet.durations import parse_instant, parse_positive_duration
 from fleet.errors import FleetError, UsageError
 from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
-from fleet.inspect import describe_certificate
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
-from fleet.registry import ClaimRecord, DeviceRecord
 from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
 from fleet.signals import stop_on_signals
+from fleet.views import STATUSES, claim_view, device_details
+from fleet.views import inventory as inventory_rows
 from fleet.workspace import DEFAULT_DIR, Workspace, init_workspace
 
 app = typer.Typer(
@@ -68,6 +70,29 @@ R = TypeVar("R")
 DirOption = Annotated[
     Path, typer.Option("--dir", "-d", help="The fleet workspace directory.", envvar="FLEET_DIR")
 ]
+
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="Ask the control plane's admin API (https://HOST:PORT of 'fleet serve --api-port') "
+        "instead of opening DIR.",
+        envvar="FLEET_SERVER",
+    ),
+]
+AdminOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin",
+        help="Admin bundle for --server: cert.pem, key.pem, root.crt (default: DIR/admin).",
+        envvar="FLEET_ADMIN",
+    ),
+]
+
+
+def _client(server: str, admin: Path | None, directory: Path) -> AdminClient:
+    return AdminClient(server, admin or directory / "admin")
 
 
 def _friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -149,8 +174,18 @@ def provision(
     workers: Annotated[
         int | None, typer.Option(help="Processes to use (default: one per core).")
     ] = None,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
     """Create devices, each with its own key and certificate (or sign one device's CSR)."""
+    if server:
+        _provision_remotely(
+            _client(server, admin, directory),
+            {"count": count, "prefix": prefix, "tier": tier, "env": env, "valid_for": valid_for,
+             "key_type": key_type, "id": device_id},
+            csr,
+        )  # fmt: skip
+        return
     workspace = Workspace.open(directory)
     now = dt.datetime.now(dt.UTC)
     validity = parse_positive_duration(valid_for) if valid_for else None
@@ -183,6 +218,22 @@ def provision(
         f"valid {result.not_before:%Y-%m-%d %H:%M:%S} .. {result.not_after:%Y-%m-%d %H:%M:%S} UTC",
         highlight=False,
     )
+
+
+def _provision_remotely(client: AdminClient, body: dict[str, Any], csr: Path | None) -> None:
+    if csr is not None:
+        try:
+            body["csr"] = csr.read_text()
+        except OSError as exc:
+            raise FleetError(f"{csr}: cannot read the CSR ({exc.strerror})") from exc
+        for ignored in ("count", "prefix", "key_type"):
+            body.pop(ignored)
+    answer = client.post("/v1/devices", body)
+    ids = answer["devices"]
+    span = ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}"
+    out.print(f"provisioned {len(ids)} device(s) ({span}) through {client.url}", highlight=False)
+    if "certificate" in answer:
+        out.print(answer["certificate"], highlight=False, end="")
 
 
 def _provision_csr(
@@ -264,23 +315,31 @@ def revoke(
             help="Revoke only the certificates 'fleet renew' replaced; the device stays active."
         ),
     ] = False,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
     """Revoke a device and publish a fresh CRL (DIR/ca/crl.pem, replaced atomically)."""
     reason = reason or ("superseded" if superseded_only else "unspecified")
     flag = parse_revocation_reason(reason)
-    workspace = Workspace.open(directory)
-    if superseded_only:
-        result = revoke_superseded(workspace, device_id, reason=flag)
+    if server:
+        path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}/revoke"
+        answer = _client(server, admin, directory).post(
+            path, {"reason": reason, "superseded_only": superseded_only}
+        )
+        serials, crl_number, where = answer["revoked_serials"], answer["crl_number"], server
     else:
-        result = revoke_device(workspace, device_id, reason=flag)
-    if not result.changed:
+        workspace = Workspace.open(directory)
+        revoke = revoke_superseded if superseded_only else revoke_device
+        result = revoke(workspace, device_id, reason=flag)
+        serials = [format(s, "X") for s in result.revoked_serials]
+        crl_number, where = result.crl_number, str(workspace.paths.crl)
+    if not serials:
         what = "had no superseded certificates" if superseded_only else "was already revoked"
         out.print(f"{device_id} {what}; nothing changed")
         return
-    serials = ", ".join(format(s, "X") for s in result.revoked_serials)
     out.print(
-        f"revoked {device_id} (serial {serials}, reason {reason}); "
-        f"CRL #{result.crl_number} published to {workspace.paths.crl}",
+        f"revoked {device_id} (serial {', '.join(serials)}, reason {reason}); "
+        f"CRL #{crl_number} published ({where})",
         highlight=False,
     )
 
@@ -307,31 +366,6 @@ def renew(
         )
 
 
-def _device_json(
-    workspace: Workspace, record: DeviceRecord, now: dt.datetime, soon: dt.timedelta
-) -> dict[str, Any]:
-    key_path = workspace.paths.device_key(record.device_id)
-    return {
-        "id": record.device_id,
-        "serial": format(record.serial, "X"),
-        "tier": record.tier,
-        "env": record.env,
-        "status": record.effective_status(now),
-        "key_type": record.key_type,
-        "not_before": record.not_before.isoformat(),
-        "not_after": record.not_after.isoformat(),
-        "days_left": round((record.not_after - now).total_seconds() / 86400, 2),
-        "expiring_soon": record.status != "revoked" and now < record.not_after <= now + soon,
-        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
-        "revocation_reason": record.revocation_reason,
-        "cert_path": str(workspace.paths.device_cert(record.device_id)),
-        "key_path": str(key_path) if record.key_source == "generated" else None,
-    }
-
-
-_STATUSES = ("active", "revoked", "expired", "not-yet-valid")
-
-
 @app.command()
 @_friendly_errors
 def inventory(
@@ -340,23 +374,26 @@ def inventory(
     expiring_within: Annotated[
         str | None, typer.Option(help="Only devices whose certificate ends within this (e.g. 7d).")
     ] = None,
-    status: Annotated[str | None, typer.Option(help=f"Only one of {', '.join(_STATUSES)}.")] = None,
+    status: Annotated[str | None, typer.Option(help=f"Only one of {', '.join(STATUSES)}.")] = None,
     limit: Annotated[
         int, typer.Option(help="Show at most this many rows in the table (0: all).")
     ] = 0,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
     """List devices with their certificate status and expiry."""
-    if status is not None and status not in _STATUSES:
-        raise FleetError(f"invalid --status {status!r}: choose one of {', '.join(_STATUSES)}")
-    workspace = Workspace.open(directory)
+    if status is not None and status not in STATUSES:
+        raise FleetError(f"invalid --status {status!r}: choose one of {', '.join(STATUSES)}")
     now = dt.datetime.now(dt.UTC)
-    soon = parse_positive_duration(expiring_within) if expiring_within else dt.timedelta(days=7)
-    records = workspace.registry.devices(not_after_before=now + soon if expiring_within else None)
-    if expiring_within:
-        records = [r for r in records if r.status != "revoked" and r.not_after > now]
-    if status is not None:
-        records = [r for r in records if r.effective_status(now) == status]
-    rows = [_device_json(workspace, r, now, soon) for r in records]
+    if server:
+        client = _client(server, admin, directory)
+        listing = client.get("/v1/devices", status=status, expiring_within=expiring_within)
+        rows: list[dict[str, Any]] = listing["devices"]
+        source = server
+    else:
+        soon = parse_positive_duration(expiring_within) if expiring_within else None
+        rows = inventory_rows(Workspace.open(directory), expiring_within=soon, status=status)
+        source = str(directory)
     if as_json:
         json.dump(
             {"generated_at": now.isoformat(), "count": len(rows), "devices": rows},
@@ -366,9 +403,7 @@ def inventory(
         sys.stdout.write("\n")
         return
     shown = rows[:limit] if limit > 0 else rows
-    table = Table(
-        title=f"{len(rows)} device(s) in {directory}", box=box.SIMPLE_HEAD, pad_edge=False
-    )
+    table = Table(title=f"{len(rows)} device(s) in {source}", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("id", "serial", "tier", "env", "status", "expires (UTC)", "days"):
         table.add_column(column, no_wrap=True, justify="right" if column == "days" else "left")
     for row in shown:
@@ -399,21 +434,39 @@ def _styled_status(status: str) -> str:
 def show(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to show.")],
     directory: DirOption = DEFAULT_DIR,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
-    """Print one device's registry record and its decoded certificate."""
-    workspace = Workspace.open(directory)
-    now = dt.datetime.now(dt.UTC)
-    record = workspace.registry.get(device_id)
+    """Print one device's registry record, its decoded certificate, history and enrollment."""
+    if server:
+        path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}"
+        details = _client(server, admin, directory).get(path)
+    else:
+        details = device_details(Workspace.open(directory), device_id)
     table = Table(title=f"device {device_id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    for key, value in _device_json(workspace, record, now, dt.timedelta(days=7)).items():
+    certificate = details.pop("certificate")
+    history = details.pop("history")
+    enrollment = details.pop("enrollment")
+    for key, value in details.items():
         table.add_row(key, "-" if value is None else str(value))
-    cert_path = workspace.paths.device_cert(device_id)
-    certificate = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
     table.add_section()
-    for key, value in describe_certificate(certificate).items():
+    for key, value in certificate.items():
         table.add_row(f"cert.{key}", value)
+    table.add_section()
+    for entry in history:
+        table.add_row(
+            "history",
+            f"{entry['serial'][:12]}… {entry['status']} "
+            f"{entry['not_before'][:19]} .. {entry['not_after'][:19]}",
+        )
+    if enrollment is not None:
+        table.add_row(
+            "enrolled",
+            f"through claim {enrollment['claim']} at {enrollment['enrolled_at'][:19]}"
+            f" (hardware serial {enrollment['hardware_serial'] or '-'})",
+        )
     out.print(table)
 
 
@@ -500,6 +553,10 @@ def serve(
             help="Also answer enrollment and renewal requests over MQTT on this broker "
             "(mqtts://HOST:PORT), connecting with DIR/admin/."
         ),
+    ] = None,
+    api_port: Annotated[
+        int | None,
+        typer.Option(help="Serve the admin API (HTTPS, mutual TLS, admin certificates) here."),
     ] = None,
 ) -> None:
     """Serve the CRL (/crl, /crl.pem), OCSP (/ocsp) and /metrics over HTTP, keeping the CRL
@@ -692,27 +749,64 @@ def claim_create(
         str | None,
         typer.Option(help="Lifetime of the enrolled devices' certificates (default: fleet.toml)."),
     ] = None,
+    server: ServerOption = None,
+    admin: AdminOption = None,
+    bundle_out: Annotated[
+        Path | None,
+        typer.Option(help="With --server: write the claim's cert.pem, key.pem, root.crt here."),
+    ] = None,
 ) -> None:
     """Issue a claim certificate into DIR/claims/NAME/ (cert.pem, key.pem, root.crt)."""
     from fleet.claims import ClaimRules, create_claim
 
-    rules = ClaimRules(
-        name=name,
-        max_uses=max_uses,
-        valid_for=parse_positive_duration(valid_for),
-        allow_ids=allow_ids,
-        tier=tier,
-        env=env,
-        device_valid_for=parse_positive_duration(device_valid_for) if device_valid_for else None,
-    )
-    workspace = Workspace.open(directory)
-    claim = create_claim(workspace, rules)
+    if server:
+        view = _client(server, admin, directory).post(
+            "/v1/claims",
+            {
+                "name": name,
+                "max_uses": max_uses,
+                "valid_for": valid_for,
+                "allow_ids": allow_ids,
+                "tier": tier,
+                "env": env,
+                "device_valid_for": device_valid_for,
+            },
+        )
+        bundle = view.pop("bundle")
+        where = bundle_out or Path(name)
+        _write_claim_bundle(where, bundle)
+    else:
+        rules = ClaimRules(
+            name=name,
+            max_uses=max_uses,
+            valid_for=parse_positive_duration(valid_for),
+            allow_ids=allow_ids,
+            tier=tier,
+            env=env,
+            device_valid_for=parse_positive_duration(device_valid_for)
+            if device_valid_for
+            else None,
+        )
+        workspace = Workspace.open(directory)
+        view = claim_view(create_claim(workspace, rules), dt.datetime.now(dt.UTC))
+        where = workspace.paths.claim_dir(name)
     out.print(
-        f"claim {claim.name}: up to {claim.max_uses} {claim.tier} {claim.env} devices with ids "
-        f"matching {claim.allow_ids!r} until {claim.not_after.isoformat()}; give devices "
-        f"{workspace.paths.claim_dir(claim.name)}/ and run 'fleet serve --broker ...'",
+        f"claim {view['name']}: up to {view['max_uses']} {view['tier']} {view['env']} devices "
+        f"with ids matching {view['allow_ids']!r} until {view['not_after']}; give devices "
+        f"{where}/ and run 'fleet serve --broker ...'",
         highlight=False,
     )
+
+
+def _write_claim_bundle(directory: Path, bundle: dict[str, str]) -> None:
+    from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
+
+    if directory.exists():
+        raise UsageError(f"{directory} already exists; choose another --bundle-out")
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+    write_secret(directory / "key.pem", bundle["key.pem"].encode())
+    write_public(directory / "cert.pem", bundle["cert.pem"].encode())
+    write_public(directory / "root.crt", bundle["root.crt"].encode())
 
 
 @claim_app.command("list")
@@ -720,24 +814,15 @@ def claim_create(
 def claim_list(
     directory: DirOption = DEFAULT_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
     """List the claims with their rules and uses."""
-    workspace = Workspace.open(directory)
-    now = dt.datetime.now(dt.UTC)
-    rows = [
-        {
-            "name": c.name,
-            "tier": c.tier,
-            "env": c.env,
-            "allow_ids": c.allow_ids,
-            "uses": c.uses,
-            "max_uses": c.max_uses,
-            "not_after": c.not_after.isoformat(),
-            "status": _claim_status(c, now),
-            "serial": format(c.serial, "X"),
-        }
-        for c in workspace.registry.claims()
-    ]
+    if server:
+        rows = _client(server, admin, directory).get("/v1/claims")["claims"]
+    else:
+        now = dt.datetime.now(dt.UTC)
+        rows = [claim_view(c, now) for c in Workspace.open(directory).registry.claims()]
     if as_json:
         json.dump({"claims": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -758,25 +843,26 @@ def claim_list(
     out.print(table)
 
 
-def _claim_status(claim: ClaimRecord, now: dt.datetime) -> str:
-    refusal = claim.refusal(now)
-    return "active" if refusal is None else refusal[0].removeprefix("claim_")
-
-
 @claim_app.command("revoke")
 @_friendly_errors
 def claim_revoke(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The claim to revoke.")],
     directory: DirOption = DEFAULT_DIR,
+    server: ServerOption = None,
+    admin: AdminOption = None,
 ) -> None:
     """Stop a claim enrolling devices (its certificate goes on the CRL); enrolled devices stay."""
     from fleet.claims import revoke_claim
 
-    workspace = Workspace.open(directory)
-    if not revoke_claim(workspace, name):
+    if server:
+        path = f"/v1/claims/{urllib.parse.quote(name, safe='')}/revoke"
+        changed = bool(_client(server, admin, directory).post(path, {})["revoked"])
+    else:
+        changed = revoke_claim(Workspace.open(directory), name)
+    if not changed:
         out.print(f"claim {name} was already revoked; nothing changed")
         return
-    out.print(f"revoked claim {name}; CRL published to {workspace.paths.crl}", highlight=False)
+    out.print(f"revoked claim {name}; a fresh CRL is published", highlight=False)
 
 
 @app.command()

@@ -37,12 +37,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleet.admin_api import AdminApi
 from fleet.ca import CertificateAuthority
 from fleet.certificate_requests import CertificateRequests
 from fleet.certificate_service import CertificateService
 from fleet.ocsp import OcspResponder
 from fleet.revocation import load_crl, publish_crl
-from fleet.workspace import Workspace
+from fleet.workspace import Workspace, ensure_admin_certificate
 
 log = logging.getLogger("mtls_fleet.control_plane")
 
@@ -113,6 +114,7 @@ class ControlPlane:
         self.metrics.register(_ExpiryCollector(workspace))
         self.requests = CertificateRequests(workspace, self.metrics)
         self.service: CertificateService | None = None
+        self.api: AdminApi | None = None
 
     @property
     def url(self) -> str:
@@ -134,8 +136,17 @@ class ControlPlane:
         service.start()
         self.service = service
 
+    def serve_admin_api(self, *, port: int) -> None:
+        """Also serve the admin API (HTTPS, mutual TLS) on ``port`` of the same host."""
+        ensure_admin_certificate(self.workspace)
+        api = AdminApi(self.workspace, host=self.host, port=port)
+        api.start()
+        self.api = api
+
     def stop(self) -> None:
         self._stop.set()
+        if self.api is not None:
+            self.api.stop()
         if self.service is not None:
             self.service.stop()
         self.server.shutdown()

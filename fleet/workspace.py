@@ -370,8 +370,9 @@ def issue_admin_certificate(
     *,
     now: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """(Re)issue ``admin/cert.pem`` and ``key.pem``: the control plane's own identity, with which
-    it connects to brokers (role admin, MQTT client id ``admin:control-plane``)."""
+    """(Re)issue ``admin/cert.pem`` and ``key.pem`` (and a copy of ``root.crt``): the admin
+    identity. The control plane connects to brokers with it (MQTT client id
+    ``admin:control-plane``) and ``fleet ... --server`` calls the admin API with it."""
     now = now or dt.datetime.now(dt.UTC)
     paths.admin_dir.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
     key = generate_private_key(key_type_of(ca.issuing_key))
@@ -381,6 +382,7 @@ def issue_admin_certificate(
     )
     replace_atomically(paths.admin_key, private_key_pem(key), mode=0o600)
     replace_atomically(paths.admin_cert, ca.chain_pem(cert))
+    replace_atomically(paths.admin_dir / "root.crt", ca.root_cert.public_bytes(_PEM))
     return cert
 
 
@@ -388,7 +390,7 @@ def ensure_admin_certificate(workspace: Workspace) -> None:
     """Give a workspace made before the admin identity existed (or whose admin certificate
     expires within a week) a fresh one."""
     paths = workspace.paths
-    if paths.admin_cert.exists() and paths.admin_key.exists():
+    if all(p.exists() for p in (paths.admin_cert, paths.admin_key, paths.admin_dir / "root.crt")):
         cert = _load_cert(paths.admin_cert)
         if cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=7):
             return

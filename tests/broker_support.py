@@ -225,8 +225,9 @@ def running_mosquitto(workspace_dir: Path, conf: Path) -> Iterator[int]:
     )
     try:
         assert server.stdout is not None
-        for line in server.stdout:  # wait until Mosquitto says it listens
-            if "running" in line or "Opening ipv4 listen socket" in line:
+        # "Opening ipv4 listen socket" comes before the socket listens; "running" after.
+        for line in server.stdout:
+            if " running" in line:
                 break
         yield port
     finally:
