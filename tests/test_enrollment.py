@@ -52,7 +52,7 @@ async def control_plane(ws: Workspace) -> AsyncIterator[tuple[FleetBroker, Certi
 
 def _count(requests: CertificateRequests, counter: str, outcome: str) -> float:
     metric = requests.enrollments if counter == "enroll" else requests.renewals
-    return metric.labels(outcome)._value.get()
+    return float(metric.labels(outcome)._value.get())
 
 
 def test_devices_enroll_through_a_claim_and_its_rules_hold(
@@ -281,7 +281,9 @@ def test_a_raw_request_on_the_wire_gets_a_reply(workspace: Workspace, tmp_path: 
             await device.connect()
             reply = reply_topic(PROVISION, prepared.request_id)
             assert await device.subscribe(reply)
-            device._client.message_callback_add(reply, lambda c, u, m: got.set_result(m.payload))
+            device._client.message_callback_add(
+                reply, lambda c, u, m: got.set_result(bytes(m.payload))
+            )
             device.publish(request_topic(PROVISION, prepared.request_id), prepared.payload, qos=1)
             payload = await asyncio.wait_for(got, 10)
             await device.close()
