@@ -1,10 +1,13 @@
 """mtls-fleet's fleet controller: certificate authority, registry, provisioning, revocation.
 
-The public API; the CLI (:mod:`fleet.cli`) is a thin layer over it.
+The public API; the CLI (:mod:`fleet.cli`) is a thin layer over it. The control plane
+(:class:`fleet.control_plane.ControlPlane`, with its MQTT service and admin API) and the
+scenario engine (:mod:`fleet.scenario`) are imported from their modules.
 """
 
 from fleet.bundles import export_pkcs12
 from fleet.ca import CertificateAuthority, RevokedEntry, create_intermediate_ca, create_root_ca
+from fleet.claims import ClaimRules, create_claim, revoke_claim
 from fleet.config import FleetConfig
 from fleet.durations import parse_duration, parse_instant, parse_positive_duration
 from fleet.errors import (
@@ -12,6 +15,7 @@ from fleet.errors import (
     FleetError,
     ProvisioningInterrupted,
     RegistryError,
+    RequestRefused,
     UnknownDeviceError,
     UsageError,
     WorkspaceError,
@@ -24,15 +28,18 @@ from fleet.provisioning import (
     provision_devices,
     provision_from_csr,
 )
-from fleet.registry import DeviceRecord, Registry
+from fleet.registry import ClaimRecord, DeviceRecord, Enrollment, Registry
 from fleet.revocation import RevocationResult, publish_crl, revoke_device
 from fleet.workspace import Workspace, WorkspacePaths, init_workspace, issue_broker_certificate
 
 __all__ = [
     "CertificateAuthority",
     "CertificateError",
+    "ClaimRecord",
+    "ClaimRules",
     "DeviceIdentity",
     "DeviceRecord",
+    "Enrollment",
     "FleetConfig",
     "FleetError",
     "KeyType",
@@ -41,6 +48,7 @@ __all__ = [
     "ProvisioningInterrupted",
     "Registry",
     "RegistryError",
+    "RequestRefused",
     "RevocationResult",
     "RevokedEntry",
     "UnknownDeviceError",
@@ -48,6 +56,7 @@ __all__ = [
     "Workspace",
     "WorkspaceError",
     "WorkspacePaths",
+    "create_claim",
     "create_intermediate_ca",
     "create_root_ca",
     "export_pkcs12",
@@ -61,5 +70,6 @@ __all__ = [
     "provision_devices",
     "provision_from_csr",
     "publish_crl",
+    "revoke_claim",
     "revoke_device",
 ]

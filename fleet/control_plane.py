@@ -15,7 +15,8 @@ one, so brokers only go stale when the control plane is down.
 
 Given a broker (``fleet serve --broker mqtts://HOST:PORT``) it also answers enrollment and
 renewal requests over MQTT (:mod:`fleet.certificate_service`), counted on ``/metrics`` as
-``fleet_enrollments_total{outcome}`` and ``fleet_renewals_total{outcome}``.
+``fleet_enrollments_total{outcome}`` and ``fleet_renewals_total{outcome}``; with
+``--api-port`` it serves the admin API (:mod:`fleet.admin_api`, HTTPS with mutual TLS).
 """
 
 from __future__ import annotations
