@@ -150,7 +150,7 @@ def _enroll_all(workspace: Workspace, claim: str, port: int, count: int) -> Enro
 
     seconds, latencies, enrolled = asyncio.run(everyone())
     return EnrollmentFigures(
-        "", count, enrolled, seconds, percentile(latencies, 50), percentile(latencies, 99)
+        "", count, enrolled, seconds, percentile(latencies, 0.5), percentile(latencies, 0.99)
     )
 
 
