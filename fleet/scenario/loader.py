@@ -499,6 +499,8 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "wait": ("for", "until", "timeout"),
 }
+# Fields of 'expect' that are not a check of each named device.
+_FLEET_WIDE_CHECKS = ("devices", "others_unaffected", "broker_event", "within")
 # The field a bare value stands for: ``- revoke: sensors#3`` is ``- revoke: {devices: sensors#3}``.
 _SHORTHAND = {
     "provision": "groups",
@@ -734,21 +736,7 @@ class _StepReader:
             within=fields.get("within", _positive_duration, 5.0),
             text=_describe(fields),
         )
-        per_device = (
-            "state",
-            "broker",
-            "device",
-            "lost",
-            "drops",
-            "refusals",
-            "delivered_at_least",
-            "received",
-            "received_at_least",
-            "subscription",
-            "enrollment",
-            "renewed_at_least",
-            "renewal_failures",
-        )
+        per_device = [k for k in _STEP_FIELDS["expect"] if k not in _FLEET_WIDE_CHECKS]
         if selector is None and any(fields.has(k) for k in per_device):
             raise ScenarioError(
                 self.path, line, fields.where, "say which devices: add 'devices: GROUP or GROUP#N'"
