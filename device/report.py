@@ -45,6 +45,12 @@ def summary_table(stats: SwarmStats) -> Table:
         "connect latency (TCP+TLS+CONNACK)",
         f"p50 {latency['p50']:.1f} ms, p90 {latency['p90']:.1f} ms, p99 {latency['p99']:.1f} ms, max {latency['max']:.1f} ms",
     )
+    renewals = summary["renewals"]
+    if renewals["done"] or renewals["failed"]:
+        failed = ", ".join(f"{n} {reason}" for reason, n in renewals["failed"].items())
+        table.add_row(
+            "renewals over MQTT", f"{renewals['done']:,} done; failed: {failed or 'none'}"
+        )
     if summary["ramp_rate"]:
         table.add_row(
             "ramp", f"{summary['ramp_rate']:,.0f} connects/s over {summary['ramp_seconds']:.1f} s"

@@ -29,6 +29,8 @@ class SwarmStats:
     sent: int = 0
     acknowledged: int = 0
     disconnects: int = 0
+    renewals: int = 0
+    renewal_failures: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
     ramp_seconds: float | None = None
     interrupted: bool = False
@@ -65,6 +67,8 @@ class SwarmStats:
             "sent": self.sent,
             "acknowledged": self.acknowledged,
             "disconnects": self.disconnects,
+            "renewals": self.renewals,
+            "renewal_failures": dict(self.renewal_failures),
             "elapsed": self.elapsed,
             "ramp_seconds": self.ramp_seconds,
             "handshake": self.handshake.encode(),
@@ -83,6 +87,8 @@ class SwarmStats:
             total.sent += snap["sent"]
             total.acknowledged += snap["acknowledged"]
             total.disconnects += snap["disconnects"]
+            total.renewals += snap["renewals"]
+            total.renewal_failures.update(snap["renewal_failures"])
             total.elapsed = max(total.elapsed, snap["elapsed"])
             if snap["ramp_seconds"] is not None:
                 ramps.append(snap["ramp_seconds"])
@@ -99,6 +105,7 @@ class SwarmStats:
             "failure_details": dict(self.details.most_common()),
             "connected_at_deadline": self.connected_at_deadline,
             "messages": {"sent": self.sent, "acknowledged": self.acknowledged, "lost": self.lost},
+            "renewals": {"done": self.renewals, "failed": dict(self.renewal_failures)},
             "connect_latency_ms": {
                 "p50": self.percentile_ms(50),
                 "p90": self.percentile_ms(90),

@@ -18,6 +18,7 @@ import queue
 import signal
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ class SwarmConfig:
     mqtt_version: int = 4
     connect_timeout: float = 10.0
     source_ips: tuple[str, ...] = ()
+    renew_at: float | None = None  # renew over MQTT at this fraction of each lifetime
 
 
 class Swarm:
@@ -79,6 +81,7 @@ class Swarm:
             mqtt_version=c.mqtt_version,
             connect_timeout=c.connect_timeout,
             source_ip=c.source_ips[index % len(c.source_ips)] if c.source_ips else None,
+            renew_at=c.renew_at,
         )
 
     def snapshot(self) -> SwarmStats:
@@ -87,6 +90,8 @@ class Swarm:
         stats.sent = sum(d.stats.sent for d in self.devices)
         stats.acknowledged = sum(d.stats.acknowledged for d in self.devices)
         stats.disconnects = sum(len(d.stats.disconnects) for d in self.devices)
+        stats.renewals = sum(d.stats.renewals for d in self.devices)
+        stats.renewal_failures = sum((d.stats.renewal_failures for d in self.devices), Counter())
         stats.elapsed = time.perf_counter() - self._started if self._started else 0.0
         return stats
 

@@ -49,6 +49,7 @@ class SwarmRequest:
         payload_size: int,
         mqtt_version: str,
         source_ips: str | None,
+        renew_at: str | None = None,
     ) -> SwarmRequest:
         if devices < 1:
             raise UsageError(f"invalid --devices {devices}: give a positive number")
@@ -83,10 +84,21 @@ class SwarmRequest:
             duration=parse_positive_duration(duration).total_seconds(),
             mqtt_version=5 if mqtt_version == "5" else 4,
             source_ips=_parse_source_ips(source_ips) if source_ips else (),
+            renew_at=_parse_fraction(renew_at) if renew_at else None,
         )
         return cls(
             config=config, processes=parse_processes(processes), embedded_broker=target is None
         )
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise UsageError(f"invalid --renew-at {text!r}: a fraction of the lifetime, e.g. 0.66")
+    return value
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -174,8 +186,28 @@ def run_swarm_command(
         with embedded_broker(config.workspace) as port:
             console.print(f"embedded broker on mqtts://127.0.0.1:{port}")
             request = replace(request, config=replace(config, port=port))
-            return _run(request, console=console, quiet=quiet, json_out=json_out)
+            if config.renew_at is None:
+                return _run(request, console=console, quiet=quiet, json_out=json_out)
+            with _answering_renewals(config.workspace, port):
+                console.print("control plane answering renewals on the embedded broker")
+                return _run(request, console=console, quiet=quiet, json_out=json_out)
     return _run(request, console=console, quiet=quiet, json_out=json_out)
+
+
+@contextmanager
+def _answering_renewals(workspace: Path, port: int) -> Iterator[None]:
+    """The control plane's MQTT service on the embedded broker, for the run (against a target,
+    run 'fleet serve --broker TARGET' instead)."""
+    from fleet.certificate_requests import CertificateRequests
+    from fleet.certificate_service import CertificateService
+
+    opened = Workspace.open(workspace)
+    service = CertificateService(opened, CertificateRequests(opened), host="127.0.0.1", port=port)
+    service.start()
+    try:
+        yield
+    finally:
+        service.stop()
 
 
 def _run(

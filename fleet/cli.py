@@ -680,6 +680,13 @@ def swarm(
         Path | None, typer.Option("--json", help="Write the summary as JSON.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No live view (for CI logs).")] = False,
+    renew_at: Annotated[
+        str | None,
+        typer.Option(
+            help="Renew over MQTT at this fraction of each certificate's lifetime (e.g. 0.66); "
+            "the embedded broker gets a control plane, a --target needs 'fleet serve --broker'."
+        ),
+    ] = None,
 ) -> None:
     """Connect provisioned devices, each with its own certificate, and keep them publishing."""
     from device.swarm_command import SwarmRequest, run_swarm_command
@@ -698,6 +705,7 @@ def swarm(
         payload_size=payload_size,
         mqtt_version=mqtt_version,
         source_ips=source_ips,
+        renew_at=renew_at,
     )
     stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
     if stats.interrupted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -331,3 +332,64 @@ def test_enrollment_and_renewal_work_through_a_real_mosquitto(
     assert results[2].reason == "claim_exhausted"
     assert (renewals, reason) == (1, "")
     assert len(workspace.registry.certificate_history("m-0")) == 2
+
+
+def test_the_commands_enroll_a_device_end_to_end(workspace: Workspace, tmp_path: Path) -> None:
+    """fleet claim create, fleet broker, fleet serve --broker and fleet enroll as processes."""
+    import subprocess
+
+    from tests.conftest import fleet_command
+
+    root = workspace.paths.root
+    made = subprocess.run(
+        fleet_command("claim", "create", "--dir", root, "--name", "line-3", "--max-uses", "1"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    broker = subprocess.Popen(
+        fleet_command("broker", "--dir", root, "--port", "0", "--metrics-port", "-1"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    serve = None
+    try:
+        assert broker.stdout is not None
+        target = broker.stdout.readline().split()[-1]  # listening on mqtts://HOST:PORT
+        serve = subprocess.Popen(
+            fleet_command("serve", "--dir", root, "--port", "0", "--broker", target),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert serve.stdout is not None
+        assert "answering certificate requests" in serve.stdout.readline()
+        claim = root / "claims" / "line-3"
+        enroll_args: list[str | Path] = [
+            "enroll", "--claim", claim, "--store", tmp_path / "dev", "--target", target,
+        ]  # fmt: skip
+        first = subprocess.run(
+            fleet_command(*enroll_args, "--id", "pump-1", "--hardware-serial", "SN-9"),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        second = subprocess.run(
+            fleet_command(*enroll_args, "--id", "pump-2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for process in (serve, broker):
+            if process is not None:
+                process.terminate()
+                process.wait(20)
+    assert first.returncode == 0, first.stderr
+    assert "enrolled pump-1" in first.stdout
+    assert (tmp_path / "dev" / "pump-1" / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert second.returncode == 1 and "refused (claim_exhausted)" in second.stderr
+    listing = subprocess.run(
+        fleet_command("claim", "list", "--dir", root, "--json"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    (claim_row,) = json.loads(listing.stdout)["claims"]
+    assert (claim_row["uses"], claim_row["status"]) == (1, "exhausted")
+    shown = subprocess.run(
+        fleet_command("show", "pump-1", "--dir", root), capture_output=True, text=True, timeout=60
+    )
+    assert "through claim line-3" in shown.stdout and "SN-9" in shown.stdout

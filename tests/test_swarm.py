@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 from collections.abc import Iterator
@@ -137,6 +138,29 @@ def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_
     assert summary["messages"]["lost"] == 0
 
 
+def test_a_swarm_of_short_lived_certificates_renews_itself(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    provision_devices(
+        workspace, ProvisionSpec(count=20, prefix="brief", valid_for=dt.timedelta(seconds=4))
+    )
+    out = tmp_path / "summary.json"
+    result = subprocess.run(
+        fleet_command(
+            "swarm", "--dir", workspace.paths.root, "--devices", "20", "--publish-every", "0.5s",
+            "--duration", "7s", "--processes", "2", "--renew-at", "0.5", "--quiet", "--json", out,
+        ),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    assert summary["renewals"]["done"] >= 20 and summary["renewals"]["failed"] == {}
+    assert set(summary["outcomes"]) == {"connected"}  # renewals reconnect; nothing refused
+    assert summary["outcomes"]["connected"] >= 40
+    assert summary["messages"]["lost"] == 0 and summary["connected_at_deadline"] == 20
+    assert "renewals over MQTT" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -145,6 +169,7 @@ def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_
         (["--target", "http://x"], "invalid --target 'http://x'"),
         (["--source-ips", "10.0.0.1"], "must be loopback addresses"),
         (["--processes", "zero"], "invalid --processes 'zero'"),
+        (["--renew-at", "2/3"], "invalid --renew-at '2/3'"),
     ],
 )
 def test_bad_swarm_options(fleet_200: Workspace, args: list[str], message: str) -> None:
