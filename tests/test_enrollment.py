@@ -393,3 +393,43 @@ def test_the_commands_enroll_a_device_end_to_end(workspace: Workspace, tmp_path:
         fleet_command("show", "pump-1", "--dir", root), capture_output=True, text=True, timeout=60
     )
     assert "through claim line-3" in shown.stdout and "SN-9" in shown.stdout
+
+
+def test_renewal_and_enrollment_refusals_name_their_reason(workspace: Workspace) -> None:
+    from device.requests import prepare_renewal
+    from fleet import revoke_device
+
+    provision_devices(workspace, ProvisionSpec(count=3, prefix="r"))
+    paths = workspace.paths
+    requests = CertificateRequests(workspace)
+
+    def renewal(device_id: str, as_device: str | None = None) -> bytes:
+        owner = as_device or device_id
+        prepared = prepare_renewal(owner, paths.device_cert(owner), paths.device_key(owner))
+        return prepared.payload
+
+    assert requests.renew("r-00001", renewal("r-00001")).issued
+    # Another device's certificate, even with its valid proof, renews nobody else.
+    stolen = requests.renew("r-00002", renewal("r-00002", as_device="r-00003"))
+    assert stolen.reason == "not_your_certificate"
+    # A proof over another CSR (or by another key) fails.
+    body = json.loads(renewal("r-00002"))
+    body["csr"] = json.loads(renewal("r-00003"))["csr"]
+    assert requests.renew("r-00002", json.dumps(body).encode()).reason == "bad_signature"
+    revoke_device(workspace, "r-00003")
+    assert requests.renew("r-00003", renewal("r-00003")).reason == "certificate_revoked"
+    # Renewals are counted by outcome on the control plane's /metrics.
+    assert _count(requests, "renew", "issued") == 1
+    assert _count(requests, "renew", "bad_signature") == 1
+
+    create_claim(workspace, ClaimRules("short", valid_for=dt.timedelta(hours=1)))
+    claim = ClaimBundle(paths.claim_dir("short"))
+    prepared = prepare_enrollment("late-1", claim.cert, claim.key)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    expired = requests.enroll(prepared.request_id, prepared.payload, now=later)
+    assert expired.reason == "claim_expired"
+    device_cert = paths.device_cert("r-00001").read_text()
+    body = json.loads(prepared.payload)
+    body["claim_certificate"] = device_cert  # a device certificate is no claim
+    refused = requests.enroll(prepared.request_id, json.dumps(body).encode())
+    assert refused.reason == "not_a_claim"
