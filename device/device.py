@@ -175,7 +175,6 @@ class Device:
         self._disconnected = asyncio.Event()
         self._tls_error: str | None = None
         self._seq = 0
-        self._session_ready = asyncio.Event()  # connected (set) or not (clear)
         self._reply_topics: set[str] = set()  # subscribed in this session
         self._replies: dict[str, asyncio.Future[Reply]] = {}  # request id -> its answer
         self._request_mids: set[int] = set()
@@ -260,7 +259,6 @@ class Device:
             self._connack.set_result(("lost", detail))
         if self.connected:
             self.connected = False
-            self._session_ready.clear()
             self._reply_topics.clear()
             self._planned_drop = self._leaving
             self._leaving = False
@@ -360,7 +358,6 @@ class Device:
         mqtt_seconds = time.perf_counter() - started
         if result == "ok":
             self.connected = True
-            self._session_ready.set()
             if s.subscribe_commands:
                 self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
             outcome: ConnectOutcome = ConnectOutcome.CONNECTED

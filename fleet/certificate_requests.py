@@ -33,7 +33,13 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fleet.claims import allows_id
 from fleet.errors import CertificateError, FleetError, RequestRefused, UsageError
-from fleet.identity import CLAIM, DEVICE, DeviceIdentity, identity_from_certificate
+from fleet.identity import (
+    CLAIM,
+    DEVICE,
+    DeviceIdentity,
+    identity_from_certificate,
+    validate_device_id,
+)
 from fleet.keys import key_type_of
 from fleet.mqtt_api import (
     PROVISION,
@@ -144,7 +150,7 @@ class CertificateRequests:
             raise RequestRefused("bad_signature", "the signature is not the claim key's")
         csr = _csr(request)
         try:
-            DeviceIdentity(request.device_id, claim.tier, claim.env, identity.trust_domain)
+            validate_device_id(request.device_id)
         except UsageError as exc:
             raise RequestRefused("bad_request", f"field 'device_id': {exc}") from exc
         if not allows_id(claim, request.device_id):

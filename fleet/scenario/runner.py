@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import random
 import shutil
+import ssl
 import tempfile
 import time
 import traceback
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from device.enrollment import ClaimBundle, enroll
+from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.requests import new_request_id
 from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
 from fleet.claims import ClaimRules, create_claim, revoke_claim
@@ -569,31 +570,22 @@ class ScenarioRun:
         endpoint = self.endpoint()
         driver, gate = self.population.connection_resources()
         store = self.workspace.paths.devices_dir
-        contexts = {}
-        for member in members:
-            claim_name = member.group.enroll_with
-            assert claim_name is not None
-            if claim_name not in contexts:
-                bundle = ClaimBundle(self.workspace.paths.claim_dir(claim_name))
-                contexts[claim_name] = (bundle, await asyncio.to_thread(bundle.context))
+        claims: dict[str, tuple[ClaimBundle, ssl.SSLContext]] = {}
+        for name in {m.group.enroll_with for m in members if m.group.enroll_with}:
+            bundle = ClaimBundle(self.workspace.paths.claim_dir(name))
+            claims[name] = (bundle, await asyncio.to_thread(bundle.context))
+
+        async def enroll_member(member: Member) -> EnrollmentResult:
+            assert member.group.enroll_with is not None
+            bundle, context = claims[member.group.enroll_with]
+            return await enroll(
+                member.device_id, bundle, store, host=endpoint.host, port=endpoint.port,
+                server_name=endpoint.server_name, hardware_serial=f"HW-{member.label}",
+                driver=driver, context=context, connect_gate=gate,
+            )  # fmt: skip
+
         started = self.clock()
-        results = await asyncio.gather(
-            *(
-                enroll(
-                    m.device_id,
-                    contexts[m.group.enroll_with or ""][0],
-                    store,
-                    host=endpoint.host,
-                    port=endpoint.port,
-                    server_name=endpoint.server_name,
-                    hardware_serial=f"HW-{m.label}",
-                    driver=driver,
-                    context=contexts[m.group.enroll_with or ""][1],
-                    connect_gate=gate,
-                )
-                for m in members
-            )
-        )
+        results = await asyncio.gather(*(enroll_member(m) for m in members))
         for member, result in zip(members, results, strict=True):
             member.enrollment = " ".join(
                 part for part in (result.status, result.reason, result.detail) if part
