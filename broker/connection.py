@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from broker.server import FleetBroker
 
 _CONNECT = 0x10
+_DISCONNECT = b"\xe0\x00"
 _READ_SIZE = 65536
 # After a refused handshake the alert is sent, then FIN, and the client's bytes are drained
 # this long: closing with unread bytes (a TLS 1.3 client already sent CONNECT) makes the
@@ -69,6 +71,8 @@ class PeerConnection(asyncio.Protocol):
         self._timers: list[asyncio.TimerHandle] = []
         self._serve_task: asyncio.Task[None] | None = None
         self._paused = False
+        self._leaving = False  # a goodbye was seen: the rest goes through the teardown queue
+        self._ended = False  # the end of the stream was queued
         self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -- identity, for plugins and logs ----------------------------------------------------
@@ -131,7 +135,7 @@ class PeerConnection(asyncio.Protocol):
         self.closed = True
         for timer in self._timers:
             timer.cancel()
-        self.reader.feed_eof()
+        self._deliver(None)
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -250,14 +254,34 @@ class PeerConnection(asyncio.Protocol):
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:  # close_notify
-                self.reader.feed_eof()
+                self._deliver(None)
                 break
             except SSL.Error as exc:
                 self.broker.log_event("tls_error", self, detail=openssl_reason(exc))
                 self.abort()
                 return
-            self.reader.feed_data(data)
+            self._deliver(data)
         self._flush()  # TLS 1.3 may answer (key updates, tickets)
+
+    def _deliver(self, data: bytes | None) -> None:
+        """Hand plaintext (None: the end of the stream) to amqtt.
+
+        A goodbye (a DISCONNECT packet, or the end of the stream) and whatever follows it go
+        through the broker's teardown pacer: tearing a session down is the costliest thing
+        amqtt does, and when thousands leave at once, doing it all in one loop iteration would
+        stall every other client for a second. Everything else is delivered at once.
+        """
+        if self._ended:
+            return  # nothing follows the end of the stream
+        if self._leaving or data is None or data == _DISCONNECT:
+            self._leaving = True
+            self._ended = data is None
+            reader = self.reader
+            self.broker.teardowns.add(
+                reader.feed_eof if data is None else functools.partial(reader.feed_data, data)
+            )
+        else:
+            self.reader.feed_data(data)
 
     def send(self, data: bytes) -> None:
         """Encrypt and send application bytes."""

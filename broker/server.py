@@ -23,6 +23,7 @@ from broker.core import IndexedBroker
 from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import Outcome
+from broker.pacing import Pacer
 from broker.tls import (
     BrokerError,
     CrlState,
@@ -40,6 +41,7 @@ log = logging.getLogger("mtls_fleet.broker")
 events_log = logging.getLogger("mtls_fleet.broker.events")
 
 _LISTENER = "default"  # amqtt requires a listener of this name; ours is external
+_TEARDOWNS_PER_ITERATION = 64
 Event = dict[str, Any]
 
 
@@ -82,6 +84,8 @@ class FleetBroker:
         self._amqtt: IndexedBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stale_timer: asyncio.TimerHandle | None = None
+        # Bursts spread over loop iterations (see broker.pacing).
+        self.teardowns = Pacer(_TEARDOWNS_PER_ITERATION)
 
     # -- life cycle -------------------------------------------------------------------------
 
