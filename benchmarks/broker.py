@@ -1,13 +1,15 @@
 """Broker benchmarks: connect churn against ours and Mosquitto (same client, same run),
 revocation latency, and what 10,000 held connections cost.
 
-Both brokers run as separate processes on this machine; the load client runs in this one.
+Both brokers run as separate processes on this machine; the load client runs in this one,
+and the pub/sub latency probe in a third.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -16,8 +18,10 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -215,7 +219,8 @@ async def _probe_round_trips(
     port: int,
     watcher: tuple[str, ssl.SSLContext],
     talker: tuple[str, ssl.SSLContext],
-    stop: asyncio.Event,
+    stop: Callable[[], bool],
+    ready: Callable[[], None],
 ) -> list[float]:
     """Publish a timestamp every 50 ms and time its arrival at a subscriber."""
     sub_reader, sub_writer = await open_session("127.0.0.1", port, watcher[1], watcher[0])
@@ -231,17 +236,33 @@ async def _probe_round_trips(
                 samples.append(time.perf_counter() - float(publish_payload(body)))
 
     receiver = asyncio.create_task(receive())
-    while not stop.is_set():
+    ready()
+    while not stop():
         pub_writer.write(
             publish_packet(f"devices/{talker[0]}/telemetry", repr(time.perf_counter()).encode())
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
     receiver.cancel()
     for writer in (sub_writer, pub_writer):
         writer.close()
     return samples
+
+
+def _probe_process(
+    port: int,
+    workspace_root: str,
+    watcher: str,
+    talker: str,
+    stop: EventType,
+    ready: EventType,
+    results: Connection,
+) -> None:
+    """The pub/sub probe in a process of its own: the load client's busy event loop must not
+    count as broker latency (in one process, Mosquitto itself showed ~200-250 ms)."""
+    workspace = Workspace.open(Path(workspace_root))
+    (w, t) = _contexts(workspace, [watcher, talker])
+    results.send(_run(_probe_round_trips(port, w, t, stop.is_set, ready.set)))
 
 
 async def _max_ping_stall(
@@ -261,14 +282,24 @@ async def _max_ping_stall(
 
 async def _held(
     broker: BrokerProcess,
+    workspace: Workspace,
     devices: list[tuple[str, ssl.SSLContext]],
     probes: list[tuple[str, ssl.SSLContext]],
     in_flight: int,
 ) -> HeldFigure:
     rss_before = _rss_bytes(broker.pid)
-    stop_probe = asyncio.Event()
-    probe = asyncio.create_task(_probe_round_trips(broker.port, probes[0], probes[1], stop_probe))
-    await asyncio.sleep(0.3)
+    spawn = multiprocessing.get_context("spawn")
+    stop_probe, probe_ready = spawn.Event(), spawn.Event()
+    samples, results = spawn.Pipe(duplex=False)
+    probe = spawn.Process(
+        target=_probe_process,
+        args=(broker.port, str(workspace.paths.root), probes[0][0], probes[1][0],
+              stop_probe, probe_ready, results),
+    )  # fmt: skip
+    probe.start()
+    if not await asyncio.to_thread(probe_ready.wait, 60):
+        probe.kill()
+        raise RuntimeError(f"the pub/sub probe process did not start ({probe.exitcode})")
     sessions: list[asyncio.StreamWriter] = []
     queue = iter(devices)
     started = time.perf_counter()
@@ -283,7 +314,11 @@ async def _held(
     await asyncio.gather(*(opener() for _ in range(in_flight)))
     ramp_seconds = time.perf_counter() - started
     stop_probe.set()
-    round_trips = await probe
+    if not await asyncio.to_thread(samples.poll, 60):
+        probe.kill()
+        raise RuntimeError(f"the pub/sub probe process ended without results ({probe.exitcode})")
+    round_trips: list[float] = samples.recv()
+    probe.join(10)
     await asyncio.sleep(1.0)
     rss_after = _rss_bytes(broker.pid)
     held = len(sessions)
@@ -309,11 +344,12 @@ async def _held(
 
 def measure_held(
     broker: BrokerProcess,
+    workspace: Workspace,
     devices: list[tuple[str, ssl.SSLContext]],
     probes: list[tuple[str, ssl.SSLContext]],
     in_flight: int,
 ) -> HeldFigure:
-    return _run(_held(broker, devices, probes, in_flight))
+    return _run(_held(broker, workspace, devices, probes, in_flight))
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -375,10 +411,12 @@ def run(
     held_devices = _contexts(workspace, held_ids)
     held_figures = []
     with ours(workspace) as broker:
-        held_figures.append(measure_held(broker, held_devices, probes, in_flight=100))
+        held_figures.append(measure_held(broker, workspace, held_devices, probes, in_flight=100))
     with mosquitto(workspace, base) as reference:
         if reference is not None:
-            held_figures.append(measure_held(reference, held_devices, probes, in_flight=100))
+            held_figures.append(
+                measure_held(reference, workspace, held_devices, probes, in_flight=100)
+            )
     return BrokerReport(
         churn=figures, revocation_ms=[x * 1000 for x in latencies], held=held_figures
     )
