@@ -240,9 +240,12 @@ class PeerConnection(asyncio.Protocol):
         chunks = []
         while True:
             try:
-                chunks.append(self.tls.bio_read(_READ_SIZE))
+                chunk = self.tls.bio_read(_READ_SIZE)
             except SSL.WantReadError:
                 break
+            chunks.append(chunk)
+            if len(chunk) < _READ_SIZE:
+                break  # drained: no need for the exception that says so (it is costly)
         if chunks and not self.transport.is_closing():
             self.transport.write(b"".join(chunks))
 

@@ -34,8 +34,25 @@ class CertificateIdentityPlugin(BaseAuthPlugin):
         return peer.broker.authorize_connect(peer, session.client_id)
 
 
+def topic_allowed(session: Session | None, topic: str | None, action: Action | None) -> bool:
+    """Publish, subscribe and receive rights from the certificate (see broker.acl); a refused
+    publish or subscribe is counted and logged."""
+    peer = _peer(session)
+    if peer is None or peer.rights is None or topic is None:
+        return False
+    if action == Action.PUBLISH:
+        allowed = peer.rights.may_publish(topic)
+    elif action == Action.SUBSCRIBE:
+        allowed = peer.rights.may_subscribe(topic)
+    else:  # RECEIVE: defence in depth, a subscription was already vetted
+        return peer.rights.may_receive(topic)
+    if not allowed:
+        peer.broker.acl_denied(peer, str(action), topic)
+    return allowed
+
+
 class TierTopicPlugin(BaseTopicPlugin):
-    """Publish, subscribe and receive rights from the certificate's tier (see broker.acl)."""
+    """amqtt's view of :func:`topic_allowed` (our broker core calls that directly)."""
 
     @dataclass
     class Config:
@@ -48,15 +65,4 @@ class TierTopicPlugin(BaseTopicPlugin):
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool | None:
-        peer = _peer(session)
-        if peer is None or peer.rights is None or topic is None:
-            return False
-        if action == Action.PUBLISH:
-            allowed = peer.rights.may_publish(topic)
-        elif action == Action.SUBSCRIBE:
-            allowed = peer.rights.may_subscribe(topic)
-        else:  # RECEIVE: defence in depth, a subscription was already vetted
-            return peer.rights.may_receive(topic)
-        if not allowed:
-            peer.broker.acl_denied(peer, str(action), topic)
-        return allowed
+        return topic_allowed(session, topic, action)
