@@ -91,7 +91,10 @@ class Swarm:
         stats.acknowledged = sum(d.stats.acknowledged for d in self.devices)
         stats.disconnects = sum(len(d.stats.disconnects) for d in self.devices)
         stats.renewals = sum(d.stats.renewals for d in self.devices)
-        stats.renewal_failures = sum((d.stats.renewal_failures for d in self.devices), Counter())
+        stats.renewal_failures = Counter()
+        for device in self.devices:
+            if device.stats.renewal_failures:  # rare: no Counter arithmetic per device
+                stats.renewal_failures.update(device.stats.renewal_failures)
         stats.elapsed = time.perf_counter() - self._started if self._started else 0.0
         return stats
 
