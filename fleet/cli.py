@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
 import logging
 import sys
@@ -11,18 +10,27 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 from cryptography import x509
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fleet.admin_client import AdminClient
 from fleet.bundles import export_pkcs12
 from fleet.ca import REVOCATION_REASONS, parse_revocation_reason
+from fleet.cli_claims import claim_app, enroll
+from fleet.cli_support import (
+    AdminOption,
+    DirOption,
+    ServerOption,
+    admin_client,
+    err,
+    friendly_errors,
+    out,
+)
 from fleet.config import FleetConfig
 from fleet.durations import parse_instant, parse_positive_duration
 from fleet.errors import FleetError, UsageError
@@ -32,7 +40,7 @@ from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_
 from fleet.renewal import renew_device
 from fleet.revocation import publish_crl, revoke_device, revoke_superseded
 from fleet.signals import stop_on_signals
-from fleet.views import STATUSES, claim_view, device_details
+from fleet.views import STATUSES, device_details
 from fleet.views import inventory as inventory_rows
 from fleet.workspace import DEFAULT_DIR, Workspace, init_workspace
 
@@ -48,10 +56,6 @@ crl_app = typer.Typer(
 app.add_typer(crl_app, name="crl")
 ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
-claim_app = typer.Typer(
-    help="Claims: one certificate a batch of new devices enrolls with (bootstrap).",
-    no_args_is_help=True,
-)
 app.add_typer(claim_app, name="claim")
 bench_app = typer.Typer(help="Load-test mutual-TLS handshakes of a broker.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -61,56 +65,9 @@ scenario_app = typer.Typer(
 )
 app.add_typer(scenario_app, name="scenario")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-DirOption = Annotated[
-    Path, typer.Option("--dir", "-d", help="The fleet workspace directory.", envvar="FLEET_DIR")
-]
-
-
-ServerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--server",
-        help="Ask the control plane's admin API (https://HOST:PORT of 'fleet serve --api-port') "
-        "instead of opening DIR.",
-        envvar="FLEET_SERVER",
-    ),
-]
-AdminOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--admin",
-        help="Admin bundle for --server: cert.pem, key.pem, root.crt (default: DIR/admin).",
-        envvar="FLEET_ADMIN",
-    ),
-]
-
-
-def _client(server: str, admin: Path | None, directory: Path) -> AdminClient:
-    return AdminClient(server, admin or directory / "admin")
-
-
-def _friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn a :class:`FleetError` into one line on stderr and its exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except FleetError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def init(
     directory: DirOption = DEFAULT_DIR,
     trust_domain: Annotated[
@@ -149,7 +106,7 @@ def init(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def provision(
     directory: DirOption = DEFAULT_DIR,
     count: Annotated[int, typer.Option("--count", "-n", help="How many devices.")] = 1,
@@ -180,7 +137,7 @@ def provision(
     """Create devices, each with its own key and certificate (or sign one device's CSR)."""
     if server:
         _provision_remotely(
-            _client(server, admin, directory),
+            admin_client(server, admin, directory),
             {"count": count, "prefix": prefix, "tier": tier, "env": env, "valid_for": valid_for,
              "key_type": key_type, "id": device_id},
             csr,
@@ -299,7 +256,7 @@ class _progress_reporter:
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def revoke(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to revoke.")],
     directory: DirOption = DEFAULT_DIR,
@@ -323,7 +280,7 @@ def revoke(
     flag = parse_revocation_reason(reason)
     if server:
         path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}/revoke"
-        answer = _client(server, admin, directory).post(
+        answer = admin_client(server, admin, directory).post(
             path, {"reason": reason, "superseded_only": superseded_only}
         )
         serials, crl_number, where = answer["revoked_serials"], answer["crl_number"], server
@@ -345,7 +302,7 @@ def revoke(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def renew(
     device_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="The devices to renew.")],
     directory: DirOption = DEFAULT_DIR,
@@ -367,7 +324,7 @@ def renew(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def inventory(
     directory: DirOption = DEFAULT_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -386,7 +343,7 @@ def inventory(
         raise FleetError(f"invalid --status {status!r}: choose one of {', '.join(STATUSES)}")
     now = dt.datetime.now(dt.UTC)
     if server:
-        client = _client(server, admin, directory)
+        client = admin_client(server, admin, directory)
         listing = client.get("/v1/devices", status=status, expiring_within=expiring_within)
         rows: list[dict[str, Any]] = listing["devices"]
         source = server
@@ -430,7 +387,7 @@ def _styled_status(status: str) -> str:
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def show(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to show.")],
     directory: DirOption = DEFAULT_DIR,
@@ -440,7 +397,7 @@ def show(
     """Print one device's registry record, its decoded certificate, history and enrollment."""
     if server:
         path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}"
-        details = _client(server, admin, directory).get(path)
+        details = admin_client(server, admin, directory).get(path)
     else:
         details = device_details(Workspace.open(directory), device_id)
     table = Table(title=f"device {device_id}", show_header=False)
@@ -471,7 +428,7 @@ def show(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def export(
     device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to export.")],
     p12: Annotated[Path, typer.Option("--p12", help="Output PKCS#12 file (written 0600).")],
@@ -487,7 +444,7 @@ def export(
 
 
 @crl_app.command("publish")
-@_friendly_errors
+@friendly_errors
 def crl_publish(directory: DirOption = DEFAULT_DIR) -> None:
     """Sign a fresh CRL now (run it before nextUpdate, e.g. from cron, to keep brokers fed)."""
     workspace = Workspace.open(directory)
@@ -500,7 +457,7 @@ def crl_publish(directory: DirOption = DEFAULT_DIR) -> None:
 
 
 @crl_app.command("sync")
-@_friendly_errors
+@friendly_errors
 def crl_sync(
     url: Annotated[
         str, typer.Option(help="Where 'fleet serve' publishes, e.g. http://HOST:8080/crl.pem.")
@@ -542,7 +499,7 @@ def crl_sync(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def serve(
     directory: DirOption = DEFAULT_DIR,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -559,8 +516,10 @@ def serve(
         typer.Option(help="Serve the admin API (HTTPS, mutual TLS, admin certificates) here."),
     ] = None,
 ) -> None:
-    """Serve the CRL (/crl, /crl.pem), OCSP (/ocsp) and /metrics over HTTP, keeping the CRL
-    fresh; with --broker, enroll devices by claim and renew certificates over MQTT."""
+    """Run the control plane: CRL, OCSP and /metrics over HTTP; optionally MQTT and admin API.
+
+    The CRL is kept fresh; with --broker it enrolls devices by claim and renews certificates
+    over MQTT; with --api-port it serves the admin API (HTTPS, mutual TLS)."""
     from device.swarm_command import parse_target
     from fleet.control_plane import ControlPlane
 
@@ -587,7 +546,7 @@ def serve(
 
 
 @app.command("broker")
-@_friendly_errors
+@friendly_errors
 def broker_command(
     directory: DirOption = DEFAULT_DIR,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -649,7 +608,7 @@ def broker_command(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def swarm(
     directory: DirOption = DEFAULT_DIR,
     devices: Annotated[int, typer.Option(help="How many provisioned devices to run.")] = 100,
@@ -713,7 +672,7 @@ def swarm(
 
 
 @ca_app.command("rotate")
-@_friendly_errors
+@friendly_errors
 def ca_rotate(directory: DirOption = DEFAULT_DIR) -> None:
     """Make a new issuing intermediate current; the old one stays trusted until retired."""
     from fleet.ca_rotation import rotate_issuing_ca
@@ -728,7 +687,7 @@ def ca_rotate(directory: DirOption = DEFAULT_DIR) -> None:
 
 
 @ca_app.command("retire")
-@_friendly_errors
+@friendly_errors
 def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
     """Stop trusting the issuing CAs a rotation replaced (their devices are then refused)."""
     from fleet.ca_rotation import retire_previous_issuers
@@ -741,205 +700,8 @@ def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
     out.print(f"retired {', '.join(retired)}; CRL published to {workspace.paths.crl}")
 
 
-@claim_app.command("create")
-@_friendly_errors
-def claim_create(
-    name: Annotated[str, typer.Option(help="The claim's name, e.g. factory-batch-7.")],
-    directory: DirOption = DEFAULT_DIR,
-    max_uses: Annotated[int, typer.Option(help="How many devices it may enroll.")] = 1000,
-    valid_for: Annotated[str, typer.Option(help="How long the claim can be used.")] = "30d",
-    allow_ids: Annotated[
-        str, typer.Option(help="Shell pattern the enrolling ids must match, e.g. 'sensor-*'.")
-    ] = "*",
-    tier: Annotated[str, typer.Option(help=f"Tier of the devices: {', '.join(TIERS)}.")] = "bronze",
-    env: Annotated[str, typer.Option(help=f"Environment: {', '.join(ENVIRONMENTS)}.")] = "prod",
-    device_valid_for: Annotated[
-        str | None,
-        typer.Option(help="Lifetime of the enrolled devices' certificates (default: fleet.toml)."),
-    ] = None,
-    server: ServerOption = None,
-    admin: AdminOption = None,
-    bundle_out: Annotated[
-        Path | None,
-        typer.Option(help="With --server: write the claim's cert.pem, key.pem, root.crt here."),
-    ] = None,
-) -> None:
-    """Issue a claim certificate into DIR/claims/NAME/ (cert.pem, key.pem, root.crt)."""
-    from fleet.claims import ClaimRules, create_claim
-
-    if server:
-        view = _client(server, admin, directory).post(
-            "/v1/claims",
-            {
-                "name": name,
-                "max_uses": max_uses,
-                "valid_for": valid_for,
-                "allow_ids": allow_ids,
-                "tier": tier,
-                "env": env,
-                "device_valid_for": device_valid_for,
-            },
-        )
-        bundle = view.pop("bundle")
-        where = bundle_out or Path(name)
-        _write_claim_bundle(where, bundle)
-    else:
-        rules = ClaimRules(
-            name=name,
-            max_uses=max_uses,
-            valid_for=parse_positive_duration(valid_for),
-            allow_ids=allow_ids,
-            tier=tier,
-            env=env,
-            device_valid_for=parse_positive_duration(device_valid_for)
-            if device_valid_for
-            else None,
-        )
-        workspace = Workspace.open(directory)
-        view = claim_view(create_claim(workspace, rules), dt.datetime.now(dt.UTC))
-        where = workspace.paths.claim_dir(name)
-    out.print(
-        f"claim {view['name']}: up to {view['max_uses']} {view['tier']} {view['env']} devices "
-        f"with ids matching {view['allow_ids']!r} until {view['not_after']}; give devices "
-        f"{where}/ and run 'fleet serve --broker ...'",
-        highlight=False,
-    )
-
-
-def _write_claim_bundle(directory: Path, bundle: dict[str, str]) -> None:
-    from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
-
-    if directory.exists():
-        raise UsageError(f"{directory} already exists; choose another --bundle-out")
-    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
-    write_secret(directory / "key.pem", bundle["key.pem"].encode())
-    write_public(directory / "cert.pem", bundle["cert.pem"].encode())
-    write_public(directory / "root.crt", bundle["root.crt"].encode())
-
-
-@claim_app.command("list")
-@_friendly_errors
-def claim_list(
-    directory: DirOption = DEFAULT_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    server: ServerOption = None,
-    admin: AdminOption = None,
-) -> None:
-    """List the claims with their rules and uses."""
-    if server:
-        rows = _client(server, admin, directory).get("/v1/claims")["claims"]
-    else:
-        now = dt.datetime.now(dt.UTC)
-        rows = [claim_view(c, now) for c in Workspace.open(directory).registry.claims()]
-    if as_json:
-        json.dump({"claims": rows}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return
-    table = Table(title=f"{len(rows)} claim(s)", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("name", "tier", "env", "ids", "uses", "expires (UTC)", "status"):
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        table.add_row(
-            str(row["name"]),
-            str(row["tier"]),
-            str(row["env"]),
-            str(row["allow_ids"]),
-            f"{row['uses']}/{row['max_uses']}",
-            str(row["not_after"])[:16].replace("T", " "),
-            str(row["status"]),
-        )
-    out.print(table)
-
-
-@claim_app.command("revoke")
-@_friendly_errors
-def claim_revoke(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The claim to revoke.")],
-    directory: DirOption = DEFAULT_DIR,
-    server: ServerOption = None,
-    admin: AdminOption = None,
-) -> None:
-    """Stop a claim enrolling devices (its certificate goes on the CRL); enrolled devices stay."""
-    from fleet.claims import revoke_claim
-
-    if server:
-        path = f"/v1/claims/{urllib.parse.quote(name, safe='')}/revoke"
-        changed = bool(_client(server, admin, directory).post(path, {})["revoked"])
-    else:
-        changed = revoke_claim(Workspace.open(directory), name)
-    if not changed:
-        out.print(f"claim {name} was already revoked; nothing changed")
-        return
-    out.print(f"revoked claim {name}; a fresh CRL is published", highlight=False)
-
-
-@app.command()
-@_friendly_errors
-def enroll(
-    claim: Annotated[
-        Path, typer.Option(help="The claim directory a device holds (DIR/claims/NAME).")
-    ],
-    device_ids: Annotated[
-        list[str], typer.Option("--id", help="Device id to enroll (repeat for several).")
-    ],
-    store: Annotated[
-        Path, typer.Option(help="Where each device keeps STORE/<id>/key.pem and cert.pem.")
-    ],
-    target: Annotated[
-        str, typer.Option(help="mqtts://HOST:PORT of the broker the control plane answers on.")
-    ] = "mqtts://127.0.0.1:8883",
-    server_name: Annotated[
-        str, typer.Option(help="Host name the broker certificate must carry.")
-    ] = "localhost",
-    hardware_serial: Annotated[
-        str, typer.Option(help="A hardware serial recorded with the enrollment.")
-    ] = "",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 10.0,
-) -> None:
-    """Enroll devices as the devices themselves do: connect with the claim, send a CSR for a
-    key generated here, keep the key. Exit 1 when any enrollment was refused or failed."""
-    import asyncio
-
-    from device.enrollment import ClaimBundle, EnrollmentResult, enroll
-    from device.swarm_command import parse_target
-
-    host, port = parse_target(target)
-    bundle = ClaimBundle(claim)
-
-    async def enroll_all() -> list[EnrollmentResult]:
-        context = bundle.context()
-        return list(
-            await asyncio.gather(
-                *(
-                    enroll(
-                        device_id, bundle, store, host=host, port=port, server_name=server_name,
-                        hardware_serial=hardware_serial, timeout=timeout, context=context,
-                    )
-                    for device_id in device_ids
-                )
-            )
-        )  # fmt: skip
-
-    failed = 0
-    for result in asyncio.run(enroll_all()):
-        if result.enrolled:
-            out.print(
-                f"enrolled {result.device_id} in {result.seconds * 1000:.0f} ms: "
-                f"{store / result.device_id}/cert.pem and key.pem",
-                highlight=False,
-            )
-        else:
-            failed += 1
-            err.print(
-                f"{result.device_id}: {result.status} ({result.reason}) {result.detail}",
-                highlight=False,
-            )
-    if failed:
-        raise typer.Exit(1)
-
-
 @bench_app.command("handshake")
-@_friendly_errors
+@friendly_errors
 def bench_handshake(
     directory: DirOption = DEFAULT_DIR,
     target: Annotated[
@@ -997,7 +759,7 @@ def bench_handshake(
 
 
 @bench_app.command("compare")
-@_friendly_errors
+@friendly_errors
 def bench_compare(
     first: Annotated[Path, typer.Argument(metavar="A", help="report.json (or its directory).")],
     second: Annotated[Path, typer.Argument(metavar="B", help="report.json (or its directory).")],
@@ -1009,7 +771,7 @@ def bench_compare(
 
 
 @scenario_app.command("list")
-@_friendly_errors
+@friendly_errors
 def scenario_list(
     paths: Annotated[
         list[Path] | None, typer.Argument(help="Files or directories (default: the library).")
@@ -1037,7 +799,7 @@ def scenario_list(
 
 
 @scenario_app.command("run")
-@_friendly_errors
+@friendly_errors
 def scenario_run(
     paths: Annotated[
         list[Path] | None,
@@ -1127,7 +889,7 @@ def scenario_run(
 
 
 @app.command()
-@_friendly_errors
+@friendly_errors
 def demo(directory: DirOption = Path("demo-fleet")) -> None:
     """Replay the quickstart scenario in DIR: a fleet connects, one device is revoked live."""
     from fleet.scenario import LIBRARY, load_scenario, run_scenarios
@@ -1144,6 +906,9 @@ def demo(directory: DirOption = Path("demo-fleet")) -> None:
     if not result.passed:
         raise typer.Exit(1)
     out.print(f"the workspace is kept in {directory}: try 'fleet inventory --dir {directory}'")
+
+
+app.command()(enroll)  # defined with the claims (fleet/cli_claims.py), listed after the others
 
 
 def main() -> None:
