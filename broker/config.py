@@ -18,6 +18,27 @@ class RevocationPolicy(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What one client may hold in the broker (Mosquitto's names and defaults where it has them).
+
+    ``max_queued``: messages waiting for a session, connected (behind the in-flight window) or
+    offline (QoS 1 for a persistent session); past it new messages for it are dropped and
+    counted. ``max_inflight``: messages being sent to it at once (QoS 1 ones until PUBACK).
+    ``max_routing_backlog``: messages waiting to be routed broker-wide; past it, publishers'
+    sockets are not read until it shrinks.
+    """
+
+    max_queued: int = 1000
+    max_inflight: int = 20
+    max_routing_backlog: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued", "max_inflight", "max_routing_backlog"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerSettings:
     """How ``fleet broker`` runs. ``port=0`` picks a free port (tests)."""
 
@@ -32,6 +53,9 @@ class BrokerSettings:
     crl_url: str | None = None  # fetch the CRL from here (fleet serve) instead of DIR/ca/crl.pem
     crl_url_interval: float = 5.0
     max_connect_bytes: int = 64 * 1024
+    max_packet_bytes: int = 256 * 1024  # any packet, header included; larger ones close the link
+    max_queued_messages: int = 1000
+    max_inflight_messages: int = 20
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
     log_connections: bool = False  # also one event per admitted session and per session end
 
@@ -46,3 +70,12 @@ class BrokerSettings:
             raise UsageError("the CRL poll interval must be positive")
         if self.crl_url is not None and not self.crl_url.startswith(("http://", "https://")):
             raise UsageError(f"invalid --crl-url {self.crl_url!r}: use an http:// or https:// URL")
+        if not 16 <= self.max_packet_bytes <= 268_435_460:
+            raise UsageError("--max-packet-size must be 16 bytes to 256 MiB (MQTT's own maximum)")
+        _ = self.session_limits  # validates the queue limits
+
+    @property
+    def session_limits(self) -> SessionLimits:
+        return SessionLimits(
+            max_queued=self.max_queued_messages, max_inflight=self.max_inflight_messages
+        )

@@ -21,6 +21,19 @@ from OpenSSL import SSL
 
 from broker.acl import NO_RIGHTS, TopicRights, rights_for
 from broker.outcomes import Outcome, classify_tls_error, openssl_reason, refine_verify_failure
+from broker.packets import (
+    CONNECT,
+    DISCONNECT,
+    ConnackCode,
+    ConnectRequest,
+    Packet,
+    PacketFramer,
+    ProtocolViolation,
+    UnsupportedProtocol,
+    connack,
+    packet_problem,
+    parse_connect,
+)
 from fleet.errors import CertificateError
 from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate
 
@@ -29,17 +42,17 @@ if TYPE_CHECKING:
 
     from broker.server import FleetBroker
 
-_CONNECT = 0x10
-_DISCONNECT = b"\xe0\x00"
 _READ_SIZE = 65536
+# Keep alive: a client silent for this many times its keep alive is disconnected [MQTT-3.1.2-24].
+_KEEP_ALIVE_GRACE = 1.5
+# Input is read only as fast as amqtt routes it: past these backlogs the socket is not read.
+_UNREAD_BYTES_LIMIT = 64 * 1024  # handed to amqtt, not yet parsed by it
+_UNROUTED_MESSAGES_LIMIT = 16  # parsed, waiting in the session's queue for routing
+_PAUSE_POLL_SECONDS = 0.005
 # After a refused handshake the alert is sent, then FIN, and the client's bytes are drained
 # this long: closing with unread bytes (a TLS 1.3 client already sent CONNECT) makes the
 # kernel send a reset, which can destroy the alert before the client reads it.
 _LINGER_SECONDS = 1.0
-
-
-class _ProtocolViolation(Exception):
-    """The first MQTT packet is not an acceptable CONNECT."""
 
 
 class PeerConnection(asyncio.Protocol):
@@ -66,11 +79,17 @@ class PeerConnection(asyncio.Protocol):
         self.identity: DeviceIdentity | None = None
         self.rights: TopicRights | None = None
         self.client_id: str | None = None  # the MQTT client id, once CONNECT was admitted
+        self.connect_request: ConnectRequest | None = None  # the admitted CONNECT
         self.authorized = False
+        self.amqtt_session: Any = None  # amqtt's Session for this connection, once it has one
         self.reader = asyncio.StreamReader(limit=_READ_SIZE)
+        self._counted_reader = _CountingReader(self.reader)
+        self._framer = PacketFramer(broker.settings.max_connect_bytes)
         self._timers: list[asyncio.TimerHandle] = []
         self._serve_task: asyncio.Task[None] | None = None
         self._paused = False
+        self._input_paused = False  # we stopped reading the socket until amqtt catches up
+        self._last_packet_at = 0.0
         self._leaving = False  # a goodbye was seen: the rest goes through the teardown queue
         self._ended = False  # the end of the stream was queued
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -135,14 +154,13 @@ class PeerConnection(asyncio.Protocol):
         self.closed = True
         for timer in self._timers:
             timer.cancel()
-        self._deliver(None)
+        self._deliver_eof()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if not self.handshaken and self.outcome is None:
-            self.broker.record(
-                self, Outcome.PROTOCOL_ERROR, "connection closed before the TLS handshake completed"
-            )
+        if self.outcome is None:
+            stage = "the TLS handshake completed" if not self.handshaken else "MQTT CONNECT"
+            self.broker.record(self, Outcome.PROTOCOL_ERROR, f"connection closed before {stage}")
         self.broker.connection_closed(self)
 
     def pause_writing(self) -> None:
@@ -196,7 +214,10 @@ class PeerConnection(asyncio.Protocol):
         if not self.broker.handshake_accepted(self):
             return
         self._schedule_expiry()
-        self._serve_task = asyncio.get_running_loop().create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        self._timers.append(
+            loop.call_later(self.broker.settings.handshake_timeout, self._connect_timed_out)
+        )
 
     def _handshake_failed(self, outcome: Outcome, exc: SSL.Error) -> None:
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=False)
@@ -251,40 +272,183 @@ class PeerConnection(asyncio.Protocol):
 
     def _read_plaintext(self) -> None:
         assert self.tls is not None
-        while True:
+        while not self.closed and not self.refused:
             try:
                 data = self.tls.recv(_READ_SIZE)
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:  # close_notify
-                self._deliver(None)
+                self._deliver_eof()
                 break
             except SSL.Error as exc:
                 self.broker.log_event("tls_error", self, detail=openssl_reason(exc))
                 self.abort()
                 return
-            self._deliver(data)
+            self._on_plaintext(data)
         self._flush()  # TLS 1.3 may answer (key updates, tickets)
 
-    def _deliver(self, data: bytes | None) -> None:
-        """Hand plaintext (None: the end of the stream) to amqtt.
+    # -- MQTT packets -----------------------------------------------------------------------
 
-        A goodbye (a DISCONNECT packet, or the end of the stream) and whatever follows it go
-        through the broker's teardown pacer: tearing a session down is the costliest thing
-        amqtt does, and when thousands leave at once, doing it all in one loop iteration would
-        stall every other client for a second. Everything else is delivered at once.
+    def _on_plaintext(self, data: bytes) -> None:
+        """Frame and check the client's packets; hand the good ones to amqtt.
+
+        The first packet must be a CONNECT the broker admits (see :meth:`_on_connect`); any
+        malformed or protocol-violating packet closes the connection, counted and logged with
+        what was wrong. Nothing after a DISCONNECT is read.
         """
-        if self._ended:
-            return  # nothing follows the end of the stream
-        if self._leaving or data is None or data == _DISCONNECT:
-            self._leaving = True
-            self._ended = data is None
-            reader = self.reader
-            self.broker.teardowns.add(
-                reader.feed_eof if data is None else functools.partial(reader.feed_data, data)
-            )
-        else:
+        if self._leaving or self._ended:
+            return
+        if self.connect_request is None and not self._framer.buffered and data[0] >> 4 != CONNECT:
+            self._violation(f"first MQTT packet is type {data[0] >> 4}, not CONNECT")
+            return
+        try:
+            packets = self._framer.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(str(exc))
+            return
+        forward: list[bytes] = []
+        for packet in packets:
+            self._last_packet_at = time.monotonic()
+            if self.connect_request is None:
+                if not self._on_connect(packet):
+                    return
+            elif (problem := packet_problem(packet)) is not None:
+                self._feed(forward)
+                self._violation(problem)
+                return
+            elif packet.kind == DISCONNECT:
+                self._feed(forward)
+                self._leave(packet.raw)
+                return
+            forward.append(packet.raw)
+        self._feed(forward)
+        self._pace_input()
+
+    def _feed(self, raw_packets: list[bytes]) -> None:
+        if raw_packets:
+            data = b"".join(raw_packets)
+            self._counted_reader.fed += len(data)
             self.reader.feed_data(data)
+
+    def _on_connect(self, packet: Packet) -> bool:
+        """The first packet: read the whole CONNECT and let the broker decide, before amqtt
+        creates, resumes or deletes any session. False when the connection was refused."""
+        if packet.kind != CONNECT:
+            return self._refuse_connect(f"first MQTT packet is type {packet.kind}, not CONNECT")
+        try:
+            request = parse_connect(packet.body)
+        except UnsupportedProtocol as exc:
+            return self._refuse_connect(str(exc), ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION)
+        except ProtocolViolation as exc:
+            return self._refuse_connect(str(exc))
+        code = self.broker.admit_connect(self, request)
+        if code is not ConnackCode.ACCEPTED:
+            self.send(connack(code))
+            self._shut_after_refusal()
+            return False
+        self.connect_request = request
+        self._framer.max_bytes = self.broker.settings.max_packet_bytes
+        self._arm_keep_alive(request.keep_alive)
+        self._serve_task = asyncio.get_running_loop().create_task(self._serve())
+        return True
+
+    def _refuse_connect(self, detail: str, code: ConnackCode | None = None) -> bool:
+        self.broker.record(self, Outcome.PROTOCOL_ERROR, detail)
+        if code is not None:
+            self.send(connack(code))
+        self._shut_after_refusal()
+        return False
+
+    def _shut_after_refusal(self) -> None:
+        """close_notify, then FIN; what the client still sends is dropped, and we close soon
+        (closing with unread bytes would reset the connection before it reads the CONNACK)."""
+        assert self.tls is not None
+        with contextlib.suppress(SSL.Error):
+            self.tls.shutdown()
+        self._flush()
+        self._linger_and_close()
+
+    def _violation(self, detail: str) -> None:
+        """A malformed or protocol-violating packet: the connection ends at once."""
+        if self.connect_request is None:
+            self._refuse_connect(detail)
+        else:
+            self.close_by_broker("protocol_error", detail)
+        self.refused = True  # read nothing more
+
+    def _connect_timed_out(self) -> None:
+        if self.connect_request is not None or self.closed or self.outcome is not None:
+            return
+        timeout = self.broker.settings.handshake_timeout
+        self.broker.record(self, Outcome.HANDSHAKE_TIMEOUT, f"no MQTT CONNECT within {timeout:g} s")
+        self.close()
+
+    def _arm_keep_alive(self, keep_alive: int) -> None:
+        """Disconnect a client silent for 1.5 times its keep alive (0: never) [MQTT-3.1.2-24];
+        the end of the stream makes amqtt publish its will."""
+        if keep_alive <= 0:
+            return
+        limit = keep_alive * _KEEP_ALIVE_GRACE
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self.closed:
+                return
+            silent = time.monotonic() - self._last_packet_at
+            if self._input_paused or silent < limit:  # a paused client cannot be heard
+                wait = limit if self._input_paused else limit - silent
+                self._timers.append(loop.call_later(wait, check))
+                return
+            self.close_by_broker(
+                "keepalive_timeout",
+                f"nothing received for {silent:.1f} s (keep alive {keep_alive} s)",
+            )
+
+        self._timers.append(loop.call_later(limit, check))
+
+    def _pace_input(self) -> None:
+        """Stop reading the socket while amqtt has not routed what this client sent."""
+        if self._input_paused or self.closed or self.transport is None:
+            return
+        if not self._routing_behind():
+            return
+        self._input_paused = True
+        self.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+
+        def poll() -> None:
+            if self.closed or self.transport is None or self.transport.is_closing():
+                return
+            if self._routing_behind():
+                loop.call_later(_PAUSE_POLL_SECONDS, poll)
+                return
+            self._input_paused = False
+            self.transport.resume_reading()
+
+        loop.call_later(_PAUSE_POLL_SECONDS, poll)
+
+    def _routing_behind(self) -> bool:
+        if self._counted_reader.unread > _UNREAD_BYTES_LIMIT:
+            return True
+        session = self.amqtt_session
+        queued = session.delivered_message_queue.qsize() if session is not None else 0
+        return bool(queued > _UNROUTED_MESSAGES_LIMIT or self.broker.routing_backlogged())
+
+    def _leave(self, disconnect: bytes) -> None:
+        """A DISCONNECT: it goes through the broker's teardown pacer (tearing a session down
+        is the costliest thing amqtt does; when thousands leave at once, doing it all in one
+        loop iteration would stall every other client for a second)."""
+        self._leaving = True
+        self._counted_reader.fed += len(disconnect)
+        self.broker.teardowns.add(functools.partial(self.reader.feed_data, disconnect))
+
+    def _deliver_eof(self) -> None:
+        """The end of the stream, through the teardown pacer like a DISCONNECT."""
+        if self._ended:
+            return
+        self._ended = True
+        self._leaving = True
+        self.broker.teardowns.add(self.reader.feed_eof)
 
     def send(self, data: bytes) -> None:
         """Encrypt and send application bytes."""
@@ -317,61 +481,20 @@ class PeerConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def close_by_broker(self, reason: str) -> None:
-        """End a live session (revoked, expired, takeover), counted and logged."""
+    def close_by_broker(self, reason: str, detail: str | None = None) -> None:
+        """End a live session (revoked, expired, takeover, keep alive, protocol error), counted
+        and logged."""
         if self.closed or (self.transport is not None and self.transport.is_closing()):
             return
-        self.broker.session_ended_by_broker(self, reason)
+        self.broker.session_ended_by_broker(self, reason, detail)
         self.close()
 
     # -- MQTT -------------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        settings = self.broker.settings
-        try:
-            header = await asyncio.wait_for(self._read_connect_header(), settings.handshake_timeout)
-        except TimeoutError:
-            self.broker.record(
-                self,
-                Outcome.HANDSHAKE_TIMEOUT,
-                f"no MQTT CONNECT within {settings.handshake_timeout:g} s",
-            )
-            self.close()
-            return
-        except asyncio.IncompleteReadError:
-            self.broker.record(
-                self, Outcome.PROTOCOL_ERROR, "connection closed before MQTT CONNECT"
-            )
-            self.close()
-            return
-        except _ProtocolViolation as exc:
-            self.broker.record(self, Outcome.PROTOCOL_ERROR, str(exc))
-            self.close()
-            return
-        await self.broker.serve_mqtt(self, _ReplayReader(self.reader, header), _TlsWriter(self))
-        if self.outcome is None:
-            self.broker.record(self, Outcome.PROTOCOL_ERROR, "malformed or refused MQTT CONNECT")
+        """amqtt serves the admitted session until it ends."""
+        await self.broker.serve_mqtt(self, self._counted_reader, _TlsWriter(self))
         self.close()
-
-    async def _read_connect_header(self) -> bytes:
-        """Read the fixed header of the first packet: it must be a CONNECT of bounded size."""
-        header = bytearray(await self.reader.readexactly(1))
-        if header[0] & 0xF0 != _CONNECT:
-            raise _ProtocolViolation(f"first MQTT packet is type {header[0] >> 4}, not CONNECT")
-        length, multiplier = 0, 1
-        for _ in range(4):
-            byte = (await self.reader.readexactly(1))[0]
-            header.append(byte)
-            length += (byte & 0x7F) * multiplier
-            multiplier *= 128
-            if not byte & 0x80:
-                break
-        else:
-            raise _ProtocolViolation("malformed remaining length in CONNECT")
-        limit = self.broker.settings.max_connect_bytes
-        if length > limit:
-            raise _ProtocolViolation(f"CONNECT of {length} bytes exceeds the {limit}-byte limit")
-        return bytes(header)
 
 
 def _common_name(cert: x509.Certificate | None) -> str | None:
@@ -381,29 +504,22 @@ def _common_name(cert: x509.Certificate | None) -> str | None:
     return str(names[0].value) if names else None
 
 
-class _ReplayReader(ReaderAdapter):
-    """amqtt's reader: replays the CONNECT header the guard consumed, then reads the stream."""
+class _CountingReader(ReaderAdapter):
+    """amqtt's reader over the checked packets, counting what amqtt has not read yet."""
 
-    def __init__(self, reader: asyncio.StreamReader, prefix: bytes) -> None:
+    def __init__(self, reader: asyncio.StreamReader) -> None:
         self._reader = reader
-        self._prefix = prefix
+        self.fed = 0
+        self.read_bytes = 0
+
+    @property
+    def unread(self) -> int:
+        return self.fed - self.read_bytes
 
     async def read(self, n: int = -1) -> bytes:
-        if self._prefix:
-            if n == -1 or n >= len(self._prefix):
-                head, self._prefix = self._prefix, b""
-                rest = n - len(head) if n != -1 else -1
-                if rest == 0:
-                    return head
-                more = await (
-                    self._reader.read(-1) if rest == -1 else self._reader.readexactly(rest)
-                )
-                return head + more
-            head, self._prefix = self._prefix[:n], self._prefix[n:]
-            return head
-        if n == -1:
-            return await self._reader.read(-1)
-        return await self._reader.readexactly(n)
+        data = await (self._reader.read(-1) if n == -1 else self._reader.readexactly(n))
+        self.read_bytes += len(data)
+        return data
 
     def feed_eof(self) -> None:
         self._reader.feed_eof()

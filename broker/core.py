@@ -6,8 +6,10 @@ messages), and formats the whole table into a debug string after every SUBSCRIBE
 debug logging off. With 10,000 devices each subscribed to its own commands topic, each of
 those costs 10,000 steps and the broker falls behind. Here a message looks only at the filter
 equal to its topic plus the wildcard filters, and a session's start and end only at that
-client's own filters. Delivery rules are amqtt's, unchanged. Topic rights are checked by a
-direct call (:func:`broker.plugins.topic_allowed`), not through a task per check.
+client's own filters. Delivery rules are amqtt's; what each session may hold is bounded
+(:mod:`broker.outbox`). Topic rights are checked by a direct call
+(:func:`broker.plugins.topic_allowed`), not through a task per check. A resumed session is
+bound to the connection that resumed it (amqtt keeps the first connection's).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, Server
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError as AmqttBrokerError
 from amqtt.events import BrokerEvents
@@ -27,6 +29,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from transitions import MachineError
 
+from broker.config import SessionLimits
+from broker.outbox import DropCounter, Outbox
 from broker.plugins import topic_allowed
 
 _REFUSED = 0x80
@@ -94,14 +98,76 @@ def _light_init_states(session: Session) -> None:
 class IndexedBroker(Broker):
     """amqtt's ``Broker`` whose fan-out and clean-up cost what the topic needs, not the fleet."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        limits: SessionLimits | None = None,
+        on_drop: DropCounter | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.limits = limits or SessionLimits()
+        self._on_drop: DropCounter = on_drop or (lambda reason: None)
         # Sessions are created deep inside amqtt's protocol handler: the light state machine
         # can only be installed on the class (for every amqtt session of this process).
         Session._init_states = _light_init_states
         self._subscriptions = _SubscriptionTable()
         self._wildcard_filters: set[str] = set()
         self._filters_by_client: dict[str, set[str]] = {}
+
+    def routing_backlogged(self) -> bool:
+        """Whether more messages wait to be routed than ``limits.max_routing_backlog``."""
+        return bool(self._broadcast_queue.qsize() > self.limits.max_routing_backlog)
+
+    def outbox(self, session: Session) -> Outbox:
+        box: Outbox | None = getattr(session, "fleet_outbox", None)
+        if box is None:
+            box = Outbox(session, self._get_handler, self.limits, self._on_drop)
+            session.fleet_outbox = box
+        return box
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's, then the session (new or resumed) belongs to the connection in hand.
+
+        amqtt resumes a stored session with the connection object of whoever *created* it, so
+        the identity and rights read from ``session.ssl_object`` would be another connection's.
+        The broker admitted this CONNECT for this certificate (same identity) before amqtt saw
+        it; here the session is bound to it, and the will's retain flag (which amqtt forgets
+        on resumption) is taken from the CONNECT.
+        """
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        peer = writer.get_ssl_info()
+        session.ssl_object = peer
+        request = getattr(peer, "connect_request", None)
+        if request is not None:
+            session.will_retain = request.will.retain if request.will is not None else False
+        if hasattr(peer, "amqtt_session"):
+            peer.amqtt_session = session
+        return handler, session
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        if entry is not None:
+            self.outbox(entry[0]).cancel()
+        await super()._cleanup_session(client_id)
+
+    async def shutdown(self) -> None:
+        for session, _handler in list(self._sessions.values()):
+            self.outbox(session).cancel()
+        await super().shutdown()
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """A message for an offline persistent session, kept up to its queue bound."""
+        message = RetainedApplicationMessage(
+            broadcast["session"], broadcast["topic"], broadcast["data"], qos
+        )
+        self.outbox(target_session).keep_offline(message)
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         code: int = await super().add_subscription(subscription, session)
@@ -262,10 +328,4 @@ class IndexedBroker(Broker):
                     continue
                 if self.logger.isEnabledFor(logging.DEBUG):
                     self.logger.debug(f"Broadcasting on {topic!r} to {target_session.client_id}")
-                handler = self._get_handler(target_session)
-                if handler:
-                    running_tasks.append(
-                        asyncio.ensure_future(
-                            handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
-                        )
-                    )
+                self.outbox(target_session).put(topic, broadcast["data"], qos)

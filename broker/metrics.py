@@ -34,7 +34,14 @@ class BrokerMetrics:
         )
         self.sessions_closed = Counter(
             "mtls_sessions_closed_by_broker",
-            "Live sessions the broker ended: revoked, expired, takeover.",
+            "Live sessions the broker ended: revoked, expired, takeover, keepalive_timeout, "
+            "protocol_error.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.messages_dropped = Counter(
+            "mtls_messages_dropped",
+            "Messages not delivered because a session's queue was full (see --max-queued-messages).",
             ["reason"],
             registry=self.registry,
         )

@@ -21,6 +21,7 @@ class Outcome(enum.StrEnum):
     CRL_STALE = "crl_stale"
     IDENTITY_MISMATCH = "identity_mismatch"
     ENV_MISMATCH = "env_mismatch"
+    WILL_DENIED = "will_denied"  # the CONNECT's will topic is outside the certificate's rights
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     PROTOCOL_ERROR = "protocol_error"
     OTHER = "other"

@@ -21,7 +21,9 @@ def _peer(session: Session | None) -> PeerConnection | None:
 
 
 class CertificateIdentityPlugin(BaseAuthPlugin):
-    """Admit a CONNECT only when its client id is the certificate's device id (and env fits)."""
+    """amqtt's view of the broker's own decision: the connection's CONNECT was admitted (see
+    :meth:`broker.server.FleetBroker.admit_connect`, which runs before amqtt reads it) and the
+    session is bound to that connection."""
 
     @dataclass
     class Config:
@@ -29,9 +31,7 @@ class CertificateIdentityPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         peer = _peer(session)
-        if peer is None:
-            return False
-        return peer.broker.authorize_connect(peer, session.client_id)
+        return peer is not None and peer.authorized and peer.client_id == session.client_id
 
 
 def topic_allowed(session: Session | None, topic: str | None, action: Action | None) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 
 from broker.acl import ADMIN_RIGHTS, claim_rights
@@ -24,6 +25,7 @@ from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import Outcome
 from broker.pacing import Pacer
+from broker.packets import ConnackCode, ConnectRequest
 from broker.tls import (
     BrokerError,
     CrlState,
@@ -42,6 +44,7 @@ events_log = logging.getLogger("mtls_fleet.broker.events")
 
 _LISTENER = "default"  # amqtt requires a listener of this name; ours is external
 _TEARDOWNS_PER_ITERATION = 64
+_INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE
 Event = dict[str, Any]
 
 
@@ -93,7 +96,12 @@ class FleetBroker:
         loop = asyncio.get_running_loop()
         if self.settings.crl_url:
             await self._first_crl_from_url(self.settings.crl_url)
-        self._amqtt = IndexedBroker(_amqtt_config(), loop=loop)
+        self._amqtt = IndexedBroker(
+            _amqtt_config(),
+            loop=loop,
+            limits=self.settings.session_limits,
+            on_drop=self.message_dropped,
+        )
         await self._amqtt.start()
         try:
             self._server = await loop.create_server(
@@ -370,16 +378,21 @@ class FleetBroker:
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             self.log_event("mqtt_error", peer, detail=f"{type(exc).__name__}: {exc}")
 
-    def authorize_connect(self, peer: PeerConnection, client_id: str | None) -> bool:
-        """CONNECT: the client id must fit the certificate (see :meth:`_client_id_problem`), a
-        device's or claim's env the broker's; the connection's topic rights follow its role."""
+    def admit_connect(self, peer: PeerConnection, request: ConnectRequest) -> ConnackCode:
+        """Decide a CONNECT from the certificate of the connection in hand, before amqtt sees it.
+
+        The client id must fit the certificate (see :func:`_client_id_problem`), a device's or
+        claim's env the broker's, and the will topic the certificate's publish rights. A refusal
+        touches no session, live or stored; an admission takes the client id over from any
+        older connection of the same identity.
+        """
         identity = peer.identity
         assert identity is not None
+        client_id = request.client_id
         problem = _client_id_problem(identity, client_id)
         if problem is not None:
             self.record(peer, Outcome.IDENTITY_MISMATCH, problem)
-            return False
-        assert client_id is not None
+            return ConnackCode.NOT_AUTHORIZED
         if (
             self.settings.env is not None
             and identity.role != ADMIN
@@ -390,11 +403,16 @@ class FleetBroker:
                 Outcome.ENV_MISMATCH,
                 f"{identity.env} certificate refused by a {self.settings.env} broker",
             )
-            return False
+            return ConnackCode.NOT_AUTHORIZED
         if identity.role == CLAIM:
             peer.rights = claim_rights(client_id.removeprefix(ENROLL_CLIENT_PREFIX))
         elif identity.role == ADMIN:
             peer.rights = ADMIN_RIGHTS
+        assert peer.rights is not None
+        if request.will is not None and not peer.rights.may_publish(request.will.topic):
+            self.acl_denied(peer, "will", request.will.topic)
+            self.record(peer, Outcome.WILL_DENIED, f"will topic {request.will.topic!r}")
+            return ConnackCode.NOT_AUTHORIZED
         previous = self._sessions.get(client_id)
         if previous is not None and previous is not peer:
             previous.close_by_broker("takeover")
@@ -405,15 +423,24 @@ class FleetBroker:
         self.record(peer, Outcome.OK, None)
         if self.settings.log_connections:
             self.log_event("connected", peer)
-        return True
+        return ConnackCode.ACCEPTED
+
+    def routing_backlogged(self) -> bool:
+        """Whether amqtt's broker-wide queue of messages to route is past its bound."""
+        return self._amqtt is not None and self._amqtt.routing_backlogged()
 
     def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:
         self.metrics.acl_denied.labels(action).inc()
         self.log_event("acl_denied", peer, detail=f"{action} {topic}")
 
-    def session_ended_by_broker(self, peer: PeerConnection, reason: str) -> None:
+    def session_ended_by_broker(
+        self, peer: PeerConnection, reason: str, detail: str | None = None
+    ) -> None:
         self.metrics.sessions_closed.labels(reason).inc()
-        self.log_event("session_closed", peer, reason=reason)
+        self.log_event("session_closed", peer, reason=reason, detail=detail)
+
+    def message_dropped(self, reason: str) -> None:
+        self.metrics.messages_dropped.labels(reason).inc()
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -495,6 +522,15 @@ def _fetch(url: str, timeout: float) -> bytes:
         return data
 
 
+def _allows_client_auth(cert: crypto.X509) -> bool:
+    """Whether the leaf has an EKU extension that lists clientAuth (required, not implied)."""
+    try:
+        usage = cert.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage.value
+
+
 def _verify(
     connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
 ) -> bool:
@@ -510,6 +546,10 @@ def _verify(
         return bool(ok)
     if depth == 0:
         peer.leaf = cert
+        if ok and peer.verify_code is None and not _allows_client_auth(cert):
+            # OpenSSL's purpose check lets a leaf without any EKU pass as every purpose.
+            peer.verify_code = _INVALID_PURPOSE
+            return False
     only_crl_missing = peer.verify_code == _UNABLE_TO_GET_CRL
     if not ok and (peer.verify_code is None or only_crl_missing):
         peer.verify_code = errnum

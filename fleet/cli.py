@@ -576,16 +576,21 @@ def broker_command(
         typer.Option(help="Fetch the CRL from this URL ('fleet serve' /crl.pem) instead of DIR."),
     ] = None,
     crl_url_every: Annotated[str, typer.Option(help="How often to fetch --crl-url.")] = "5s",
+    max_packet_size: Annotated[
+        int, typer.Option(help="Largest MQTT packet accepted, in bytes; a larger one closes it.")
+    ] = 256 * 1024,
+    max_queued_messages: Annotated[
+        int, typer.Option(help="Messages kept waiting per session; more are dropped and counted.")
+    ] = 1000,
+    max_inflight_messages: Annotated[
+        int, typer.Option(help="Messages sent to one session at once (QoS 1: until PUBACK).")
+    ] = 20,
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
     from broker.config import BrokerSettings, RevocationPolicy
 
     workspace = Workspace.open(directory)
-    if emit_mosquitto_conf is not None:
-        emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port)
-        out.print(f"wrote {emit_mosquitto_conf}: mosquitto -c {emit_mosquitto_conf}")
-        return
     try:
         policy = RevocationPolicy(revocation_policy)
     except ValueError:
@@ -603,7 +608,14 @@ def broker_command(
         log_connections=log_connections,
         crl_url=crl_url,
         crl_url_interval=parse_positive_duration(crl_url_every).total_seconds(),
+        max_packet_bytes=max_packet_size,
+        max_queued_messages=max_queued_messages,
+        max_inflight_messages=max_inflight_messages,
     )
+    if emit_mosquitto_conf is not None:
+        emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port, limits=settings)
+        out.print(f"wrote {emit_mosquitto_conf}: mosquitto -c {emit_mosquitto_conf}")
+        return
     run_broker(settings, announce=lambda line: print(line, flush=True))
 
 
