@@ -15,6 +15,7 @@ bound to the connection that resumed it (amqtt keeps the first connection's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from typing import Any
@@ -34,6 +35,7 @@ from broker.outbox import DropCounter, Outbox
 from broker.plugins import topic_allowed
 
 _REFUSED = 0x80
+_TAKEOVER_WAIT_SECONDS = 5.0
 FLEET_API_PREFIX = "$fleet/"
 
 
@@ -204,7 +206,12 @@ class IndexedBroker(Broker):
         listener_name: str,
     ) -> None:
         """amqtt 0.12's session life cycle, replaying retained messages for the session's own
-        subscriptions instead of awaiting once per filter of the whole broker."""
+        subscriptions instead of awaiting once per filter of the whole broker.
+
+        A takeover that resumes the same session (clean session 0) waits for the older
+        connection's loop to end: amqtt lets that loop mark the shared session disconnected
+        *after* the new connection took it, so the new one would never be sent anything.
+        """
         authenticated = await self._authenticate(
             client_session, self.listeners_config[listener_name]
         )
@@ -216,13 +223,10 @@ class IndexedBroker(Broker):
                 break
             except (MachineError, ValueError):
                 if client_session.transitions.is_connected():
-                    self.logger.warning(
-                        f"Client {client_session.client_id} is already connected, performing take-over."
-                    )
-                    old_session = self._sessions[client_session.client_id]
-                    await old_session[1].handle_connection_closed()
-                    await old_session[1].stop()
-                    break
+                    await self._end_older_connection(client_session)
+                    if client_session.transitions.is_connected():
+                        break  # amqtt's own take-over (the older loop did not end in time)
+                    continue
                 self.logger.warning(
                     f"Client {client_session.client_id} is reconnecting too quickly, make it wait"
                 )
@@ -240,6 +244,13 @@ class IndexedBroker(Broker):
             client_session=client_session,
         )
         await handler.start()
+        loop_ended = client_session.fleet_loop_ended = asyncio.Event()
+        try:
+            await self._serve_session(client_session, handler)
+        finally:
+            loop_ended.set()
+
+    async def _serve_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         await self._publish_session_retained_messages(client_session)
         if self._retained_messages:
             for topic_filter in list(self._filters_by_client.get(client_session.client_id, ())):
@@ -248,6 +259,17 @@ class IndexedBroker(Broker):
                 )
         await self._client_message_loop(client_session, handler)
         await self._forget_clean_session(client_session)
+
+    async def _end_older_connection(self, session: Session) -> None:
+        """Take a session over from its older connection and wait until that one let go."""
+        _old_session, old_handler = self._sessions[session.client_id]
+        loop_ended: asyncio.Event | None = getattr(session, "fleet_loop_ended", None)
+        await old_handler.handle_connection_closed()
+        if loop_ended is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loop_ended.wait(), _TAKEOVER_WAIT_SECONDS)
+                return
+        await old_handler.stop()
 
     async def _forget_clean_session(self, session: Session) -> None:
         """Drop a clean session's state when its connection ends [MQTT-3.1.2-6].
