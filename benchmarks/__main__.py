@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import broker, control_plane, handshake, provisioning, swarm
+from benchmarks import broker, control_plane, flood, handshake, provisioning, swarm
 from benchmarks.mqtt_load import percentile
 
 console = Console(width=max(160, Console().width))  # wide tables stay readable in logs
@@ -270,12 +270,57 @@ def bench_enrollment(base: Path, devices: int = 500) -> None:
     )
 
 
+def bench_flood(base: Path, flooders: int = 20, seconds: float = 10.0) -> None:
+    console.rule("flood")
+    figures = flood.run(base / "flood", flooders=flooders, seconds=seconds)
+    mib = 2**20
+    rows = [
+        [
+            f.broker,
+            f"{f.sent_bytes / mib:,.0f}",
+            f"{f.rss_before / mib:.0f}",
+            f"{f.rss_peak / mib:.0f}",
+            f"{f.growth_mb:,.0f}",
+            f"{f.rss_after / mib:.0f}",
+            f"{f.paced_acked}/{f.paced_sent}",
+            f"{f.paced_delivered}/{f.paced_sent}",
+        ]
+        for f in figures
+    ]
+    console.print(
+        _table(
+            f"QoS 0 flood: {flooders} devices writing 1 KiB PUBLISHes as fast as read for "
+            f"{seconds:g} s (one also subscribed to its own topic, never reading), beside a "
+            "device publishing QoS 1 at a steady pace to a topic it subscribes to",
+            [
+                "broker",
+                "flood MiB read",
+                "RSS before MiB",
+                "RSS peak MiB",
+                "growth MiB",
+                "RSS after MiB",
+                "paced acked",
+                "paced delivered",
+            ],
+            rows,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
     parser.add_argument(
         "--only",
-        choices=["provisioning", "broker", "swarm", "handshake", "control-plane", "enrollment"],
+        choices=[
+            "provisioning",
+            "broker",
+            "flood",
+            "swarm",
+            "handshake",
+            "control-plane",
+            "enrollment",
+        ],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="devices to provision")
@@ -298,6 +343,8 @@ def main() -> None:
         bench_enrollment(args.dir)
     if args.only in (None, "handshake"):
         bench_handshake(args.dir, args.handshakes)
+    if args.only in (None, "flood"):
+        bench_flood(args.dir)
     if args.only in (None, "swarm"):
         bench_swarm(args.dir, args.held, args.swarm_seconds)
 

@@ -1,0 +1,128 @@
+"""Per-client resource bounds of the broker, through ``fleet broker`` as a user runs it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from benchmarks.broker import ours
+from benchmarks.flood import measure_flood
+from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
+from tests import mqtt_raw as mq
+from tests.broker_support import device_credentials
+from tests.conftest import fleet_command
+from tests.mqtt_raw import RawClient
+
+
+@dataclass
+class CliBroker:
+    port: int
+    metrics_url: str
+
+    def metric(self, name: str, labels: str) -> float:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            body = response.read().decode()
+        match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", body, re.M)
+        return float(match[1]) if match else 0.0
+
+
+@pytest.fixture
+def small_limits_broker(workspace: Workspace) -> Iterator[CliBroker]:
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="gw", tier="gold"))
+    process = subprocess.Popen(
+        fleet_command(
+            "broker", "--dir", workspace.paths.root, "--port", "0", "--metrics-port", "0",
+            "--max-packet-size", "4096", "--max-queued-messages", "50",
+            "--max-inflight-messages", "5",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on mqtts://127.0.0.1:"), line
+        metrics_url = process.stdout.readline().split(" on ", 1)[1].strip()
+        yield CliBroker(int(line.rsplit(":", 1)[1]), metrics_url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    assert process.returncode == 0
+
+
+def test_in_flight_window_queue_bound_and_packet_size_from_the_command_line(
+    workspace: Workspace, small_limits_broker: CliBroker
+) -> None:
+    port, ca = small_limits_broker.port, workspace.paths.root_cert
+    subscriber = RawClient(port, ca, device_credentials(workspace, "dev-00001"))
+    gold = RawClient(port, ca, device_credentials(workspace, "gw-00001"))
+    try:
+        subscriber.send(mq.connect("dev-00001"))
+        assert subscriber.connack() == (0, 0)
+        subscriber.send(mq.subscribe(1, ("devices/dev-00001/commands", 1)))
+        assert subscriber.read() is not None  # SUBACK
+        gold.send(mq.connect("gw-00001"))
+        assert gold.connack() == (0, 0)
+        for index in range(1, 101):  # 100 commands, each acknowledged by the broker
+            gold.send(
+                mq.publish("devices/dev-00001/commands", b"%d" % index, qos=1, packet_id=index)
+            )
+            ack = gold.read()
+            assert ack is not None and ack.kind == 4
+
+        def received_until_quiet() -> list[mq.Received]:
+            packets = []
+            while (packet := subscriber.read(0.5)) is not None:
+                packets.append(packet)
+            return packets
+
+        first = received_until_quiet()  # unacknowledged: only the in-flight window
+        assert [p.payload for p in first] == [b"%d" % i for i in range(1, 6)]
+        assert (
+            small_limits_broker.metric("mtls_messages_dropped_total", 'reason="queue_full"')
+            == 100 - 5 - 50
+        )
+        delivered = list(first)
+        while len(delivered) < 55:  # acknowledging moves the window over the queued 50
+            for packet in delivered[-5:]:
+                subscriber.send(mq.puback(packet.packet_id))
+            more = received_until_quiet()
+            assert more, f"stalled after {len(delivered)}"
+            delivered += more
+        assert [p.payload for p in delivered] == [b"%d" % i for i in range(1, 56)]
+
+        gold.send(mq.publish("devices/dev-00001/commands", b"x" * 5000, qos=1, packet_id=200))
+        assert gold.closed_within(1)
+        assert (
+            small_limits_broker.metric(
+                "mtls_sessions_closed_by_broker_total", 'reason="protocol_error"'
+            )
+            == 1
+        )
+    finally:
+        subscriber.close()
+        gold.close()
+
+
+@pytest.mark.slow
+def test_a_flood_from_20_devices_is_contained_and_a_paced_device_still_served(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "fleet"
+    init_workspace(root, config=FleetConfig())
+    workspace = Workspace.open(root)
+    flooders = provision_devices(workspace, ProvisionSpec(count=20, prefix="flood")).device_ids
+    paced = provision_devices(workspace, ProvisionSpec(count=1, prefix="paced")).device_ids[0]
+    with ours(workspace) as broker:
+        figure = measure_flood(broker, workspace, flooders, paced, seconds=4, paced_messages=20)
+        assert broker.process.poll() is None, "the broker survived"
+    assert figure.sent_bytes > 0 and figure.refused_flooders == 0
+    assert (figure.paced_acked, figure.paced_delivered) == (20, 20)
+    assert figure.growth_mb < 100, f"RSS grew {figure.growth_mb:.0f} MiB under the flood"
