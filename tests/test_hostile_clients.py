@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from broker import BrokerSettings
-from fleet import ProvisionSpec, Workspace, provision_devices
+from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
 from tests.broker_support import (
@@ -44,6 +44,7 @@ def hostile_fleet(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     provision_devices(workspace, ProvisionSpec(count=4, prefix="dev"))
     provision_devices(workspace, ProvisionSpec(count=1, prefix="watcher", tier="silver"))
     provision_devices(workspace, ProvisionSpec(count=2, prefix="gw", tier="gold"))
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="vip", tier="gold"))
     return workspace
 
 
@@ -113,8 +114,12 @@ def clients(hostile_fleet: Workspace, broker: BrokerThread) -> Iterator[Clients]
 
 def _gold_sends_command(clients: Clients, target: str, payload: bytes) -> None:
     """gw-00002 (gold) publishes a QoS 1 command to ``target`` and waits for its PUBACK."""
+    _gold_publishes(clients, f"devices/{target}/commands", payload)
+
+
+def _gold_publishes(clients: Clients, topic: str, payload: bytes) -> None:
     gold = clients.connected("gw-00002", client_id="gw-00002")
-    gold.send(mq.publish(f"devices/{target}/commands", payload, qos=1, packet_id=7))
+    gold.send(mq.publish(topic, payload, qos=1, packet_id=7))
     ack = gold.read()
     assert ack is not None and ack.kind == 4
     gold.send(mq.DISCONNECT)
@@ -166,6 +171,35 @@ def test_another_certificate_cannot_resume_or_wipe_a_stored_session(
         b"for the victim only",
     )
     assert broker.outcome_count("ok") == 3  # the victim twice, the gold device, nobody else
+
+
+def test_a_revoked_gold_device_stored_session_gives_nobody_its_rights(
+    clients: Clients, broker: BrokerThread, hostile_fleet: Workspace
+) -> None:
+    stored = clients.subscribed("vip-00001", "devices/vip-00001/commands", clean=False)
+    revoke_device(hostile_fleet, "vip-00001")
+    assert stored.closed_within(5), "the revoked device's live session is cut"
+    with pytest.raises((EOFError, OSError)):
+        again = clients.raw("vip-00001")
+        again.send(mq.connect("vip-00001", clean=False))
+        again.connack()
+    attacker = clients.raw("dev-00002")  # bronze, resuming the gold device's session
+    attacker.send(mq.connect("vip-00001", clean=False))
+    assert attacker.connack() == NOT_AUTHORIZED
+    assert attacker.closed_within(2)
+    # with its own session the attacker still has only bronze rights
+    own = clients.connected("dev-00002")
+    own.send(mq.subscribe(5, ("devices/+/commands", 1)))
+    refused = own.read()
+    assert refused is not None and list(refused.body[2:]) == [0x80]
+    observer = clients.subscribed("dev-00003", "fleet/broadcast/#")
+    own.send(mq.publish("fleet/broadcast/ota", b"forged", qos=1, packet_id=9))
+    assert own.read() is not None  # PUBACK (MQTT 3.1.1 acknowledges a refused publish)
+    broker.wait_for_event(
+        lambda e: e.get("event") == "acl_denied" and e.get("device") == "dev-00002"
+    )
+    _gold_publishes(clients, "fleet/broadcast/ota", b"genuine")
+    assert _next_publish(observer).payload == b"genuine", "the genuine one, not the forged one"
 
 
 @pytest.mark.parametrize("victim_clean", [False, True], ids=["victim-clean0", "victim-clean1"])
