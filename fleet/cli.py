@@ -286,10 +286,20 @@ def revoke(
         serials, crl_number, where = answer["revoked_serials"], answer["crl_number"], server
     else:
         workspace = Workspace.open(directory)
+        for repair in workspace.repairs:
+            err.print(f"note: {repair}", highlight=False)
         revoke = revoke_superseded if superseded_only else revoke_device
         result = revoke(workspace, device_id, reason=flag)
         serials = [format(s, "X") for s in result.revoked_serials]
         crl_number, where = result.crl_number, str(workspace.paths.crl)
+        if result.repaired_serials:
+            repaired = ", ".join(format(s, "X") for s in result.repaired_serials)
+            out.print(
+                f"{device_id} was revoked but the CRL lacked serial {repaired}; "
+                f"CRL #{crl_number} published ({where})",
+                highlight=False,
+            )
+            return
     if not serials:
         what = "had no superseded certificates" if superseded_only else "was already revoked"
         out.print(f"{device_id} {what}; nothing changed")

@@ -39,7 +39,7 @@ def replace_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> N
     Writes a temporary file in the same directory, flushes it to disk, then renames it over
     ``path``. A reader that opened the old file keeps reading the old one.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, mode)  # the file is still empty and private to us: mode before content
@@ -52,6 +52,20 @@ def replace_atomically(path: Path, data: bytes, *, mode: int = PUBLIC_MODE) -> N
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temporaries(path: Path, *, dry_run: bool = False) -> list[Path]:
+    """The temporary files a killed :func:`replace_atomically` of ``path`` left (removed unless
+    ``dry_run``). Call it only while holding the lock that orders writers of ``path``."""
+    stale = sorted(path.parent.glob(f"{_temporary_prefix(path)}*.tmp"))
+    if not dry_run:
+        for each in stale:
+            each.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -300,6 +300,40 @@ class Registry:
             )
         return number
 
+    # -- revocation bookkeeping: the CRL on disk must cover every committed revocation ------
+
+    @staticmethod
+    def _count_revocation(db: sqlite3.Connection) -> None:
+        """Called in every transaction that revokes: one more revocation to publish."""
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES ('revocations', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    def revocation_snapshot(self) -> tuple[int, list[RevokedEntry]]:
+        """(revocations counted so far, every revoked certificate), read in one transaction."""
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'revocations'").fetchone()
+            return (int(row[0]) if row else 0), self._revoked_entries(db)
+
+    def crl_published(self, revocations: int) -> None:
+        """Record that a CRL covering the first ``revocations`` revocations is on disk."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('crl_covers', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = "
+                "MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (str(revocations),),
+            )
+
+    def crl_publication_pending(self) -> bool:
+        """Whether a revocation was committed that no CRL on disk carries yet (a publisher
+        died between the two, or is about to publish)."""
+        rows = dict(
+            self._query("SELECT key, value FROM meta WHERE key IN ('revocations', 'crl_covers')")
+        )
+        return int(rows.get("revocations", 0)) > int(rows.get("crl_covers", 0))
+
     # -- provisioning -----------------------------------------------------------------------
 
     def next_sequence(self, prefix: str) -> int:
@@ -485,6 +519,8 @@ class Registry:
                     "WHERE id = ? AND status != 'revoked'",
                     (stamp, device_id),
                 )
+            if serials:
+                self._count_revocation(db)
         return [int(serial, 16) for serial in serials]
 
     # -- renewal ----------------------------------------------------------------------------
@@ -560,12 +596,17 @@ class Registry:
 
     def revoked_entries(self) -> list[RevokedEntry]:
         """Every revoked certificate (devices' and claims'), for the CRL."""
-        rows = self._query(
+        with self._lock:
+            return self._revoked_entries(self._db)
+
+    @staticmethod
+    def _revoked_entries(db: sqlite3.Connection) -> list[RevokedEntry]:
+        rows = db.execute(
             "SELECT serial, revoked_at, revocation_reason FROM certificates "
             "WHERE status = 'revoked' UNION ALL "
             "SELECT serial, revoked_at, revocation_reason FROM claims WHERE status = 'revoked' "
             "ORDER BY revoked_at, serial"
-        )
+        ).fetchall()
         return [
             RevokedEntry(
                 serial=int(serial, 16),
@@ -632,6 +673,8 @@ class Registry:
                 "WHERE name = ? AND status = 'active'",
                 (format_time(now), reason.name.replace("_", "-"), name),
             )
+            if cursor.rowcount == 1:
+                self._count_revocation(db)
             return cursor.rowcount == 1
 
     def activate_enrollment(self, batch_id: str, enrollment: Enrollment) -> None:

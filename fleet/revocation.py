@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from fleet.files import replace_atomically
+from fleet.files import remove_stale_temporaries, replace_atomically
 from fleet.workspace import Workspace
 
 
@@ -17,11 +17,14 @@ class RevocationResult:
     device_id: str
     revoked_serials: list[int]
     crl_number: int | None
+    repaired_serials: list[int] = field(
+        default_factory=list
+    )  # revoked before, missing from the CRL
 
     @property
     def changed(self) -> bool:
-        """False when the device had been revoked already (nothing was done)."""
-        return bool(self.revoked_serials)
+        """False when the device had been revoked already and the CRL said so."""
+        return bool(self.revoked_serials or self.repaired_serials)
 
 
 def revoke_device(
@@ -33,12 +36,37 @@ def revoke_device(
 ) -> RevocationResult:
     """Revoke every live certificate of ``device_id`` and publish a fresh CRL.
 
-    Revoking a revoked device changes nothing and publishes nothing.
+    Revoking a revoked device publishes nothing, unless the CRL on disk lacks one of its
+    revoked certificates (a publication was lost): then a fresh CRL repairs that.
     """
     now = now or dt.datetime.now(dt.UTC)
-    return _published(
-        workspace, device_id, workspace.registry.revoke(device_id, reason, now=now), now
+    serials = workspace.registry.revoke(device_id, reason, now=now)
+    if serials:
+        return _published(workspace, device_id, serials, now)
+    missing = _revoked_but_not_listed(workspace, device_id)
+    if not missing:
+        return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
+    crl = publish_crl(workspace, now=now)
+    return RevocationResult(
+        device_id=device_id,
+        revoked_serials=[],
+        crl_number=_number(crl),
+        repaired_serials=missing,
     )
+
+
+def _revoked_but_not_listed(workspace: Workspace, device_id: str) -> list[int]:
+    revoked = [s for s, status, *_ in workspace.registry.certificate_history(device_id)
+               if status == "revoked"]  # fmt: skip
+    try:
+        listed = {entry.serial_number for entry in load_crl(workspace)}
+    except (FileNotFoundError, ValueError):
+        listed = set()
+    return [serial for serial in revoked if serial not in listed]
+
+
+def _number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
 def revoke_superseded(
@@ -61,8 +89,7 @@ def _published(
     if not serials:
         return RevocationResult(device_id=device_id, revoked_serials=[], crl_number=None)
     crl = publish_crl(workspace, now=now)
-    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=number)
+    return RevocationResult(device_id=device_id, revoked_serials=serials, crl_number=_number(crl))
 
 
 def publish_crl(
@@ -75,13 +102,17 @@ def publish_crl(
 
     The ``crl`` lock orders concurrent publishers, and each one reads the registry after taking
     it, so the file on disk always reflects the latest revocation (never an older snapshot).
+    The registry counts revocations in the transactions that make them and records which count
+    the file on disk covers, so a publication killed after the revocation committed is finished
+    by the next command that opens the workspace (:func:`finish_crl_publication`).
     ``valid_for`` (default: the workspace's ``crl_valid_for``) sets nextUpdate. After a CA
     rotation every trusted issuing CA signs its own CRL (same entries, same number) and the
     file holds them all, the current issuer's first; that one is returned.
     """
     now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     with workspace.lock("crl"):
-        entries = workspace.registry.revoked_entries()
+        remove_stale_temporaries(workspace.paths.crl)  # a killed publisher's (we hold the lock)
+        covered, entries = workspace.registry.revocation_snapshot()
         number = workspace.registry.next_crl_number()
         next_update = now + (valid_for or workspace.config.crl_valid_for)
         crls = [
@@ -91,7 +122,26 @@ def publish_crl(
         replace_atomically(
             workspace.paths.crl, b"".join(crl.public_bytes(Encoding.PEM) for crl in crls)
         )
+        workspace.registry.crl_published(covered)
     return crls[0]
+
+
+def finish_crl_publication(workspace: Workspace) -> bool:
+    """Publish the CRL when a revocation was committed but never published (its publisher
+    was killed in between), and remove what a killed publisher left in ``ca/``. Returns whether
+    a CRL was published. Does nothing while another process publishes (it covers it)."""
+    registry = workspace.registry
+    pending = registry.crl_publication_pending()
+    if not pending and not remove_stale_temporaries(workspace.paths.crl, dry_run=True):
+        return False
+    with workspace.lock("crl", wait=False) as held:
+        if not held:
+            return False
+        remove_stale_temporaries(workspace.paths.crl)
+    if pending and registry.crl_publication_pending():
+        publish_crl(workspace)
+        return True
+    return False
 
 
 def load_crl(workspace: Workspace) -> x509.CertificateRevocationList:

@@ -162,13 +162,15 @@ class Workspace:
     def __init__(self, paths: WorkspacePaths, config: FleetConfig) -> None:
         self.paths = paths
         self.config = config
+        self.repairs: list[str] = []  # what opening finished for an interrupted command
 
     @classmethod
     def open(cls, root: Path) -> Workspace:
         """Open an existing workspace; tell the user to run ``fleet init`` when there is none.
 
-        Opening also rolls back any provisioning run that was killed before it finished, so
-        every caller sees a registry and a file tree that agree.
+        Opening also rolls back any provisioning run that was killed before it finished, and
+        publishes a CRL a killed revocation committed but never published, so every caller
+        sees a registry, a file tree and a CRL that agree.
         """
         paths = WorkspacePaths(root)
         if not paths.config.exists():
@@ -186,6 +188,12 @@ class Workspace:
 
             finish_interrupted_rotation(paths)
         workspace.recover_interrupted_runs(wait=False)
+        from fleet.revocation import finish_crl_publication
+
+        if finish_crl_publication(workspace):
+            workspace.repairs.append(
+                "published the CRL an interrupted revocation had committed but not written"
+            )
         return workspace
 
     def recover_interrupted_runs(self, *, wait: bool = True) -> int:

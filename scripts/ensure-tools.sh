@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Install the interop tools the tests drive (openssl, mosquitto, mosquitto_pub/_sub) when they are
-# missing. Never fails the build: when installing is impossible it says why, and the tests that
+# Install the tools the tests drive (openssl, mosquitto, mosquitto_pub/_sub, and strace for fault
+# injection) when they are missing. Never fails the build: when installing is impossible it says why, and the tests that
 # need the tool skip with that reason.
 set -u
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "tools: openssl, mosquitto and mosquitto-clients are present"
+  echo "tools: openssl, mosquitto, mosquitto-clients and strace are present"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
