@@ -87,6 +87,7 @@ class FleetBroker:
         self._amqtt: IndexedBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stale_timer: asyncio.TimerHandle | None = None
+        self._stopped = False
         # Bursts spread over loop iterations (see broker.pacing).
         self.teardowns = Pacer(_TEARDOWNS_PER_ITERATION)
 
@@ -125,6 +126,10 @@ class FleetBroker:
         self._tasks.append(loop.create_task(self._watch_crl()))
 
     async def stop(self) -> None:
+        """Close every connection and the amqtt core (a second call does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

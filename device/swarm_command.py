@@ -102,7 +102,7 @@ def _parse_fraction(text: str) -> float:
 
 
 def parse_target(text: str) -> tuple[str, int]:
-    match = _TARGET.match(text.strip())
+    match = _TARGET.fullmatch(text.strip())
     if match is None:
         raise UsageError(
             f"invalid --target {text!r}: use mqtts://HOST:PORT, e.g. mqtts://127.0.0.1:8883"

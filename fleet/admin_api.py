@@ -31,6 +31,7 @@ from typing import Any
 from cryptography import x509
 
 from fleet.admin_openapi import OPENAPI
+from fleet.bounded_json import JsonRejected, loads_bounded
 from fleet.ca import parse_revocation_reason
 from fleet.claims import ClaimRules, create_claim, revoke_claim
 from fleet.durations import parse_positive_duration
@@ -41,7 +42,13 @@ from fleet.errors import (
     UnknownDeviceError,
     UsageError,
 )
-from fleet.identity import ADMIN, identity_from_certificate
+from fleet.identity import (
+    ADMIN,
+    ENVIRONMENTS,
+    TIERS,
+    identity_from_certificate,
+    validate_device_id,
+)
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
 from fleet.revocation import revoke_device, revoke_superseded
@@ -71,9 +78,9 @@ class _Body:
 
     def __init__(self, raw: bytes, allowed: tuple[str, ...]) -> None:
         try:
-            value = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not JSON ({exc})") from exc
+            value = loads_bounded(raw or b"{}", max_bytes=_MAX_BODY)
+        except JsonRejected as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body was rejected: {exc}") from None
         if not isinstance(value, dict):
             raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
         unknown = sorted(set(value) - set(allowed))
@@ -101,6 +108,18 @@ class _Body:
         value = self.values.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be an integer", name)
+        return value
+
+    def identifier(self, name: str) -> str:
+        """A required device id or claim name, validated whole."""
+        return str(_field(name, validate_device_id, self.required_text(name)))
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.text(name, default) or default
+        if value not in allowed:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"field {name!r} must be one of {', '.join(allowed)}", name
+            )
         return value
 
     def flag(self, name: str) -> bool:
@@ -150,11 +169,14 @@ class _Operations:
         fields = _Body(
             body, ("count", "prefix", "tier", "env", "valid_for", "key_type", "id", "csr")
         )
-        tier, env = fields.text("tier", "bronze") or "bronze", fields.text("env", "prod") or "prod"
+        tier, env = (
+            fields.choice("tier", TIERS, "bronze"),
+            fields.choice("env", ENVIRONMENTS, "prod"),
+        )
         valid_for = fields.duration("valid_for")
         csr = fields.text("csr")
         if csr is not None:
-            device_id = fields.required_text("id")
+            device_id = fields.identifier("id")
             cert = provision_from_csr(
                 self.workspace,
                 csr.encode(),
@@ -201,12 +223,12 @@ class _Operations:
             ("name", "max_uses", "valid_for", "allow_ids", "tier", "env", "device_valid_for"),
         )
         rules = ClaimRules(
-            name=fields.required_text("name"),
+            name=fields.identifier("name"),
             max_uses=fields.integer("max_uses", 1000),
             valid_for=fields.duration("valid_for") or dt.timedelta(days=30),
             allow_ids=fields.text("allow_ids", "*") or "*",
-            tier=fields.text("tier", "bronze") or "bronze",
-            env=fields.text("env", "prod") or "prod",
+            tier=fields.choice("tier", TIERS, "bronze"),
+            env=fields.choice("env", ENVIRONMENTS, "prod"),
             device_valid_for=fields.duration("device_valid_for"),
         )
         try:
@@ -357,14 +379,17 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
             if method == "GET" and url.path == "/openapi.json":
                 self._send(HTTPStatus.OK, OPENAPI)
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            length = parse_content_length(self.headers.get("Content-Length"))
+            if length is None:
+                self._error(HTTPStatus.BAD_REQUEST, "Content-Length must be a decimal number")
+                return
             if length > _MAX_BODY:
                 self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the body is over 256 KiB")
                 return
             body = self.rfile.read(length) if length else b""
             query = dict(urllib.parse.parse_qsl(url.query))
             for route_method, pattern, name in ROUTES:
-                match = pattern.match(url.path)
+                match = pattern.fullmatch(url.path)
                 if match is None or route_method != method:
                     continue
                 operation = getattr(operations, name)
@@ -387,6 +412,12 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
             self._dispatch("POST")
 
     return Handler
+
+
+def parse_content_length(header: str | None) -> int | None:
+    """The header's value; None when it is not a short decimal number."""
+    text = (header or "0").strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
 
 
 def _admin_name(sock: ssl.SSLSocket) -> str | None:

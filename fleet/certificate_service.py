@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry, Counter
 
 from device.tls import device_tls_context
 from fleet.certificate_requests import CertificateRequests
@@ -26,6 +27,7 @@ from fleet.mqtt_api import (
     ADMIN_CLIENT_PREFIX,
     PROVISION,
     REQUEST_SUBSCRIPTIONS,
+    Reply,
     encode,
     parse_request_topic,
     reply_topic,
@@ -50,6 +52,7 @@ class CertificateService:
         host: str,
         port: int,
         connect_timeout: float = 10.0,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         ensure_admin_certificate(workspace)
         paths = workspace.paths
@@ -61,7 +64,15 @@ class CertificateService:
         self._pending: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self._connected = False
         self.answered = 0
+        self.worker_failures = Counter(
+            "fleet_request_worker_failures",
+            "Requests whose handling failed unexpectedly (answered internal_error), and worker "
+            "restarts",
+            ["what"],
+            registry=metrics,
+        )
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"{ADMIN_CLIENT_PREFIX}{ADMIN_NAME}",
@@ -80,8 +91,7 @@ class CertificateService:
 
     def start(self) -> None:
         """Connect and subscribe; raises :class:`BrokerUnreachable` if that fails in time."""
-        self._worker = threading.Thread(target=self._answer_requests, name="requests", daemon=True)
-        self._worker.start()
+        self._start_worker()
         try:
             self._client.connect(self.host, self.port, keepalive=30)
         except (OSError, ValueError) as exc:
@@ -97,6 +107,22 @@ class CertificateService:
                 f"control plane: no CONNACK/SUBACK from mqtts://{self.host}:{self.port} within "
                 f"{self._timeout:g} s (does the broker admit the admin certificate?)"
             )
+
+    def health_problems(self) -> list[str]:
+        """Why requests are not being answered now (empty: they are). A dead worker is
+        restarted here too (and counted), so a health check also heals."""
+        problems = []
+        if not self._connected:
+            problems.append(f"not connected to the broker mqtts://{self.host}:{self.port}")
+        if self._worker is None or not self._worker.is_alive():
+            problems.append("the request worker had stopped; restarted")
+            self.worker_failures.labels("restart").inc()
+            self._start_worker()
+        return problems
+
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._answer_requests, name="requests", daemon=True)
+        self._worker.start()
 
     def stop(self) -> None:
         self._stopping = True
@@ -114,6 +140,7 @@ class CertificateService:
         if reason.is_failure:
             log.error("the broker refused the control plane's CONNECT: %s", reason)
             return
+        self._connected = True
         client.subscribe([(topic, 1) for topic in REQUEST_SUBSCRIPTIONS])
 
     def _on_subscribe(
@@ -129,6 +156,7 @@ class CertificateService:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
+        self._connected = False
         if not self._stopping:
             log.warning("control plane lost the broker (%s); reconnecting", reason)
 
@@ -138,14 +166,24 @@ class CertificateService:
     # -- the worker -------------------------------------------------------------------------
 
     def _answer_requests(self) -> None:
+        """Answer queued requests in order until :meth:`stop`. Each one is handled in
+        isolation: whatever goes wrong with one is answered ``internal_error``, counted and
+        logged, and the next one is served."""
         while (message := self._pending.get()) is not None:
             parsed = parse_request_topic(message.topic)
             if parsed is None:
                 continue
             kind, subject = parsed
-            if kind == PROVISION:
-                reply = self.requests.enroll(subject, bytes(message.payload))
-            else:
-                reply = self.requests.renew(subject, bytes(message.payload))
+            try:
+                reply = self._answer(kind, subject, bytes(message.payload))
+            except Exception as exc:  # a defect of ours: the device still gets an answer
+                log.exception("answering %s", message.topic)
+                self.worker_failures.labels("request").inc()
+                reply = Reply("", "refused", reason="internal_error", message=str(exc)[:200])
             self._client.publish(reply_topic(kind, subject), encode(reply), qos=1)
             self.answered += 1
+
+    def _answer(self, kind: str, subject: str, payload: bytes) -> Reply:
+        if kind == PROVISION:
+            return self.requests.enroll(subject, payload)
+        return self.requests.renew(subject, payload)

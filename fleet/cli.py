@@ -541,14 +541,26 @@ def serve(
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     plane.start()
-    if target is not None:
-        try:
+    try:
+        if target is not None:
             plane.answer_requests(*target)
-        except FleetError:
-            plane.stop()
-            raise
+        if api_port is not None:
+            plane.serve_admin_api(port=api_port)
+    except FleetError:
+        plane.stop()
+        raise
+    except OSError as exc:
+        plane.stop()
+        raise UsageError(
+            f"cannot serve the admin API on {host}:{api_port}: {exc.strerror}"
+        ) from None
     answering = f"; answering certificate requests on {broker}" if broker else ""
     print(f"serving {plane.url} (CRL at /crl and /crl.pem, OCSP at /ocsp){answering}", flush=True)
+    if plane.api is not None:
+        print(
+            f"admin API on https://{host}:{plane.api.port} (mutual TLS, admin certificates)",
+            flush=True,
+        )
     with stop_on_signals() as stop:
         while not stop.requested:
             time.sleep(0.2)

@@ -38,17 +38,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fleet.admin_api import AdminApi
+from fleet.admin_api import AdminApi, parse_content_length
 from fleet.ca import CertificateAuthority
 from fleet.certificate_requests import CertificateRequests
 from fleet.certificate_service import CertificateService
-from fleet.ocsp import OcspResponder
+from fleet.ocsp import MALFORMED_ANSWER, OcspResponder
 from fleet.revocation import load_crl, publish_crl
 from fleet.workspace import Workspace, ensure_admin_certificate
 
 log = logging.getLogger("mtls_fleet.control_plane")
 
 _MAX_REQUEST = 64 * 1024
+_IDLE_SECONDS = 30
 
 
 EXPIRY_WINDOWS = {
@@ -133,7 +134,9 @@ class ControlPlane:
 
         Raises :class:`~fleet.certificate_service.BrokerUnreachable` if it cannot connect.
         """
-        service = CertificateService(self.workspace, self.requests, host=host, port=port)
+        service = CertificateService(
+            self.workspace, self.requests, host=host, port=port, metrics=self.metrics
+        )
         service.start()
         self.service = service
 
@@ -143,6 +146,13 @@ class ControlPlane:
         api = AdminApi(self.workspace, host=self.host, port=port)
         api.start()
         self.api = api
+
+    def health_problems(self) -> list[str]:
+        """What keeps the control plane from doing its job now (empty: healthy)."""
+        problems = []
+        if self.service is not None:
+            problems += self.service.health_problems()
+        return problems
 
     def stop(self) -> None:
         self._stop.set()
@@ -203,6 +213,7 @@ class ControlPlane:
 def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "mtls-fleet"
+        timeout = _IDLE_SECONDS  # an idle or slow client does not keep its thread for ever
 
         def log_message(self, format: str, *args: object) -> None:
             log.info("%s %s", self.address_string(), format % args)
@@ -223,6 +234,10 @@ def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
             answer = plane.responder().answer(request)
             self._send(HTTPStatus.OK, answer.der, "application/ocsp-response")
 
+        def _ocsp_malformed(self) -> None:
+            """RFC 6960: a request that cannot be read gets malformedRequest, not a drop."""
+            self._send(HTTPStatus.OK, MALFORMED_ANSWER.der, "application/ocsp-response")
+
         def do_GET(self) -> None:
             path = urllib.parse.urlsplit(self.path).path
             if path == "/crl":
@@ -240,7 +255,10 @@ def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics":
                 self._send(HTTPStatus.OK, generate_latest(plane.metrics), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._send(HTTPStatus.OK, b'{"status": "ok"}', "application/json")
+                problems = plane.health_problems()
+                status = HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK
+                body = {"status": "unhealthy" if problems else "ok", "problems": problems}
+                self._send(status, json.dumps(body).encode(), "application/json")
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such resource {path!r}")
 
@@ -248,7 +266,10 @@ def _handler(plane: ControlPlane) -> type[BaseHTTPRequestHandler]:
             if urllib.parse.urlsplit(self.path).path != "/ocsp":
                 self._error(HTTPStatus.NOT_FOUND, f"no such resource {self.path!r}")
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            length = parse_content_length(self.headers.get("Content-Length"))
+            if length is None:
+                self._ocsp_malformed()
+                return
             if not 0 < length <= _MAX_REQUEST:
                 self._error(
                     HTTPStatus.BAD_REQUEST, "an OCSP request needs a body of at most 64 KiB"

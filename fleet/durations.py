@@ -8,7 +8,8 @@ import re
 from fleet.errors import UsageError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"^\s*([+-]?)\s*(\d{1,12}(?:\.\d{1,9})?)\s*([smhdw])\s*$")
+MAX_DURATION = dt.timedelta(days=100 * 366)  # past the year 9999 no certificate can go
 
 
 def parse_duration(text: str, *, allow_negative: bool = False) -> dt.timedelta:
@@ -17,7 +18,7 @@ def parse_duration(text: str, *, allow_negative: bool = False) -> dt.timedelta:
     A leading ``-`` is accepted only with ``allow_negative``. Raises :class:`UsageError` with
     the accepted forms when ``text`` does not match.
     """
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise UsageError(
             f"invalid duration {text!r}: use a number followed by s, m, h, d or w (e.g. 30s, 12h, 90d)"
@@ -26,6 +27,8 @@ def parse_duration(text: str, *, allow_negative: bool = False) -> dt.timedelta:
     if sign == "-" and not allow_negative:
         raise UsageError(f"invalid duration {text!r}: it must not be negative")
     seconds = float(amount) * _UNITS[unit]
+    if seconds > MAX_DURATION.total_seconds():
+        raise UsageError(f"invalid duration {text!r}: at most 100 years")
     return dt.timedelta(seconds=-seconds if sign == "-" else seconds)
 
 
@@ -45,7 +48,7 @@ def parse_instant(text: str, *, now: dt.datetime) -> dt.datetime:
     stripped = text.strip()
     if stripped.lower() == "now":
         return now
-    if _DURATION.match(stripped):
+    if _DURATION.fullmatch(stripped):
         return now + parse_duration(stripped, allow_negative=True)
     try:
         value = dt.datetime.fromisoformat(stripped)

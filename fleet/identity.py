@@ -35,7 +35,7 @@ _SPIFFE = re.compile(r"^spiffe://(?P<domain>[^/]+)/(?P<role>device|claim|admin)/
 
 def validate_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is usable in file names and MQTT topics, else raise."""
-    if not _DEVICE_ID.match(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise UsageError(
             f"invalid device id {device_id!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -45,7 +45,7 @@ def validate_device_id(device_id: str) -> str:
 
 def validate_trust_domain(domain: str) -> str:
     """Return ``domain`` if it is a valid SPIFFE trust domain name, else raise."""
-    if not _TRUST_DOMAIN.match(domain):
+    if not _TRUST_DOMAIN.fullmatch(domain):
         raise UsageError(
             f"invalid trust domain {domain!r}: use lower-case letters, digits, '.' and '-' "
             "(e.g. fleet.example.com)"
@@ -149,7 +149,7 @@ def _spiffe_domain_and_role(cert: x509.Certificate, device_id: str) -> tuple[str
     except x509.ExtensionNotFound:
         raise CertificateError("certificate has no subjectAltName", device_id=device_id) from None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        match = _SPIFFE.match(uri)
+        match = _SPIFFE.fullmatch(uri)
         if match is None:
             continue
         if match["id"] != device_id:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fleet.bounded_json import JsonRejected, loads_bounded
 from fleet.errors import UsageError
 from fleet.keys import PrivateKey
 
@@ -44,8 +45,8 @@ ADMIN_CLIENT_PREFIX = "admin:"
 REQUEST_SUBSCRIPTIONS = ("$fleet/provision/+/request", "$fleet/renew/+/request")
 REPLY_PUBLICATIONS = ("$fleet/provision/+/reply", "$fleet/renew/+/reply")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_TOPIC = re.compile(r"^\$fleet/(?P<kind>provision|renew)/(?P<id>[^/]+)/request$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_TOPIC = re.compile(r"\$fleet/(?P<kind>provision|renew)/(?P<id>[A-Za-z0-9._-]{1,64})/request")
 MAX_MESSAGE = 64 * 1024
 
 
@@ -58,7 +59,7 @@ class ProtocolError(UsageError):
 
 
 def is_request_id(text: str) -> bool:
-    return bool(_REQUEST_ID.match(text))
+    return bool(_REQUEST_ID.fullmatch(text))
 
 
 def request_topic(kind: str, subject: str) -> str:
@@ -72,7 +73,7 @@ def reply_topic(kind: str, subject: str) -> str:
 
 def parse_request_topic(topic: str) -> tuple[str, str] | None:
     """(kind, request-id or device-id) of a request topic; None for any other topic."""
-    match = _TOPIC.match(topic)
+    match = _TOPIC.fullmatch(topic)
     return (match["kind"], match["id"]) if match else None
 
 
@@ -165,12 +166,10 @@ def encode(message: EnrollRequest | RenewRequest | Reply) -> bytes:
 def _fields(
     payload: bytes, names: tuple[str, ...], optional: tuple[str, ...] = ()
 ) -> dict[str, str]:
-    if len(payload) > MAX_MESSAGE:
-        raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
     try:
-        body: Any = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"message is not JSON ({exc})") from exc
+        body: Any = loads_bounded(payload, max_bytes=MAX_MESSAGE)
+    except JsonRejected as exc:
+        raise ProtocolError(f"message rejected: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("message is not a JSON object")
     values: dict[str, str] = {}

@@ -11,6 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
@@ -66,8 +67,9 @@ class OcspResponder:
     def answer(self, request_der: bytes, *, now: dt.datetime | None = None) -> OcspAnswer:
         try:
             request = ocsp.load_der_ocsp_request(request_der)
-        except ValueError:
-            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")
+            request.hash_algorithm  # noqa: B018  (an unknown algorithm raises here)
+        except (ValueError, UnsupportedAlgorithm):
+            return MALFORMED_ANSWER
         ca = self._authority(request)
         if ca is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
@@ -106,3 +108,6 @@ class OcspResponder:
 def _unsuccessful(status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
     response = ocsp.OCSPResponseBuilder.build_unsuccessful(status)
     return OcspAnswer(response.public_bytes(serialization.Encoding.DER), label)
+
+
+MALFORMED_ANSWER = _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformed")

@@ -342,7 +342,7 @@ class Registry:
         rows = self._query(
             "SELECT id FROM devices WHERE id >= ? AND id < ?", (f"{prefix}-", f"{prefix}.")
         )
-        numbers = [int(m.group(1)) for (device_id,) in rows if (m := pattern.match(device_id))]
+        numbers = [int(m.group(1)) for (device_id,) in rows if (m := pattern.fullmatch(device_id))]
         return max(numbers, default=0) + 1
 
     def taken_ids(self, device_ids: Iterable[str]) -> set[str]:

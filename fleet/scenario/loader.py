@@ -570,7 +570,7 @@ class _StepReader:
         refs: list[tuple[str, int | None, int | None]] = []
         for item in items:
             text = str(item).strip()
-            match = _SELECTOR.match(text)
+            match = _SELECTOR.fullmatch(text)
             if match is None:
                 raise fields.error(
                     key, f"{text!r} is not a group or a member such as sensors#3 or sensors#2-5"
