@@ -28,6 +28,7 @@ from broker.pacing import Pacer
 from broker.packets import ConnackCode, ConnectRequest
 from broker.tls import (
     BrokerError,
+    CrlHistory,
     CrlState,
     build_server_context,
     load_crl,
@@ -74,8 +75,18 @@ class FleetBroker:
         self.metrics_port: int | None = None
         self._issuers = load_issuers(self.paths)
         self._retired_key_ids = load_retired_key_ids(self.paths)
+        self._crl_history = CrlHistory(self.paths.broker_dir / "crl-seen.json")
+        # The file's identity is taken *before* it is read: a CRL written between the two is
+        # seen as a change by the watcher and loaded, never missed.
+        self._crl_signature: tuple[int, int, int] | None = self._stat_crl()
         self._crl: CrlState = load_crl(self.paths.crl, self._issuers)
-        self._crl_signature: tuple[int, int, int] | None = None
+        problem = self._crl_history.older_than_seen(self._crl)
+        if problem is not None:
+            raise BrokerError(
+                f"{self.paths.crl}: {problem}; refusing to start on an older CRL (an old backup "
+                "restored?): run 'fleet crl publish' to publish a current one"
+            )
+        self._crl_history.record(self._crl)
         self._crl_fetched: bytes | None = None  # the last CRL fetched from settings.crl_url
         self._crl_url_reachable = True
         self.tls_context: SSL.Context = self._build_context(self._crl)
@@ -120,7 +131,6 @@ class FleetBroker:
         self.port = self._server.sockets[0].getsockname()[1]
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        self._crl_signature = self._stat_crl()
         self._install_crl_metrics(self._crl)
         self._schedule_staleness(self._crl)
         self._tasks.append(loop.create_task(self._watch_crl()))
@@ -201,10 +211,10 @@ class FleetBroker:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
                 self.log_event("crl_rejected", None, detail=str(exc))
                 continue
-            if crl.number < self._crl.number:
-                log.error(
-                    "CRL #%s is older than #%s in force; ignored", crl.number, self._crl.number
-                )
+            problem = self._crl_history.older_than_seen(crl)
+            if problem is not None:
+                log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, problem)
+                self.log_event("crl_rejected", None, detail=problem)
                 continue
             await self.install_crl(crl)
 
@@ -218,8 +228,9 @@ class FleetBroker:
         except BrokerError as exc:
             log.error("CRL from %s rejected, starting on CRL #%s: %s", url, self._crl.number, exc)
             return
-        if crl.number >= self._crl.number:
+        if crl.number >= self._crl.number and self._crl_history.older_than_seen(crl) is None:
             self._crl = crl
+            self._crl_history.record(crl)
             self.tls_context = await asyncio.to_thread(self._build_context, crl)
 
     async def _read_new_crl(self) -> bytes | None:
@@ -261,6 +272,7 @@ class FleetBroker:
         """Use ``crl`` for new handshakes and close every live session it revokes."""
         self.tls_context = await asyncio.to_thread(self._build_context, crl)
         self._crl = crl
+        await asyncio.to_thread(self._crl_history.record, crl)
         self._install_crl_metrics(crl)
         self._schedule_staleness(crl)
         self.log_event(

@@ -9,6 +9,7 @@ one to the first context would leave the first in force.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from fleet.errors import FleetError
+from fleet.files import replace_atomically
 from fleet.revocation import PEM_CRL_BEGIN, split_pem_crls
 from fleet.workspace import WorkspacePaths
 
@@ -33,6 +35,7 @@ class CrlState:
 
     crls: tuple[x509.CertificateRevocationList, ...]
     number: int
+    numbers: dict[str, int]  # issuer (RFC 4514) -> the CRL number of that issuer's CRL
     this_update: dt.datetime
     next_update: dt.datetime  # the earliest of them: stale as soon as one is
     revoked: frozenset[int]
@@ -78,11 +81,47 @@ def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> 
     return CrlState(
         crls=tuple(crls),
         number=max(_crl_number(crl) for crl in crls),
+        numbers={crl.issuer.rfc4514_string(): _crl_number(crl) for crl in crls},
         this_update=min(crl.last_update_utc for crl in crls),
         next_update=min(crl.next_update_utc for crl in crls if crl.next_update_utc),
         revoked=frozenset(entry.serial_number for crl in crls for entry in crl),
         issuers=frozenset(crl.issuer for crl in crls),
     )
+
+
+class CrlHistory:
+    """The highest CRL number this workspace's brokers enforced, per issuer, kept across
+    restarts in ``DIR/broker/crl-seen.json``: a broker never goes back to an older CRL (an old
+    backup restored, a replayed file), even a genuinely signed one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            loaded = json.loads(path.read_text())
+            self._seen = {str(k): int(v) for k, v in loaded.items()}
+        except FileNotFoundError:
+            self._seen = {}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise BrokerError(
+                f"{path}: unreadable ({exc}); remove it only if you trust the CRL on disk"
+            ) from exc
+
+    def older_than_seen(self, crl: CrlState) -> str | None:
+        """Why ``crl`` goes back in time (None: it does not)."""
+        for issuer, number in crl.numbers.items():
+            seen = self._seen.get(issuer, 0)
+            if number < seen:
+                return f"CRL #{number} of {issuer} is older than #{seen}, already enforced"
+        return None
+
+    def record(self, crl: CrlState) -> None:
+        changed = False
+        for issuer, number in crl.numbers.items():
+            if number > self._seen.get(issuer, 0):
+                self._seen[issuer] = number
+                changed = True
+        if changed:
+            replace_atomically(self.path, json.dumps(self._seen, indent=1).encode())
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int:
