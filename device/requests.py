@@ -7,7 +7,7 @@ in a worker thread.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -24,7 +24,7 @@ from fleet.keys import (
     private_key_pem,
     signature_hash,
 )
-from fleet.mqtt_api import PROVISION, RENEW, EnrollRequest, RenewRequest, encode, sign_proof
+from fleet.mqtt_api import EnrollRequest, RenewRequest, encode, request_timestamp, sign_proof
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +74,15 @@ def prepare_enrollment(
     claim_pem, claim_private = _load_pair(claim_cert, claim_key, device_id)
     key = generate_private_key(key_type)
     csr = _csr_pem(key, device_id)
-    request = EnrollRequest(
+    unsigned = EnrollRequest(
         device_id=device_id,
         csr=csr,
         claim_certificate=claim_pem,
-        signature=sign_proof(claim_private, PROVISION, request_id, csr),
+        signature="",
+        timestamp=request_timestamp(),
         hardware_serial=hardware_serial,
     )
+    request = replace(unsigned, signature=sign_proof(claim_private, unsigned.proof(request_id)))
     return PreparedRequest(request_id, encode(request), private_key_pem(key))
 
 
@@ -90,10 +92,12 @@ def prepare_renewal(device_id: str, cert: Path, key: Path) -> PreparedRequest:
     key_new = generate_private_key(key_type_of(current_key))
     csr = _csr_pem(key_new, device_id)
     request_id = new_request_id()
-    request = RenewRequest(
+    unsigned = RenewRequest(
         request_id=request_id,
         csr=csr,
         certificate=current_pem,
-        signature=sign_proof(current_key, RENEW, device_id, csr),
+        signature="",
+        timestamp=request_timestamp(),
     )
+    request = replace(unsigned, signature=sign_proof(current_key, unsigned.proof(device_id)))
     return PreparedRequest(request_id, encode(request), private_key_pem(key_new))

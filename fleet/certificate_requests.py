@@ -10,7 +10,9 @@ enrollment  ``bad_request``, ``bad_csr``, ``bad_signature``, ``not_a_claim``, ``
             ``id_taken``
 renewal     ``bad_request``, ``bad_csr``, ``bad_signature``, ``not_your_certificate``,
             ``unknown_certificate``, ``certificate_revoked``, ``certificate_expired``,
-            ``device_revoked``
+            ``certificate_not_yet_valid``, ``device_revoked``
+both        ``stale_request`` (timestamp more than 5 minutes off), ``request_replayed`` (a
+            request id that was answered with a certificate before)
 
 A request id that was answered with a certificate gets the same answer again (QoS 1 may
 deliver a request twice, and a device that lost the reply asks again): nothing is issued twice
@@ -51,6 +53,7 @@ from fleet.mqtt_api import (
     decode_enroll_request,
     decode_renew_request,
     is_request_id,
+    request_age_problem,
     verify_proof,
 )
 from fleet.provisioning import provision_from_csr
@@ -146,8 +149,10 @@ class CertificateRequests:
         refusal = claim.refusal(now)
         if refusal is not None:
             raise RequestRefused(*refusal)
-        if not verify_proof(claim_cert, request.signature, PROVISION, request_id, request.csr):
+        if not verify_proof(claim_cert, request.signature, request.proof(request_id)):
             raise RequestRefused("bad_signature", "the signature is not the claim key's")
+        _check_fresh(request.timestamp, now)
+        self._check_not_seen(PROVISION, request_id)
         csr = _csr(request)
         try:
             validate_device_id(request.device_id)
@@ -193,8 +198,15 @@ class CertificateRequests:
             raise RequestRefused("certificate_revoked", "the certificate was revoked")
         if current.not_valid_after_utc <= now:
             raise RequestRefused("certificate_expired", "the certificate has expired")
-        if not verify_proof(current, request.signature, RENEW, device_id, request.csr):
+        if current.not_valid_before_utc > now:
+            raise RequestRefused(
+                "certificate_not_yet_valid",
+                f"the certificate is valid only from {current.not_valid_before_utc.isoformat()}",
+            )
+        if not verify_proof(current, request.signature, request.proof(device_id)):
             raise RequestRefused("bad_signature", "the signature is not the certificate key's")
+        _check_fresh(request.timestamp, now)
+        self._check_not_seen(RENEW, request.request_id)
         csr = _csr(request)
         record = registry.get(device_id)
         if record.status == "revoked":
@@ -221,6 +233,7 @@ class CertificateRequests:
                 not_after=start + lifetime,
             ),
             now=now,
+            request_id=request.request_id,
         )
         log.info("renewed %s until %s", device_id, start + lifetime)
         return Reply(
@@ -228,6 +241,12 @@ class CertificateRequests:
         )
 
     # -- checks -----------------------------------------------------------------------------
+
+    def _check_not_seen(self, kind: str, request_id: str) -> None:
+        """Each request id is answered with a certificate once (the registry keeps them, so a
+        restart forgets nothing); an exact redelivery gets the remembered answer before this."""
+        if self.workspace.registry.request_seen(kind, request_id):
+            raise RequestRefused("request_replayed", f"request {request_id!r} was answered already")
 
     def _trusted_certificate(self, pem: str, field: str) -> x509.Certificate:
         """The first certificate of ``pem``, if one of the fleet's trusted issuers signed it."""
@@ -245,6 +264,12 @@ class CertificateRequests:
             return cert
         reason = "claim_unknown" if field == "claim_certificate" else "unknown_certificate"
         raise RequestRefused(reason, f"field {field!r}: not issued by this fleet's CA")
+
+
+def _check_fresh(timestamp: str, now: dt.datetime) -> None:
+    problem = request_age_problem(timestamp, now)
+    if problem is not None:
+        raise RequestRefused("stale_request", problem)
 
 
 def _decoded(decode: Callable[[bytes], _Request], payload: bytes) -> _Request:

@@ -13,7 +13,9 @@ Shared by the three parties so none of them spells a topic differently:
   a :class:`Reply`.
 
 Every request carries a proof of possession: the certificate the device connected with and a
-signature, by that certificate's key, over the request's id, the topic kind and the CSR. The
+signature, by that certificate's key, over the topic kind, the request id, the device id, a
+timestamp and the CSR (:class:`Proof`), so a captured request cannot be replayed later or
+with other ids. The
 control plane checks the proof itself, so it never has to trust the broker to say who
 published (Mosquitto, EMQX … know nothing of claims); the broker's topic rights are a second
 fence that keeps claim certificates away from everything else.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -84,13 +87,52 @@ def enroll_client_id(request_id: str) -> str:
 # -- proof of possession ------------------------------------------------------------------------
 
 
-def _signed_bytes(kind: str, subject: str, csr_pem: str) -> bytes:
-    return b"\n".join((b"mtls-fleet", kind.encode(), subject.encode(), csr_pem.encode()))
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """What a request's signature covers: every field that decides what gets issued.
+
+    ``subject`` is the topic's id (the request id of an enrollment, the device id of a
+    renewal); ``timestamp`` (ISO 8601, UTC) lets the control plane refuse old requests, so a
+    captured request cannot be replayed later, nor with another request id or device id.
+    """
+
+    kind: str
+    subject: str
+    request_id: str
+    device_id: str
+    timestamp: str
+    csr_pem: str
+
+    def signed_bytes(self) -> bytes:
+        fields = (self.kind, self.subject, self.request_id, self.device_id, self.timestamp)
+        return b"\n".join((b"mtls-fleet/2", *(f.encode() for f in fields), self.csr_pem.encode()))
 
 
-def sign_proof(key: PrivateKey, kind: str, subject: str, csr_pem: str) -> str:
-    """Base64 signature by ``key`` binding the CSR to this request's kind and id."""
-    data = _signed_bytes(kind, subject, csr_pem)
+MAX_REQUEST_AGE = dt.timedelta(minutes=5)
+
+
+def request_timestamp(now: dt.datetime | None = None) -> str:
+    return (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def request_age_problem(timestamp: str, now: dt.datetime) -> str | None:
+    """Why a request stamped ``timestamp`` is too old or from the future (None: it is fresh)."""
+    try:
+        stamped = dt.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return f"timestamp {timestamp!r} is not YYYY-MM-DDTHH:MM:SSZ"
+    skew = abs((now - stamped).total_seconds())
+    if skew > MAX_REQUEST_AGE.total_seconds():
+        return (
+            f"timestamp {timestamp} is {skew:.0f} s away from the control plane's clock "
+            f"(at most {MAX_REQUEST_AGE.total_seconds():.0f} s)"
+        )
+    return None
+
+
+def sign_proof(key: PrivateKey, proof: Proof) -> str:
+    """Base64 signature by ``key`` over everything ``proof`` names."""
+    data = proof.signed_bytes()
     if isinstance(key, rsa.RSAPrivateKey):
         signature = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     else:
@@ -98,15 +140,13 @@ def sign_proof(key: PrivateKey, kind: str, subject: str, csr_pem: str) -> str:
     return base64.b64encode(signature).decode()
 
 
-def verify_proof(
-    cert: x509.Certificate, signature: str, kind: str, subject: str, csr_pem: str
-) -> bool:
-    """True when ``signature`` was made by ``cert``'s key over this request."""
+def verify_proof(cert: x509.Certificate, signature: str, proof: Proof) -> bool:
+    """True when ``signature`` was made by ``cert``'s key over ``proof``."""
     try:
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         return False
-    data = _signed_bytes(kind, subject, csr_pem)
+    data = proof.signed_bytes()
     key = cert.public_key()
     try:
         if isinstance(key, rsa.RSAPublicKey):
@@ -130,8 +170,12 @@ class EnrollRequest:
     device_id: str
     csr: str  # PEM, made by the device's own new key
     claim_certificate: str  # PEM of the claim certificate the device connected with
-    signature: str  # sign_proof(claim key, PROVISION, request id, csr)
+    signature: str  # sign_proof(claim key, self.proof(request id))
+    timestamp: str  # request_timestamp() when the request was made
     hardware_serial: str = ""
+
+    def proof(self, request_id: str) -> Proof:
+        return Proof(PROVISION, request_id, request_id, self.device_id, self.timestamp, self.csr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +185,11 @@ class RenewRequest:
     request_id: str
     csr: str
     certificate: str  # PEM of the device's current certificate
-    signature: str  # sign_proof(current key, RENEW, device id, csr)
+    signature: str  # sign_proof(current key, self.proof(device id))
+    timestamp: str  # request_timestamp() when the request was made
+
+    def proof(self, device_id: str) -> Proof:
+        return Proof(RENEW, device_id, self.request_id, device_id, self.timestamp, self.csr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,13 +236,16 @@ def _fields(
 
 def decode_enroll_request(payload: bytes) -> EnrollRequest:
     values = _fields(
-        payload, ("device_id", "csr", "claim_certificate", "signature"), ("hardware_serial",)
+        payload,
+        ("device_id", "csr", "claim_certificate", "signature", "timestamp"),
+        ("hardware_serial",),
     )
     return EnrollRequest(**values)
 
 
 def decode_renew_request(payload: bytes) -> RenewRequest:
-    return RenewRequest(**_fields(payload, ("request_id", "csr", "certificate", "signature")))
+    names = ("request_id", "csr", "certificate", "signature", "timestamp")
+    return RenewRequest(**_fields(payload, names))
 
 
 def decode_reply(payload: bytes) -> Reply:

@@ -23,7 +23,7 @@ from cryptography import x509
 from fleet.ca import RevokedEntry
 from fleet.errors import RegistryError, RequestRefused, UnknownDeviceError, WorkspaceError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -77,6 +77,12 @@ CREATE TABLE IF NOT EXISTS enrollments (
     hardware_serial TEXT NOT NULL,
     request_id      TEXT NOT NULL,
     enrolled_at     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS renewal_requests (
+    request_id  TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    serial      TEXT NOT NULL,
+    answered_at TEXT NOT NULL
 );
 """
 
@@ -525,7 +531,13 @@ class Registry:
 
     # -- renewal ----------------------------------------------------------------------------
 
-    def renew(self, renewal: NewDevice, *, now: dt.datetime) -> int:
+    def request_seen(self, kind: str, request_id: str) -> bool:
+        """Whether a request id of ``kind`` (provision or renew) was answered with a certificate."""
+        table = "enrollments" if kind == "provision" else "renewal_requests"
+        rows = self._query(f"SELECT 1 FROM {table} WHERE request_id = ?", (request_id,))
+        return bool(rows)
+
+    def renew(self, renewal: NewDevice, *, now: dt.datetime, request_id: str | None = None) -> int:
         """Record ``renewal`` as the device's current certificate; the old one is superseded.
 
         One transaction: the registry knows the new serial before any file holds it, so a
@@ -557,6 +569,12 @@ class Registry:
                 ),
             )
             db.execute("UPDATE certificates SET status = 'superseded' WHERE serial = ?", (row[1],))
+            if request_id is not None:  # a renewal over MQTT: its id is never answered twice
+                db.execute(
+                    "INSERT INTO renewal_requests(request_id, device_id, serial, answered_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (request_id, renewal.device_id, serial_hex(renewal.serial), stamp),
+                )
             db.execute(
                 "UPDATE devices SET serial = ?, updated_at = ? WHERE id = ?",
                 (serial_hex(renewal.serial), stamp, renewal.device_id),

@@ -3,6 +3,7 @@ OCSP and HTTP edge cases, and ``fleet serve --api-port`` through the CLI process
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import socket
@@ -24,11 +25,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import BrokerSettings
+from device.requests import prepare_enrollment, prepare_renewal
 from fleet import ProvisionSpec, UsageError, Workspace, provision_devices
 from fleet.bounded_json import JsonRejected, loads_bounded
+from fleet.certificate_requests import CertificateRequests
+from fleet.claims import ClaimRules, create_claim
 from fleet.control_plane import ControlPlane
 from fleet.identity import validate_device_id
-from fleet.mqtt_api import is_request_id, parse_request_topic
+from fleet.mqtt_api import is_request_id, parse_request_topic, request_timestamp
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, device_credentials
 from tests.conftest import fleet_command
@@ -297,3 +301,71 @@ def test_fleet_serve_api_port_serves_the_admin_api(workspace: Workspace, tmp_pat
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
+
+
+# -- replay-proof requests -----------------------------------------------------------------------
+
+
+def _edited(payload: bytes, **changes: str) -> bytes:
+    body = json.loads(payload)
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_a_captured_renewal_cannot_be_replayed_or_rebound(workspace: Workspace) -> None:
+    (device_id,) = provision_devices(workspace, ProvisionSpec(count=1, prefix="dev")).device_ids
+    paths = workspace.paths
+    captured = prepare_renewal(device_id, paths.device_cert(device_id), paths.device_key(device_id))
+    first = CertificateRequests(workspace).renew(device_id, captured.payload)
+    assert first.issued
+    again = CertificateRequests(workspace)  # a restarted control plane forgets nothing
+    fresh_id = _edited(captured.payload, request_id="attacker-0001")
+    restamped = request_timestamp(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=61))
+    later = _edited(captured.payload, timestamp=restamped)
+    answers = [
+        again.renew(device_id, captured.payload).reason,
+        again.renew(device_id, fresh_id).reason,
+        again.renew(device_id, later).reason,
+    ]
+    assert answers == ["request_replayed", "bad_signature", "bad_signature"]
+    statuses = [status for _, status, *_ in workspace.registry.certificate_history(device_id)]
+    assert statuses == ["superseded", "active"], "one renewal, however many replays"
+
+
+def test_an_old_request_is_refused_as_stale(workspace: Workspace) -> None:
+    (device_id,) = provision_devices(workspace, ProvisionSpec(count=1, prefix="dev")).device_ids
+    paths = workspace.paths
+    request = prepare_renewal(device_id, paths.device_cert(device_id), paths.device_key(device_id))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
+    reply = CertificateRequests(workspace).renew(device_id, request.payload, now=later)
+    assert (reply.status, reply.reason) == ("refused", "stale_request")
+    assert "away from the control plane's clock" in reply.message
+
+
+def test_a_captured_enrollment_cannot_be_replayed_or_rebound(workspace: Workspace) -> None:
+    create_claim(workspace, ClaimRules("batch-9"))
+    claim = workspace.paths.claim_dir("batch-9")
+    captured = prepare_enrollment("sensor-1", claim / "cert.pem", claim / "key.pem")
+    assert CertificateRequests(workspace).enroll(captured.request_id, captured.payload).issued
+    again = CertificateRequests(workspace)
+    other_device = _edited(captured.payload, device_id="sensor-2")
+    answers = [
+        again.enroll(captured.request_id, captured.payload).reason,
+        again.enroll("attacker-0002", captured.payload).reason,
+        again.enroll(captured.request_id + "x", other_device).reason,
+    ]
+    assert answers == ["request_replayed", "bad_signature", "bad_signature"]
+    assert [r.device_id for r in workspace.registry.devices()] == ["sensor-1"]
+
+
+def test_a_not_yet_valid_device_cannot_renew_into_a_valid_certificate(
+    workspace: Workspace,
+) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    (device_id,) = provision_devices(
+        workspace, ProvisionSpec(count=1, prefix="future", not_before=soon)
+    ).device_ids
+    paths = workspace.paths
+    request = prepare_renewal(device_id, paths.device_cert(device_id), paths.device_key(device_id))
+    reply = CertificateRequests(workspace).renew(device_id, request.payload)
+    assert (reply.status, reply.reason) == ("refused", "certificate_not_yet_valid")
