@@ -133,7 +133,7 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
 
 def issuer_files(paths: WorkspacePaths) -> list[Path]:
     """The trusted issuing CAs: the current one, then those a rotation replaced."""
-    return [paths.issuing_cert, *paths.previous_issuer_certs()]
+    return paths.trusted_issuer_certs()
 
 
 def load_retired_key_ids(paths: WorkspacePaths) -> frozenset[bytes]:

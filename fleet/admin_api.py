@@ -31,6 +31,7 @@ from typing import Any
 from cryptography import x509
 
 from fleet.admin_openapi import OPENAPI
+from fleet.admins import admin_certificate_problem
 from fleet.bounded_json import JsonRejected, loads_bounded
 from fleet.ca import parse_revocation_reason
 from fleet.claims import ClaimRules, create_claim, revoke_claim
@@ -340,6 +341,7 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
         server_version = "mtls-fleet-admin"
 
         admin: str | None = None
+        refusal = "only an admin certificate may use this API"
 
         def handle(self) -> None:
             """The TLS handshake first (in this connection's thread), then HTTP."""
@@ -351,7 +353,9 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
                 log.info("%s: TLS handshake failed (%s)", self.client_address[0], exc)
                 return
             tls.settimeout(60)
-            self.admin = _admin_name(tls)
+            self.admin, refusal = _admin_name(tls, operations.workspace)
+            if refusal is not None:
+                self.refusal = refusal
             super().handle()
 
         def log_message(self, format: str, *args: object) -> None:
@@ -373,7 +377,7 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
 
         def _dispatch(self, method: str) -> None:
             if self.admin is None:
-                self._error(HTTPStatus.FORBIDDEN, "only an admin certificate may use this API")
+                self._error(HTTPStatus.FORBIDDEN, self.refusal)
                 return
             url = urllib.parse.urlsplit(self.path)
             if method == "GET" and url.path == "/openapi.json":
@@ -420,13 +424,20 @@ def parse_content_length(header: str | None) -> int | None:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else None
 
 
-def _admin_name(sock: ssl.SSLSocket) -> str | None:
-    """The admin's name if the peer's (verified) certificate has the admin role."""
+def _admin_name(sock: ssl.SSLSocket, workspace: Workspace) -> tuple[str | None, str | None]:
+    """(the admin's name, None) if the peer's verified certificate has the admin role and is a
+    recorded, unrevoked admin certificate of a trusted issuer; else (None, why not)."""
     der = sock.getpeercert(binary_form=True)
     if der is None:
-        return None
+        return None, None
+    cert = x509.load_der_x509_certificate(der)
     try:
-        identity = identity_from_certificate(x509.load_der_x509_certificate(der))
+        identity = identity_from_certificate(cert)
     except CertificateError:
-        return None
-    return identity.device_id if identity.role == ADMIN else None
+        return None, None
+    if identity.role != ADMIN:
+        return None, None
+    problem = admin_certificate_problem(workspace, cert)
+    if problem is not None:
+        return None, f"admin certificate of {identity.device_id!r} refused: {problem}"
+    return identity.device_id, None

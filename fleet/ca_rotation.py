@@ -21,7 +21,12 @@ from fleet.ca import create_intermediate_ca
 from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.keys import load_private_key, private_key_pem
 from fleet.revocation import publish_crl
-from fleet.workspace import ISSUING_VALIDITY, Workspace, WorkspacePaths
+from fleet.workspace import (
+    ISSUING_VALIDITY,
+    Workspace,
+    WorkspacePaths,
+    issue_admin_certificate,
+)
 
 
 def rotate_issuing_ca(workspace: Workspace, *, now: dt.datetime | None = None) -> x509.Certificate:
@@ -51,6 +56,9 @@ def rotate_issuing_ca(workspace: Workspace, *, now: dt.datetime | None = None) -
         finish_interrupted_rotation(paths)
     workspace.__dict__.pop("ca", None)  # the cached CA is the old one
     publish_crl(workspace, now=now)
+    # The control plane's own identity moves to the new issuer now, so retiring the old one
+    # later cannot lock it out of the brokers.
+    issue_admin_certificate(workspace, now=now)
     return cert
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from fleet.admin_client import AdminClient
 from fleet.bundles import export_pkcs12
 from fleet.ca import REVOCATION_REASONS, parse_revocation_reason
+from fleet.cli_admins import admin_app
 from fleet.cli_claims import claim_app, enroll
 from fleet.cli_support import (
     AdminOption,
@@ -57,6 +58,7 @@ app.add_typer(crl_app, name="crl")
 ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 app.add_typer(claim_app, name="claim")
+app.add_typer(admin_app, name="admin")
 bench_app = typer.Typer(help="Load-test mutual-TLS handshakes of a broker.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 scenario_app = typer.Typer(

@@ -84,6 +84,15 @@ CREATE TABLE IF NOT EXISTS renewal_requests (
     serial      TEXT NOT NULL,
     answered_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS admins (
+    serial            TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    issued_at         TEXT NOT NULL,
+    not_after         TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    revoked_at        TEXT,
+    revocation_reason TEXT
+);
 """
 
 
@@ -175,6 +184,17 @@ class ClaimRecord:
                 f"claim {self.name!r} has used all {self.max_uses} enrollments",
             )
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRecord:
+    """One admin certificate: an operator's or the control plane's (``fleet admin``)."""
+
+    name: str
+    serial: int
+    issued_at: dt.datetime
+    not_after: dt.datetime
+    status: str = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,6 +643,8 @@ class Registry:
             "SELECT serial, revoked_at, revocation_reason FROM certificates "
             "WHERE status = 'revoked' UNION ALL "
             "SELECT serial, revoked_at, revocation_reason FROM claims WHERE status = 'revoked' "
+            "UNION ALL "
+            "SELECT serial, revoked_at, revocation_reason FROM admins WHERE status = 'revoked' "
             "ORDER BY revoked_at, serial"
         ).fetchall()
         return [
@@ -694,6 +716,56 @@ class Registry:
             if cursor.rowcount == 1:
                 self._count_revocation(db)
             return cursor.rowcount == 1
+
+    # -- admin identities -------------------------------------------------------------------
+
+    def add_admin(self, admin: AdminRecord) -> None:
+        """Record an admin certificate (recording the same serial again changes nothing)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO admins(serial, name, issued_at, not_after, status) "
+                "VALUES (?, ?, ?, ?, 'active') ON CONFLICT(serial) DO NOTHING",
+                (
+                    serial_hex(admin.serial),
+                    admin.name,
+                    format_time(admin.issued_at),
+                    format_time(admin.not_after),
+                ),
+            )
+
+    def admins(self) -> list[AdminRecord]:
+        rows = self._query(
+            "SELECT serial, name, issued_at, not_after, status FROM admins "
+            "ORDER BY name, issued_at, serial"
+        )
+        return [
+            AdminRecord(r[1], int(r[0], 16), parse_time(r[2]), parse_time(r[3]), r[4]) for r in rows
+        ]
+
+    def admin_status(self, serial: int) -> str | None:
+        """``active``, ``revoked``, or None for a serial never recorded as an admin's."""
+        rows = self._query("SELECT status FROM admins WHERE serial = ?", (serial_hex(serial),))
+        return str(rows[0][0]) if rows else None
+
+    def revoke_admin(self, name: str, reason: x509.ReasonFlags, *, now: dt.datetime) -> list[int]:
+        """Revoke every active certificate of admin ``name``; returns their serials."""
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM admins WHERE name = ?", (name,)).fetchone():
+                raise RegistryError(f"unknown admin {name!r}: 'fleet admin list' shows the admins")
+            serials = [
+                r[0]
+                for r in db.execute(
+                    "SELECT serial FROM admins WHERE name = ? AND status = 'active'", (name,)
+                )
+            ]
+            db.execute(
+                "UPDATE admins SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+                "WHERE name = ? AND status = 'active'",
+                (format_time(now), reason.name.replace("_", "-"), name),
+            )
+            if serials:
+                self._count_revocation(db)
+        return [int(serial, 16) for serial in serials]
 
     def activate_enrollment(self, batch_id: str, enrollment: Enrollment) -> None:
         """Make an enrolled device visible and spend one use of its claim, in one transaction.

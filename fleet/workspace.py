@@ -42,7 +42,7 @@ from fleet.keys import (
     load_private_key,
     private_key_pem,
 )
-from fleet.registry import Registry
+from fleet.registry import AdminRecord, Registry
 
 DEFAULT_DIR = Path("fleet-data")
 ROOT_VALIDITY = dt.timedelta(days=3650)
@@ -102,6 +102,11 @@ class WorkspacePaths:
 
     def previous_issuer_certs(self) -> list[Path]:
         return sorted(self.previous_issuers_dir.glob("*.crt"))
+
+    def trusted_issuer_certs(self) -> list[Path]:
+        """The trusted issuing CAs as they are on disk now: the current one, then those a
+        rotation replaced (retired ones are not trusted)."""
+        return [self.issuing_cert, *self.previous_issuer_certs()]
 
     @property
     def crl(self) -> Path:
@@ -328,10 +333,11 @@ def init_workspace(
         crl_distribution_url=config.crl_url,
     )
     issue_broker_certificate(paths, ca, hosts=hosts, now=now)
-    issue_admin_certificate(paths, ca, config, now=now)
+    admin = issue_admin_bundle(paths.admin_dir, ADMIN_NAME, ca, config, now=now)
 
     registry = Registry(paths.db, create=True)
     try:
+        registry.add_admin(admin_record(ADMIN_NAME, admin))
         crl = ca.build_crl(
             [],
             crl_number=registry.next_crl_number(),
@@ -371,35 +377,58 @@ ADMIN_NAME = "control-plane"
 ADMIN_VALIDITY = dt.timedelta(days=365)
 
 
-def issue_admin_certificate(
-    paths: WorkspacePaths,
+def issue_admin_bundle(
+    directory: Path,
+    name: str,
     ca: CertificateAuthority,
     config: FleetConfig,
     *,
     now: dt.datetime | None = None,
 ) -> x509.Certificate:
-    """(Re)issue ``admin/cert.pem`` and ``key.pem`` (and a copy of ``root.crt``): the admin
-    identity. The control plane connects to brokers with it (MQTT client id
-    ``admin:control-plane``) and ``fleet ... --server`` calls the admin API with it."""
+    """(Re)issue an admin identity into ``directory``: ``cert.pem`` (chain), ``key.pem`` (mode
+    0600) and a copy of ``root.crt``. The caller records it in the registry."""
     now = now or dt.datetime.now(dt.UTC)
-    paths.admin_dir.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    directory.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     key = generate_private_key(key_type_of(ca.issuing_key))
-    identity = DeviceIdentity(ADMIN_NAME, "bronze", "prod", config.trust_domain, role=ADMIN)
+    identity = DeviceIdentity(name, "bronze", "prod", config.trust_domain, role=ADMIN)
     cert = ca.issue_device(
         identity, key.public_key(), not_before=now, not_after=now + ADMIN_VALIDITY
     )
-    replace_atomically(paths.admin_key, private_key_pem(key), mode=0o600)
-    replace_atomically(paths.admin_cert, ca.chain_pem(cert))
-    replace_atomically(paths.admin_dir / "root.crt", ca.root_cert.public_bytes(_PEM))
+    replace_atomically(directory / "key.pem", private_key_pem(key), mode=0o600)
+    replace_atomically(directory / "cert.pem", ca.chain_pem(cert))
+    replace_atomically(directory / "root.crt", ca.root_cert.public_bytes(_PEM))
     return cert
 
 
+def admin_record(name: str, cert: x509.Certificate) -> AdminRecord:
+    return AdminRecord(
+        name, cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc
+    )
+
+
+def issue_admin_certificate(workspace: Workspace, *, now: dt.datetime | None = None) -> None:
+    """(Re)issue ``admin/``, the control plane's own admin identity, and record it: it connects
+    to brokers with it (client id ``admin:control-plane``), and ``fleet ... --server`` can call
+    the admin API with it."""
+    cert = issue_admin_bundle(
+        workspace.paths.admin_dir, ADMIN_NAME, workspace.ca, workspace.config, now=now
+    )
+    workspace.registry.add_admin(admin_record(ADMIN_NAME, cert))
+
+
 def ensure_admin_certificate(workspace: Workspace) -> None:
-    """Give a workspace made before the admin identity existed (or whose admin certificate
-    expires within a week) a fresh one."""
+    """Give the control plane an admin identity issued by the current issuing CA, recorded in
+    the registry, and valid for more than a week (a workspace made before admin identities
+    existed, or after ``fleet ca rotate``, gets a fresh one)."""
     paths = workspace.paths
     if all(p.exists() for p in (paths.admin_cert, paths.admin_key, paths.admin_dir / "root.crt")):
         cert = _load_cert(paths.admin_cert)
-        if cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=7):
+        current_issuer = cert.issuer == workspace.ca.issuing_cert.subject
+        lasting = cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=7)
+        status = workspace.registry.admin_status(cert.serial_number)
+        if status is None:  # issued before admin identities were recorded
+            workspace.registry.add_admin(admin_record(ADMIN_NAME, cert))
+            status = "active"
+        if current_issuer and lasting and status == "active":
             return
-    issue_admin_certificate(paths, workspace.ca, workspace.config)
+    issue_admin_certificate(workspace)
