@@ -56,6 +56,7 @@ class BrokerSettings:
     max_packet_bytes: int = 256 * 1024  # any packet, header included; larger ones close the link
     max_queued_messages: int = 1000
     max_inflight_messages: int = 20
+    max_claim_sessions: int = 1000  # live sessions one claim certificate may hold at once
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
     log_connections: bool = False  # also one event per admitted session and per session end
 
@@ -73,6 +74,8 @@ class BrokerSettings:
         if not 16 <= self.max_packet_bytes <= 268_435_460:
             raise UsageError("--max-packet-size must be 16 bytes to 256 MiB (MQTT's own maximum)")
         _ = self.session_limits  # validates the queue limits
+        if self.max_claim_sessions < 1:
+            raise UsageError("--max-claim-sessions must be at least 1")
 
     @property
     def session_limits(self) -> SessionLimits:

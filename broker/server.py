@@ -422,6 +422,15 @@ class FleetBroker:
             )
             return ConnackCode.NOT_AUTHORIZED
         if identity.role == CLAIM:
+            limit = self.settings.max_claim_sessions
+            live = sum(1 for other in self._by_serial.get(peer.serial or 0, ()) if other.authorized)
+            if live >= limit:
+                self.record(
+                    peer,
+                    Outcome.TOO_MANY_SESSIONS,
+                    f"claim {identity.device_id!r} already holds {live} sessions (at most {limit})",
+                )
+                return ConnackCode.SERVER_UNAVAILABLE
             peer.rights = claim_rights(client_id.removeprefix(ENROLL_CLIENT_PREFIX))
         elif identity.role == ADMIN:
             peer.rights = ADMIN_RIGHTS

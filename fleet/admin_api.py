@@ -59,6 +59,7 @@ from fleet.workspace import Workspace
 log = logging.getLogger("mtls_fleet.admin_api")
 
 _MAX_BODY = 256 * 1024
+MAX_DEVICES_PER_REQUEST = 1000  # larger batches: 'fleet provision' on the control plane's host
 _HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -105,10 +106,14 @@ class _Body:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} is required", name)
         return value
 
-    def integer(self, name: str, default: int) -> int:
+    def integer(self, name: str, default: int, *, maximum: int = 1_000_000) -> int:
         value = self.values.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be an integer", name)
+        if not 1 <= value <= maximum:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, f"field {name!r} must be from 1 to {maximum}", name
+            )
         return value
 
     def identifier(self, name: str) -> str:
@@ -190,7 +195,7 @@ class _Operations:
             return {"devices": [device_id], "certificate": chain}
         key_type = fields.text("key_type")
         spec = ProvisionSpec(
-            count=fields.integer("count", 1),
+            count=fields.integer("count", 1, maximum=MAX_DEVICES_PER_REQUEST),
             prefix=fields.text("prefix", "device") or "device",
             tier=tier,
             env=env,

@@ -108,7 +108,7 @@ OPENAPI: dict[str, Any] = {
                                 "type": "object",
                                 "additionalProperties": False,
                                 "properties": {
-                                    "count": {"type": "integer", "minimum": 1},
+                                    "count": {"type": "integer", "minimum": 1, "maximum": 1000},
                                     "prefix": {"type": "string"},
                                     "tier": {"enum": ["bronze", "silver", "gold"]},
                                     "env": {"enum": ["prod", "dev"]},
@@ -213,7 +213,11 @@ OPENAPI: dict[str, Any] = {
                                 "required": ["name"],
                                 "properties": {
                                     "name": {"type": "string"},
-                                    "max_uses": {"type": "integer", "minimum": 1},
+                                    "max_uses": {
+                                        "type": "integer",
+                                        "minimum": 1,
+                                        "maximum": 1000000,
+                                    },
                                     "valid_for": _DURATION,
                                     "allow_ids": {"type": "string", "examples": ["sensor-*"]},
                                     "tier": {"enum": ["bronze", "silver", "gold"]},

@@ -609,6 +609,9 @@ def broker_command(
     max_inflight_messages: Annotated[
         int, typer.Option(help="Messages sent to one session at once (QoS 1: until PUBACK).")
     ] = 20,
+    max_claim_sessions: Annotated[
+        int, typer.Option(help="Live sessions one claim certificate may hold at once.")
+    ] = 1000,
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
@@ -635,6 +638,7 @@ def broker_command(
         max_packet_bytes=max_packet_size,
         max_queued_messages=max_queued_messages,
         max_inflight_messages=max_inflight_messages,
+        max_claim_sessions=max_claim_sessions,
     )
     if emit_mosquitto_conf is not None:
         emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port, limits=settings)

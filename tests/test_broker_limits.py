@@ -15,8 +15,9 @@ import pytest
 from benchmarks.broker import ours
 from benchmarks.flood import measure_flood
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
+from fleet.claims import ClaimRules, create_claim
 from tests import mqtt_raw as mq
-from tests.broker_support import device_credentials
+from tests.broker_support import Credentials, device_credentials
 from tests.conftest import fleet_command
 from tests.mqtt_raw import RawClient
 
@@ -37,11 +38,12 @@ class CliBroker:
 def small_limits_broker(workspace: Workspace) -> Iterator[CliBroker]:
     provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
     provision_devices(workspace, ProvisionSpec(count=1, prefix="gw", tier="gold"))
+    create_claim(workspace, ClaimRules("batch-1"))
     process = subprocess.Popen(
         fleet_command(
             "broker", "--dir", workspace.paths.root, "--port", "0", "--metrics-port", "0",
             "--max-packet-size", "4096", "--max-queued-messages", "50",
-            "--max-inflight-messages", "5",
+            "--max-inflight-messages", "5", "--max-claim-sessions", "2",
         ),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
@@ -109,6 +111,40 @@ def test_in_flight_window_queue_bound_and_packet_size_from_the_command_line(
     finally:
         subscriber.close()
         gold.close()
+
+
+def test_one_claim_certificate_holds_a_bounded_number_of_sessions(
+    workspace: Workspace, small_limits_broker: CliBroker
+) -> None:
+    bundle = workspace.paths.claim_dir("batch-1")
+    claim = Credentials("batch-1", bundle / "cert.pem", bundle / "key.pem")
+    port, ca = small_limits_broker.port, workspace.paths.root_cert
+    sessions = [RawClient(port, ca, claim) for _ in range(3)]
+    try:
+        answers = []
+        for index, client in enumerate(sessions):
+            client.send(mq.connect(f"enroll:request-{index:04d}"))
+            answers.append(client.connack())
+        assert answers == [(0, 0), (0, 0), (0, 3)], "the third: server unavailable"
+        assert (
+            small_limits_broker.metric(
+                "mtls_connection_attempts_total", 'outcome="too_many_sessions"'
+            )
+            == 1
+        )
+        sessions[0].send(mq.DISCONNECT)
+        assert sessions[0].closed_within(2)
+        for _ in range(50):  # the broker finishes the teardown right after the close
+            again = RawClient(port, ca, claim)
+            sessions.append(again)
+            again.send(mq.connect("enroll:request-9999"))
+            if again.connack() == (0, 0):
+                break
+        else:
+            pytest.fail("a freed claim session was never reusable")
+    finally:
+        for client in sessions:
+            client.close()
 
 
 @pytest.mark.slow
