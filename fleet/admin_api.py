@@ -374,6 +374,18 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            """http.server's own refusals (an unknown method, a bad request line) as the API's
+            JSON error object; an unsupported method is 405, not 501."""
+            status = HTTPStatus(code)
+            if status is HTTPStatus.NOT_IMPLEMENTED:
+                status = HTTPStatus.METHOD_NOT_ALLOWED
+                message = f"method {self.command} is not allowed: use GET or POST"
+            self.close_connection = True
+            self._error(status, message or status.phrase)
+
         def _error(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
             body: dict[str, Any] = {"error": message, "status": status.value}
             if field is not None:
