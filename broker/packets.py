@@ -303,10 +303,9 @@ def packet_problem(packet: Packet) -> str | None:
             body = _Body(packet.body, f"packet type {kind}")
             body.packet_id()
             body.end()
-        elif kind == SUBSCRIBE:
-            _check_subscribe(packet.body)
-        elif kind == UNSUBSCRIBE:
-            _check_unsubscribe(packet.body)
+        elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+            what = "SUBSCRIBE" if kind == SUBSCRIBE else "UNSUBSCRIBE"
+            _check_filters(packet.body, what, with_qos=kind == SUBSCRIBE)
         elif packet.body:  # PINGREQ, DISCONNECT
             return f"packet type {kind} with a {len(packet.body)}-byte body (must be empty)"
     except ProtocolViolation as exc:
@@ -333,33 +332,21 @@ def _check_publish(packet: Packet) -> None:
         body.packet_id()
 
 
-def _check_subscribe(data: bytes) -> None:
-    body = _Body(data, "SUBSCRIBE")
+def _check_filters(data: bytes, what: str, *, with_qos: bool) -> None:
+    """A SUBSCRIBE (filters, each with a requested QoS) or UNSUBSCRIBE (filters) body."""
+    body = _Body(data, what)
     body.packet_id()
     if not body.left:
-        raise ProtocolViolation("SUBSCRIBE without a topic filter")
+        raise ProtocolViolation(f"{what} without a topic filter")
     while body.left:
         topic_filter = body.string("topic filter")
         problem = topic_filter_problem(topic_filter)
         if problem:
-            raise ProtocolViolation(f"SUBSCRIBE to {topic_filter!r}: {problem}")
-        requested = body.byte("requested QoS")
-        if requested > 2:
+            raise ProtocolViolation(f"{what} of {topic_filter!r}: {problem}")
+        if with_qos and (requested := body.byte("requested QoS")) > 2:
             raise ProtocolViolation(
-                f"SUBSCRIBE to {topic_filter!r}: requested QoS byte {requested:#04x}"
+                f"{what} of {topic_filter!r}: requested QoS byte {requested:#04x}"
             )
-
-
-def _check_unsubscribe(data: bytes) -> None:
-    body = _Body(data, "UNSUBSCRIBE")
-    body.packet_id()
-    if not body.left:
-        raise ProtocolViolation("UNSUBSCRIBE without a topic filter")
-    while body.left:
-        topic_filter = body.string("topic filter")
-        problem = topic_filter_problem(topic_filter)
-        if problem:
-            raise ProtocolViolation(f"UNSUBSCRIBE of {topic_filter!r}: {problem}")
 
 
 def connack(code: ConnackCode) -> bytes:

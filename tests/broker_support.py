@@ -67,6 +67,21 @@ class BrokerThread:
         self.loop.close()
 
 
+def settings_for_tests(workspace: Workspace, **overrides: object) -> BrokerSettings:
+    """Settings for a broker under test: any free port, no metrics server, prod, a 2 s
+    handshake timeout, no event log on stderr; ``overrides`` change any of them."""
+    options: dict[str, object] = {
+        "workspace": workspace.paths.root,
+        "port": 0,
+        "metrics_port": None,
+        "env": "prod",
+        "handshake_timeout": 2.0,
+        "event_log": False,
+    }
+    options.update(overrides)
+    return BrokerSettings(**options)  # type: ignore[arg-type]
+
+
 @dataclass
 class Credentials:
     """A certificate chain and key on disk, as a device (or an impostor) holds them."""

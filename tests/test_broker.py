@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker import BrokerSettings, RevocationPolicy
+from broker import RevocationPolicy
 from fleet import (
     FleetConfig,
     ProvisionSpec,
@@ -33,6 +33,7 @@ from tests.broker_support import (
     mosquitto_pub,
     paho_device,
     running_mosquitto,
+    settings_for_tests,
     tls_context,
 )
 from tests.conftest import fleet_command, openssl
@@ -56,22 +57,9 @@ def fleet(workspace: Workspace) -> Workspace:
     return workspace
 
 
-def _settings(ws: Workspace, **overrides: object) -> BrokerSettings:
-    options: dict[str, object] = {
-        "workspace": ws.paths.root,
-        "port": 0,
-        "metrics_port": None,
-        "env": "prod",
-        "handshake_timeout": 2.0,
-        "event_log": False,
-    }
-    options.update(overrides)
-    return BrokerSettings(**options)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def running(fleet: Workspace) -> Iterator[BrokerThread]:
-    broker = BrokerThread(_settings(fleet))
+    broker = BrokerThread(settings_for_tests(fleet))
     yield broker
     broker.stop()
 
@@ -225,7 +213,7 @@ def test_revocation_cuts_off_exactly_that_device_again_and_again(
 
 def test_revocations_survive_a_broker_restart(fleet: Workspace) -> None:
     revoke_device(fleet, "dev-00002")
-    broker = BrokerThread(_settings(fleet))
+    broker = BrokerThread(settings_for_tests(fleet))
     try:
         refused = mosquitto_pub(
             broker.port,
@@ -250,7 +238,7 @@ def test_revocations_survive_a_broker_restart(fleet: Workspace) -> None:
 
 def test_a_session_ends_when_its_certificate_expires(workspace: Workspace) -> None:
     short = _provision(workspace, 1, "brief", valid_for=dt.timedelta(seconds=6))[0]
-    broker = BrokerThread(_settings(workspace))
+    broker = BrokerThread(settings_for_tests(workspace))
     device = paho_device(broker.port, workspace.paths.root_cert, _creds(workspace, short))
     try:
         assert device.connected.wait(10), device.reason
@@ -275,7 +263,7 @@ def test_a_stale_crl_follows_the_revocation_policy(
     ws = Workspace.open(tmp_path / "ws")
     _provision(ws, 2, "dev")
     revoke_device(ws, "dev-00002")  # publishes a CRL that goes stale 2 s later
-    broker = BrokerThread(_settings(ws, revocation_policy=policy))
+    broker = BrokerThread(settings_for_tests(ws, revocation_policy=policy))
     try:
         broker.wait_for_event(lambda e: e.get("event") == "crl_stale")
         assert broker.broker.metrics.registry.get_sample_value("mtls_crl_stale") == 1

@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from broker import BrokerError, BrokerSettings, CrlState, FleetBroker, tls
+from broker import BrokerError, CrlState, FleetBroker, tls
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.files import replace_atomically
 from fleet.revocation import publish_crl
 from tests import mqtt_raw as mq
-from tests.broker_support import BrokerThread, device_credentials
-
-
-def _settings(workspace: Workspace) -> BrokerSettings:
-    return BrokerSettings(
-        workspace=workspace.paths.root, port=0, metrics_port=None, event_log=False
-    )
+from tests.broker_support import BrokerThread, device_credentials, settings_for_tests
 
 
 def _admitted(workspace: Workspace, running: BrokerThread, device_id: str) -> bool:
@@ -38,7 +32,7 @@ def test_an_older_crl_is_refused_live_and_at_restart(workspace: Workspace) -> No
     provision_devices(workspace, ProvisionSpec(count=2, prefix="dev"))
     older = workspace.paths.crl.read_bytes()  # genuinely signed, before the revocation
     revoke_device(workspace, "dev-00001")
-    running = BrokerThread(_settings(workspace))
+    running = BrokerThread(settings_for_tests(workspace))
     try:
         replace_atomically(workspace.paths.crl, older)  # an old backup restored over it
         event = running.wait_for_event(lambda e: e.get("event") == "crl_rejected")
@@ -48,9 +42,9 @@ def test_an_older_crl_is_refused_live_and_at_restart(workspace: Workspace) -> No
     finally:
         running.stop()
     with pytest.raises(BrokerError, match="older than #2"):
-        FleetBroker(_settings(workspace))
+        FleetBroker(settings_for_tests(workspace))
     publish_crl(workspace)  # the fix the error names
-    restarted = BrokerThread(_settings(workspace))
+    restarted = BrokerThread(settings_for_tests(workspace))
     try:
         assert not _admitted(workspace, restarted, "dev-00001")
         assert _admitted(workspace, restarted, "dev-00002")
@@ -69,7 +63,7 @@ def test_a_crl_written_while_the_broker_starts_is_loaded(
         return state
 
     monkeypatch.setattr("broker.server.load_crl", read_then_revoke)
-    running = BrokerThread(_settings(workspace))
+    running = BrokerThread(settings_for_tests(workspace))
     try:
         running.wait_for_event(lambda e: e.get("event") == "crl_installed")
         assert not _admitted(workspace, running, "dev-00001")

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from broker import BrokerSettings
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
@@ -25,6 +24,7 @@ from tests.broker_support import (
     Credentials,
     device_credentials,
     issue_with_eku,
+    settings_for_tests,
 )
 from tests.conftest import require_tool
 from tests.mqtt_raw import RawClient
@@ -48,23 +48,9 @@ def hostile_fleet(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return workspace
 
 
-def _settings(ws: Workspace, **overrides: object) -> BrokerSettings:
-    options: dict[str, object] = {
-        "workspace": ws.paths.root,
-        "port": 0,
-        "metrics_port": None,
-        "env": "prod",
-        "handshake_timeout": 2.0,
-        "event_log": False,
-        "log_connections": True,
-    }
-    options.update(overrides)
-    return BrokerSettings(**options)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def broker(hostile_fleet: Workspace) -> Iterator[BrokerThread]:
-    running = BrokerThread(_settings(hostile_fleet))
+    running = BrokerThread(settings_for_tests(hostile_fleet, log_connections=True))
     yield running
     running.stop()
 
