@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
+import queue
 import re
 import signal
+import socket
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +170,55 @@ def test_a_flood_from_20_devices_is_contained_and_a_paced_device_still_served(
     assert figure.sent_bytes > 0 and figure.refused_flooders == 0
     assert (figure.paced_acked, figure.paced_delivered) == (20, 20)
     assert figure.growth_mb < 100, f"RSS grew {figure.growth_mb:.0f} MiB under the flood"
+
+
+def test_broker_timing_logging_and_policy_options_through_the_cli(tmp_path: Path) -> None:
+    """--handshake-timeout, --log-connections and --revocation-policy, as a user runs them."""
+    root = tmp_path / "fleet"
+    init_workspace(root, config=FleetConfig(crl_valid_for=dt.timedelta(seconds=3)))
+    workspace = Workspace.open(root)
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
+    process = subprocess.Popen(
+        fleet_command(
+            "broker", "--dir", root, "--port", "0", "--metrics-port", "-1",
+            "--handshake-timeout", "1", "--log-connections", "--revocation-policy", "fail-open",
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def read_events() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            with contextlib.suppress(ValueError):
+                events.put(json.loads(line))
+
+    def next_event(name: str) -> dict[str, Any]:
+        while True:
+            event = events.get(timeout=15)
+            if event.get("event") == name:
+                return event
+
+    threading.Thread(target=read_events, daemon=True).start()
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""  # --handshake-timeout 1, not the default 10
+            assert time.monotonic() - started < 5
+        assert next_event("rejected")["reason"] == "handshake_timeout"
+        assert "fail-open" in next_event("crl_stale")["detail"]  # the CRL lived 3 s
+        client = RawClient(
+            port, workspace.paths.root_cert, device_credentials(workspace, "dev-00001")
+        )
+        client.send(mq.connect("dev-00001"))
+        assert client.connack() == (0, 0), "fail-open admits while the CRL is stale"
+        assert next_event("admitted_stale_crl")["device"] == "dev-00001"
+        assert next_event("connected")["device"] == "dev-00001"  # --log-connections
+        client.send(mq.DISCONNECT)
+        assert next_event("disconnected")["device"] == "dev-00001"
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
