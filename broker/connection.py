@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from broker.acl import NO_RIGHTS, TopicRights, rights_for
-from broker.outcomes import Outcome, classify_tls_error, openssl_reason, refine_verify_failure
+from broker.outcomes import (
+    BrokerEvent,
+    Outcome,
+    SessionEnd,
+    classify_tls_error,
+    openssl_reason,
+    refine_verify_failure,
+)
 from broker.packets import (
     CONNECT,
     DISCONNECT,
@@ -254,7 +261,9 @@ class PeerConnection(asyncio.Protocol):
     def _schedule_expiry(self) -> None:
         """A session never outlives its certificate: close it at notAfter."""
         loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(self._seconds_left(), self.close_by_broker, "expired"))
+        self._timers.append(
+            loop.call_later(self._seconds_left(), self.close_by_broker, SessionEnd.EXPIRED)
+        )
 
     def _flush(self) -> None:
         assert self.tls is not None and self.transport is not None
@@ -281,7 +290,7 @@ class PeerConnection(asyncio.Protocol):
                 self._deliver_eof()
                 break
             except SSL.Error as exc:
-                self.broker.log_event("tls_error", self, detail=openssl_reason(exc))
+                self.broker.log_event(BrokerEvent.TLS_ERROR, self, detail=openssl_reason(exc))
                 self.abort()
                 return
             self._on_plaintext(data)
@@ -373,7 +382,7 @@ class PeerConnection(asyncio.Protocol):
         if self.connect_request is None:
             self._refuse_connect(detail)
         else:
-            self.close_by_broker("protocol_error", detail)
+            self.close_by_broker(SessionEnd.PROTOCOL_ERROR, detail)
         self.refused = True  # read nothing more
 
     def _connect_timed_out(self) -> None:
@@ -400,7 +409,7 @@ class PeerConnection(asyncio.Protocol):
                 self._timers.append(loop.call_later(wait, check))
                 return
             self.close_by_broker(
-                "keepalive_timeout",
+                SessionEnd.KEEPALIVE_TIMEOUT,
                 f"nothing received for {silent:.1f} s (keep alive {keep_alive} s)",
             )
 
@@ -481,7 +490,7 @@ class PeerConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def close_by_broker(self, reason: str, detail: str | None = None) -> None:
+    def close_by_broker(self, reason: SessionEnd, detail: str | None = None) -> None:
         """End a live session (revoked, expired, takeover, keep alive, protocol error), counted
         and logged."""
         if self.closed or (self.transport is not None and self.transport.is_closing()):

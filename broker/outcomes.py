@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import enum
-
 from OpenSSL import SSL
 
+# The broker's vocabulary lives with the controller, which reads it too (scenario files).
+from fleet.broker_reasons import DEVICE_REASONS, BrokerEvent, Outcome, SessionEnd
 
-class Outcome(enum.StrEnum):
-    """How a connection attempt ended. Topic-rights refusals are not attempts: they are counted
-    per request in ``mtls_acl_denied_total{action}`` and logged as ``acl_denied`` events."""
-
-    OK = "ok"
-    NO_CERTIFICATE = "no_certificate"
-    UNKNOWN_CA = "unknown_ca"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not_yet_valid"
-    REVOKED = "revoked"
-    BAD_EKU = "bad_eku"
-    CRL_STALE = "crl_stale"
-    IDENTITY_MISMATCH = "identity_mismatch"
-    ENV_MISMATCH = "env_mismatch"
-    WILL_DENIED = "will_denied"  # the CONNECT's will topic is outside the certificate's rights
-    TOO_MANY_SESSIONS = "too_many_sessions"  # a claim certificate past --max-claim-sessions
-    HANDSHAKE_TIMEOUT = "handshake_timeout"
-    PROTOCOL_ERROR = "protocol_error"
-    OTHER = "other"
+__all__ = [
+    "DEVICE_REASONS",
+    "UNABLE_TO_GET_CRL",
+    "BrokerEvent",
+    "Outcome",
+    "SessionEnd",
+    "classify_tls_error",
+    "classify_verify_error",
+    "openssl_reason",
+    "refine_verify_failure",
+]
 
 
 # OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h).

@@ -23,7 +23,7 @@ from broker.connection import PeerConnection
 from broker.core import IndexedBroker
 from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
-from broker.outcomes import Outcome
+from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.pacing import Pacer
 from broker.packets import ConnackCode, ConnectRequest
 from broker.tls import (
@@ -209,12 +209,12 @@ class FleetBroker:
                 )
             except BrokerError as exc:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
-                self.log_event("crl_rejected", None, detail=str(exc))
+                self.log_event(BrokerEvent.CRL_REJECTED, None, detail=str(exc))
                 continue
             problem = self._crl_history.older_than_seen(crl)
             if problem is not None:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, problem)
-                self.log_event("crl_rejected", None, detail=problem)
+                self.log_event(BrokerEvent.CRL_REJECTED, None, detail=problem)
                 continue
             await self.install_crl(crl)
 
@@ -257,11 +257,11 @@ class FleetBroker:
                 log.error(
                     "cannot fetch the CRL from %s (%s); keeping CRL #%s", url, exc, self._crl.number
                 )
-                self.log_event("crl_fetch_failed", None, detail=f"{url}: {exc}")
+                self.log_event(BrokerEvent.CRL_FETCH_FAILED, None, detail=f"{url}: {exc}")
             self._crl_url_reachable = False
             return None
         if not self._crl_url_reachable:
-            self.log_event("crl_fetch_recovered", None, detail=url)
+            self.log_event(BrokerEvent.CRL_FETCH_RECOVERED, None, detail=url)
         self._crl_url_reachable = True
         if data == self._crl_fetched:
             return None
@@ -276,15 +276,15 @@ class FleetBroker:
         self._install_crl_metrics(crl)
         self._schedule_staleness(crl)
         self.log_event(
-            "crl_installed", None, detail=f"CRL #{crl.number}, {len(crl.revoked)} revoked"
+            BrokerEvent.CRL_INSTALLED, None, detail=f"CRL #{crl.number}, {len(crl.revoked)} revoked"
         )
         for serial in crl.revoked & self._by_serial.keys():
             for peer in list(self._by_serial.get(serial, ())):
-                peer.close_by_broker("revoked")
+                peer.close_by_broker(SessionEnd.REVOKED)
         for peers in list(self._by_serial.values()):
             for peer in list(peers):
                 if peer.certificate is not None and peer.certificate.issuer not in crl.issuers:
-                    peer.close_by_broker("issuer_retired")
+                    peer.close_by_broker(SessionEnd.ISSUER_RETIRED)
 
     def _install_crl_metrics(self, crl: CrlState) -> None:
         self.metrics.crl_number.set(crl.number)
@@ -315,7 +315,7 @@ class FleetBroker:
             consequence,
             policy.value,
         )
-        self.log_event("crl_stale", None, detail=f"policy {policy.value}: {consequence}")
+        self.log_event(BrokerEvent.CRL_STALE, None, detail=f"policy {policy.value}: {consequence}")
         if policy is RevocationPolicy.FAIL_OPEN:
             self.tls_context = self._build_context(crl)
 
@@ -346,7 +346,7 @@ class FleetBroker:
                 del self._sessions[peer.client_id]
             self.metrics.connected.dec()
             if self.settings.log_connections:
-                self.log_event("disconnected", peer)
+                self.log_event(BrokerEvent.DISCONNECTED, peer)
 
     def handshake_seconds(self, seconds: float, *, ok: bool) -> None:
         self.metrics.handshake_seconds.labels("ok" if ok else "failed").observe(seconds)
@@ -381,7 +381,9 @@ class FleetBroker:
                 return False
             self.metrics.stale_admissions.inc()
             self.log_event(
-                "admitted_stale_crl", peer, detail=f"CRL #{self._crl.number} is past nextUpdate"
+                BrokerEvent.ADMITTED_STALE_CRL,
+                peer,
+                detail=f"CRL #{self._crl.number} is past nextUpdate",
             )
         self._by_serial.setdefault(serial, set()).add(peer)
         return True
@@ -393,7 +395,7 @@ class FleetBroker:
         try:
             await self._amqtt.external_connected(reader, writer, _LISTENER)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.log_event("mqtt_error", peer, detail=f"{type(exc).__name__}: {exc}")
+            self.log_event(BrokerEvent.MQTT_ERROR, peer, detail=f"{type(exc).__name__}: {exc}")
 
     def admit_connect(self, peer: PeerConnection, request: ConnectRequest) -> ConnackCode:
         """Decide a CONNECT from the certificate of the connection in hand, before amqtt sees it.
@@ -441,14 +443,14 @@ class FleetBroker:
             return ConnackCode.NOT_AUTHORIZED
         previous = self._sessions.get(client_id)
         if previous is not None and previous is not peer:
-            previous.close_by_broker("takeover")
+            previous.close_by_broker(SessionEnd.TAKEOVER)
         self._sessions[client_id] = peer
         peer.client_id = client_id
         peer.authorized = True
         self.metrics.connected.inc()
         self.record(peer, Outcome.OK, None)
         if self.settings.log_connections:
-            self.log_event("connected", peer)
+            self.log_event(BrokerEvent.CONNECTED, peer)
         return ConnackCode.ACCEPTED
 
     def routing_backlogged(self) -> bool:
@@ -457,13 +459,13 @@ class FleetBroker:
 
     def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:
         self.metrics.acl_denied.labels(action).inc()
-        self.log_event("acl_denied", peer, detail=f"{action} {topic}")
+        self.log_event(BrokerEvent.ACL_DENIED, peer, detail=f"{action} {topic}")
 
     def session_ended_by_broker(
-        self, peer: PeerConnection, reason: str, detail: str | None = None
+        self, peer: PeerConnection, reason: SessionEnd, detail: str | None = None
     ) -> None:
         self.metrics.sessions_closed.labels(reason).inc()
-        self.log_event("session_closed", peer, reason=reason, detail=detail)
+        self.log_event(BrokerEvent.SESSION_CLOSED, peer, reason=reason, detail=detail)
 
     def message_dropped(self, reason: str) -> None:
         self.metrics.messages_dropped.labels(reason).inc()
@@ -477,9 +479,9 @@ class FleetBroker:
         peer.outcome = outcome
         self.metrics.connections.labels(outcome.value).inc()
         if outcome is not Outcome.OK:
-            self.log_event("rejected", peer, reason=outcome.value, detail=detail)
+            self.log_event(BrokerEvent.REJECTED, peer, reason=outcome.value, detail=detail)
 
-    def log_event(self, event: str, peer: PeerConnection | None, **fields: Any) -> None:
+    def log_event(self, event: BrokerEvent, peer: PeerConnection | None, **fields: Any) -> None:
         record: Event = {
             "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             "event": event,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from device.device import Device, DeviceSettings, PahoDriver
 from device.identity_files import install_identity
-from device.outcomes import ConnectOutcome
+from device.outcomes import TLS_ALERTS, ConnectOutcome
 from device.requests import prepare_enrollment
 from device.tls import device_tls_context
 from fleet.errors import CertificateError
@@ -48,6 +48,15 @@ class ClaimBundle:
         )
 
 
+# Why an enrollment got no answer (``failed``): the connection's outcome (with the TLS alert of
+# a refusal in the handshake), or the control plane's silence.
+ENROLLMENT_FAILURES = (
+    *(o.value for o in ConnectOutcome),
+    *(f"{ConnectOutcome.REJECTED_BY_BROKER.value} {alert}" for alert in TLS_ALERTS),
+    "disconnected",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class EnrollmentResult:
     """``status``: enrolled, refused (the control plane said no: ``reason``) or failed
@@ -62,6 +71,15 @@ class EnrollmentResult:
     @property
     def enrolled(self) -> bool:
         return self.status == "enrolled"
+
+    @property
+    def outcome(self) -> str:
+        """``enrolled``, ``refused <reason>``, ``failed <reason>``, or for a refusal in the
+        handshake ``failed rejected_by_broker <TLS alert>``: what scenarios compare, exactly."""
+        parts = [self.status, self.reason]
+        if self.reason == ConnectOutcome.REJECTED_BY_BROKER and self.detail in TLS_ALERTS:
+            parts.append(self.detail)
+        return " ".join(part for part in parts if part)
 
 
 async def enroll(

@@ -35,6 +35,21 @@ class ConnectAttempt:
 
 
 _ALERT_PREFIXES = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+# The TLS alerts a broker refuses a client certificate with, as :func:`alert_name` spells them.
+TLS_ALERTS = (
+    "bad_certificate",
+    "unsupported_certificate",
+    "certificate_revoked",
+    "certificate_expired",
+    "certificate_unknown",
+    "unknown_ca",
+    "access_denied",
+    "handshake_failure",
+    "certificate_required",
+    "decrypt_error",
+    "internal_error",
+    "protocol_version",
+)
 
 
 def alert_name(exc: ssl.SSLError) -> str | None:

@@ -63,6 +63,22 @@ from fleet.workspace import Workspace
 log = logging.getLogger("mtls_fleet.control_plane.requests")
 
 ISSUED = "issued"
+# Every reason an enrollment request can be refused for (the ``reason`` of a refused Reply).
+ENROLLMENT_REFUSALS = (
+    "bad_request",
+    "bad_csr",
+    "bad_signature",
+    "not_a_claim",
+    "claim_unknown",
+    "claim_revoked",
+    "claim_expired",
+    "claim_exhausted",
+    "id_not_allowed",
+    "id_taken",
+    "stale_request",
+    "request_replayed",
+    "internal_error",
+)
 _PEM = Encoding.PEM
 _Request = TypeVar("_Request", EnrollRequest, RenewRequest)
 _REMEMBERED_REPLIES = 20_000

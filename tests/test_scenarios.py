@@ -302,3 +302,63 @@ def test_a_defect_in_one_scenario_is_reported_and_the_next_still_runs(
     assert "internal error RuntimeError: simulated defect" in broken.reason
     assert broken.traceback is not None and "simulated defect" in broken.traceback
     assert fine.status == "passed", fine.reason
+
+
+# -- verdicts that cannot pass for the wrong reason ---------------------------------------------
+
+FIXTURES = Path(__file__).parent / "scenarios"
+
+
+def test_a_refusal_is_never_taken_for_an_enrollment(tmp_path: Path) -> None:
+    """The fixture passed when enrollment outcomes were compared as substrings."""
+    report = tmp_path / "report.json"
+    result = _run(FIXTURES / "enrolled-on-a-refusal.yaml", "--quiet", "--json", report, timeout=120)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    (scenario,) = json.loads(report.read_text())["scenarios"]
+    first, second = scenario["expectations"]
+    assert first["passed"] and not second["passed"]
+    assert "enrollment refused id_taken" in second["failures"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("broker: revokd", r"'revokd' is not one of .*\(did you mean 'revoked'\?\)"),
+        ("broker_event: crl_stael", r"'crl_stael' is not one of .*\(did you mean 'crl_stale'\?\)"),
+        ("enrollment: enroled", r"'enroled' is not one of .*\(did you mean 'enrolled'\?\)"),
+        ("enrollment: refused id_takn", r"did you mean 'refused id_taken'"),
+    ],
+)
+def test_misspelled_reasons_and_events_are_refused_when_the_file_loads(
+    tmp_path: Path, change: str, message: str
+) -> None:
+    path = _write(tmp_path, _GOOD.replace("state: connected}", f"state: connected, {change}}}"))
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(path)
+
+
+def test_an_expectation_only_our_broker_can_see_is_skipped_on_another_broker(
+    tmp_path: Path,
+) -> None:
+    from fleet.scenario.runner import Target, skip_reason
+
+    only_broker = _write(
+        tmp_path, _GOOD.replace("state: connected}", "broker: ok}"), "only-broker.yaml"
+    )
+    waits_for_event = _write(
+        tmp_path,
+        _GOOD.replace(
+            "  - expect: {devices: fleet, state: connected}",
+            "  - wait: {until: {broker_event: crl_stale}}",
+        ),
+        "waits.yaml",
+    )
+    both = _write(
+        tmp_path, _GOOD.replace("state: connected}", "state: connected, broker: ok}"), "both.yaml"
+    )
+    target = Target("127.0.0.1", 8883)
+    for path in (only_broker, waits_for_event):
+        reason = skip_reason(load_scenario(path), target)
+        assert reason is not None and "only what our broker logs" in reason, path
+        assert skip_reason(load_scenario(path), None) is None  # the embedded broker shows it
+    assert skip_reason(load_scenario(both), target) is None  # the devices' side is evidence

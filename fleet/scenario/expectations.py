@@ -180,10 +180,9 @@ class Checker:
             problems.append(f"received {received}")
         if step.subscription is not None and m.subscription != step.subscription:
             problems.append(f"subscription {m.subscription or 'none'}")
-        if step.enrollment is not None and not (
-            m.enrollment is not None and _normal(step.enrollment) in _normal(m.enrollment)
-        ):
-            problems.append(f"enrollment {m.enrollment or 'not tried'}")
+        if step.enrollment is not None and m.enrollment != step.enrollment:  # exact, never a part
+            detail = f" ({m.enrollment_detail})" if m.enrollment_detail else ""
+            problems.append(f"enrollment {m.enrollment or 'not tried'}{detail}")
         if step.renewed_at_least is not None:
             problems.extend(self._renewal_problems(m, step.renewed_at_least))
         if step.renewal_failures is not None and m.renewal_failures > step.renewal_failures:

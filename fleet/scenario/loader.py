@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from device.enrollment import ENROLLMENT_FAILURES
+from fleet.broker_reasons import DEVICE_REASONS, BrokerEvent
+from fleet.certificate_requests import ENROLLMENT_REFUSALS
 from fleet.durations import parse_duration
 from fleet.errors import UsageError
 from fleet.identity import ENVIRONMENTS, TIERS, validate_device_id
@@ -129,6 +132,14 @@ def _parse_yaml(path: Path, text: str) -> _Map:
 
 
 # -- field access with errors that point at the file -----------------------------------------
+
+
+# What ``enrollment:`` may expect, compared exactly with what the device got.
+ENROLLMENT_OUTCOMES = (
+    "enrolled",
+    *(f"refused {reason}" for reason in ENROLLMENT_REFUSALS),
+    *(f"failed {reason}" for reason in ENROLLMENT_FAILURES),
+)
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -719,7 +730,7 @@ class _StepReader:
             line,
             devices=selector,
             state=DeviceState(state) if state else None,
-            broker=fields.get("broker", _text, None),
+            broker=fields.get("broker", _choice(DEVICE_REASONS), None),
             device=fields.get("device", _text, None),
             lost=fields.get("lost", _count, None),
             drops=fields.get("drops", _count, None),
@@ -729,8 +740,8 @@ class _StepReader:
             received_at_least=fields.get("received_at_least", _count, None),
             subscription=fields.get("subscription", _choice(SUBSCRIPTION_RESULTS), None),
             others_unaffected=fields.get("others_unaffected", _flag, False),
-            broker_event=fields.get("broker_event", _text, None),
-            enrollment=fields.get("enrollment", _text, None),
+            broker_event=fields.get("broker_event", _choice(BrokerEvent), None),
+            enrollment=fields.get("enrollment", _choice(ENROLLMENT_OUTCOMES), None),
             renewed_at_least=fields.get("renewed_at_least", _count, None),
             renewal_failures=fields.get("renewal_failures", _count, None),
             within=fields.get("within", _positive_duration, 5.0),

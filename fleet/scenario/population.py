@@ -54,7 +54,8 @@ class Member:
     sightings: list[Sighting] = field(default_factory=list)
     subscription: str | None = None  # granted / refused: the latest SUBACK
     past: list[DeviceStats] = field(default_factory=list)  # of devices a new connect replaced
-    enrollment: str | None = None  # "enrolled", or e.g. "refused id_taken: ..." (latest try)
+    enrollment: str | None = None  # "enrolled", "refused id_taken", "failed timeout" (latest try)
+    enrollment_detail: str = ""  # what the refusal or failure said, for the report
 
     def _stats(self) -> list[DeviceStats]:
         return [*self.past, self.device.stats] if self.device is not None else self.past

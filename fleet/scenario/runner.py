@@ -10,6 +10,7 @@ report shows every expectation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import shutil
@@ -133,7 +134,29 @@ def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
     for step in scenario.steps:
         if isinstance(step, _EMBEDDED_ONLY):
             return f"line {step.line}: '{step.kind}' acts on the embedded broker itself"
+        expectation = step.until if isinstance(step, WaitStep) else step
+        if isinstance(expectation, ExpectStep) and not _observable_on_any_broker(expectation):
+            return (
+                f"line {step.line}: the expectation checks only what our broker logs "
+                "(broker, broker_event), which another broker does not show"
+            )
     return None
+
+
+_BROKER_SIDE = frozenset({"broker", "broker_event"})
+_NOT_CHECKS = frozenset({"line", "devices", "within", "text"})
+
+
+def _observable_on_any_broker(step: ExpectStep) -> bool:
+    """Whether ``step`` checks something the devices themselves see (nothing observed is
+    never a pass: an expectation of broker-side evidence alone cannot hold elsewhere)."""
+    for each in dataclasses.fields(step):
+        if each.name in _BROKER_SIDE or each.name in _NOT_CHECKS:
+            continue
+        value = getattr(step, each.name)
+        if value is not None and value is not False:
+            return True
+    return False
 
 
 class ScenarioRun:
@@ -587,11 +610,9 @@ class ScenarioRun:
         started = self.clock()
         results = await asyncio.gather(*(enroll_member(m) for m in members))
         for member, result in zip(members, results, strict=True):
-            member.enrollment = " ".join(
-                part for part in (result.status, result.reason, result.detail) if part
-            )
+            member.enrollment, member.enrollment_detail = result.outcome, result.detail
         seconds = self.clock() - started
-        outcomes = Counter(" ".join(filter(None, (r.status, r.reason))) for r in results)
+        outcomes = Counter(r.outcome for r in results)
         shown = ", ".join(f"{n}x {o}" for o, n in outcomes.most_common())
         self._note(
             step.line, "enroll", f"{len(members)} devices ({step.devices.text}) in "
