@@ -46,6 +46,7 @@ events_log = logging.getLogger("mtls_fleet.broker.events")
 _LISTENER = "default"  # amqtt requires a listener of this name; ours is external
 _TEARDOWNS_PER_ITERATION = 64
 _INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE
+_CRL_PAST_NEXT_UPDATE = (11, 12)  # X509_V_ERR_CRL_NOT_YET_VALID, X509_V_ERR_CRL_HAS_EXPIRED
 Event = dict[str, Any]
 
 
@@ -181,9 +182,14 @@ class FleetBroker:
     # -- TLS context and CRL ----------------------------------------------------------------
 
     def _build_context(self, crl: CrlState) -> SSL.Context:
-        stale = crl.is_stale(dt.datetime.now(dt.UTC))
-        check = not (stale and self.settings.revocation_policy is RevocationPolicy.FAIL_OPEN)
-        return build_server_context(self.paths, crl=crl, check_crl=check, verify_callback=_verify)
+        """The CRL is always checked; under fail-open the verify callback forgives only its
+        being past nextUpdate, so a known revocation still ends the handshake with the
+        ``certificate_revoked`` alert the device can report."""
+        return build_server_context(self.paths, crl=crl, check_crl=True, verify_callback=_verify)
+
+    @property
+    def forgives_stale_crl(self) -> bool:
+        return self.settings.revocation_policy is RevocationPolicy.FAIL_OPEN
 
     def _stat_crl(self) -> tuple[int, int, int] | None:
         try:
@@ -306,7 +312,8 @@ class FleetBroker:
         consequence = (
             "refusing every new handshake until a fresh CRL is published"
             if policy is RevocationPolicy.FAIL_CLOSED
-            else "admitting handshakes without CRL checks (known revocations still enforced)"
+            else "admitting handshakes on the stale CRL (its revocations still refused in the "
+            "handshake)"
         )
         log.error(
             "CRL #%s passed its nextUpdate %s: %s (--revocation-policy %s); run 'fleet crl publish'",
@@ -316,8 +323,6 @@ class FleetBroker:
             policy.value,
         )
         self.log_event(BrokerEvent.CRL_STALE, None, detail=f"policy {policy.value}: {consequence}")
-        if policy is RevocationPolicy.FAIL_OPEN:
-            self.tls_context = self._build_context(crl)
 
     def issued_by_retired_ca(self, leaf: crypto.X509) -> bool:
         """Whether ``leaf`` names a retired issuing CA as its issuer (authority key id)."""
@@ -572,6 +577,8 @@ def _verify(
     peer = connection.get_app_data()
     if not isinstance(peer, PeerConnection):
         return bool(ok)
+    if not ok and errnum in _CRL_PAST_NEXT_UPDATE and peer.broker.forgives_stale_crl:
+        return True  # fail-open: the stale CRL still revokes what it lists
     if depth == 0:
         peer.leaf = cert
         if ok and peer.verify_code is None and not _allows_client_auth(cert):

@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from broker import RevocationPolicy
+from device.outcomes import alert_name
 from fleet import (
     FleetConfig,
     ProvisionSpec,
@@ -284,8 +286,25 @@ def test_a_stale_crl_follows_the_revocation_policy(
                 == 1
             )
             assert broker.outcome_count("revoked") == 1
+        # refused in the handshake, with an alert the device can name, under either policy
+        assert _handshake_alert(broker.port, ws, "dev-00002") == "certificate_revoked"
     finally:
         broker.stop()
+
+
+def _handshake_alert(port: int, ws: Workspace, device_id: str) -> str | None:
+    """The TLS alert the broker refuses ``device_id`` with (None: it was not refused)."""
+    context = tls_context(ws.paths.root_cert, _creds(ws, device_id))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd")
+            tls.recv(10)
+    except ssl.SSLError as exc:
+        return alert_name(exc)
+    return None
 
 
 # -- bad input it survives ----------------------------------------------------------------------
