@@ -56,6 +56,7 @@ class DeviceSettings:
     client_id: str | None = None  # default: the device id (a different one tests spoofing)
     reconnect: bool = True  # False: one session at most, no retry after a refusal or a drop
     subscribe_commands: bool = True  # to devices/<id>/commands at every connect
+    also_subscribe: tuple[str, ...] = ()  # more topic filters subscribed at every connect (QoS 1)
     renew_at: float | None = None  # renew over MQTT at this fraction of the lifetime (e.g. 2/3)
     request_timeout: float = 10.0  # wait this long for the control plane's reply
 
@@ -360,6 +361,8 @@ class Device:
             self.connected = True
             if s.subscribe_commands:
                 self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
+            for topic_filter in s.also_subscribe:
+                self._client.subscribe(topic_filter, qos=1)
             outcome: ConnectOutcome = ConnectOutcome.CONNECTED
         elif result == "refused":
             outcome = ConnectOutcome.CONNACK_REFUSED
@@ -545,7 +548,8 @@ class Device:
 
     async def _publish_until_disconnected(self, stop: asyncio.Event) -> None:
         interval = self.settings.publish_every
-        await asyncio.sleep(random.uniform(0, interval))  # spread the fleet's publications
+        if await _stopped_within(stop, random.uniform(0, interval)):  # spread the fleet's
+            return  # publications; a stop is heeded at once
         while self.connected and not stop.is_set():
             if not self._leaving:
                 self.publish_telemetry()

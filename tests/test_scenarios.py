@@ -367,3 +367,16 @@ def test_an_expectation_only_our_broker_can_see_is_skipped_on_another_broker(
         assert reason is not None and "only what our broker logs" in reason, path
         assert skip_reason(load_scenario(path), None) is None  # the embedded broker shows it
     assert skip_reason(load_scenario(both), target) is None  # the devices' side is evidence
+
+
+def test_a_refused_publication_is_acknowledged_but_never_delivered(tmp_path: Path) -> None:
+    """The fixture passed when 'delivered' counted acknowledgements."""
+    report = tmp_path / "report.json"
+    result = _run(
+        FIXTURES / "delivered-on-a-refusal.yaml", "--quiet", "--json", report, timeout=120
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    (scenario,) = json.loads(report.read_text())["scenarios"]
+    connected, acknowledged, delivered = scenario["expectations"]
+    assert connected["passed"] and acknowledged["passed"] and not delivered["passed"]
+    assert "0 delivered" in delivered["failures"][0]

@@ -18,6 +18,7 @@ from device import ConnectOutcome
 from fleet.scenario.broker_process import BrokerLog
 from fleet.scenario.model import DeviceState, ExpectStep
 from fleet.scenario.population import Member, Population
+from fleet.scenario.witness import Witness
 
 ACK_GRACE = 2.0  # a QoS 1 message unacknowledged for longer than this counts as lost
 _POLL = 0.025
@@ -33,14 +34,23 @@ class Window:
     acknowledged: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
+    delivered: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, start: float, population: Population, acted_on: Iterable[str] = ()) -> Window:
+    def open(
+        cls,
+        start: float,
+        population: Population,
+        acted_on: Iterable[str] = (),
+        witness: Witness | None = None,
+    ) -> Window:
         window = cls(start, frozenset(acted_on))
         for m in population.members:
             window.acknowledged[m.label] = m.acknowledged
             window.received[m.label] = m.received
             window.drops[m.label] = m.drops
+            if witness is not None:
+                window.delivered[m.label] = witness.delivered(m.device_id)
         return window
 
 
@@ -87,8 +97,10 @@ class Checker:
         broker: BrokerLog | None,
         window: Window,
         certificates_of: Callable[[str], int] | None = None,
+        witness: Witness | None = None,
     ) -> None:
         self.step = step
+        self.witness = witness  # what was delivered: received by a subscriber
         self.certificates_of = certificates_of  # the registry's certificate count per device
         self.population = population
         self.broker = broker
@@ -170,9 +182,14 @@ class Checker:
             if len(refused) > step.refusals:
                 problems.append(f"{len(refused)} attempts failed (latest: {refused[-1].text()})")
         if step.delivered_at_least is not None:
-            delivered = m.acknowledged - self.window.acknowledged.get(m.label, 0)
+            delivered = self._delivered(m)
             if delivered < step.delivered_at_least:
-                problems.append(f"{delivered} acknowledged")
+                acked = m.acknowledged - self.window.acknowledged.get(m.label, 0)
+                problems.append(f"{delivered} delivered ({acked} acknowledged)")
+        if step.acknowledged_at_least is not None:
+            acked = m.acknowledged - self.window.acknowledged.get(m.label, 0)
+            if acked < step.acknowledged_at_least:
+                problems.append(f"{acked} acknowledged")
         received = m.received - self.window.received.get(m.label, 0)
         if step.received is not None and received != step.received:
             problems.append(f"received {received}")
@@ -189,6 +206,12 @@ class Checker:
             failures = m.device.stats.renewal_failures if m.device else {}
             problems.append(f"{m.renewal_failures} renewals failed ({dict(failures)})")
         return [f"{m.label} ({m.device_id}): {', '.join(problems)}"] if problems else []
+
+    def _delivered(self, m: Member) -> int:
+        """Messages of ``m`` the witness received since the last action (0 without one)."""
+        if self.witness is None:
+            return 0
+        return self.witness.delivered(m.device_id) - self.window.delivered.get(m.label, 0)
 
     def _renewal_problems(self, m: Member, wanted: int) -> list[str]:
         """Renewed on the device, and on record: the registry holds the original certificate
@@ -219,14 +242,16 @@ class Checker:
             parts.append("broker saw " + _top(reasons))
         if (
             self.step.delivered_at_least is not None
+            or self.step.acknowledged_at_least is not None
             or self.step.received is not None
             or self.step.received_at_least is not None
         ):
             acked = sum(
                 m.acknowledged - self.window.acknowledged.get(m.label, 0) for m in self.members
             )
+            delivered = sum(self._delivered(m) for m in self.members)
             received = sum(m.received - self.window.received.get(m.label, 0) for m in self.members)
-            parts.append(f"acknowledged {acked}, received {received}")
+            parts.append(f"acknowledged {acked}, delivered {delivered}, received {received}")
         if self.step.subscription is not None:
             parts.append("SUBACK " + _top(Counter(m.subscription or "none" for m in self.members)))
         if self.step.enrollment is not None:

@@ -225,7 +225,8 @@ class ExpectStep(Step):
     lost: int | None = None  # at most this many QoS 1 messages unacknowledged
     drops: int | None = None  # at most this many sessions dropped per device since the last action
     refusals: int | None = None  # at most this many failed connection attempts per device
-    delivered_at_least: int | None = None  # acknowledged per device since the last action
+    delivered_at_least: int | None = None  # received by the witness per device since then
+    acknowledged_at_least: int | None = None  # QoS 1 PUBACKs per device since the last action
     received: int | None = None  # messages received on subscriptions since the last action
     received_at_least: int | None = None
     subscription: str | None = None  # granted / refused: the latest SUBACK

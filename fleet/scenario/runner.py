@@ -63,6 +63,7 @@ from fleet.scenario.model import (
     WaitStep,
 )
 from fleet.scenario.population import Endpoint, Member, Population
+from fleet.scenario.witness import Witness
 from fleet.workspace import Workspace, WorkspacePaths, init_workspace
 
 # Steps that act on the embedded broker itself: against --target they cannot run.
@@ -143,6 +144,14 @@ def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
     return None
 
 
+def _counts_deliveries(scenario: Scenario) -> bool:
+    for step in scenario.steps:
+        expectation = step.until if isinstance(step, WaitStep) else step
+        if isinstance(expectation, ExpectStep) and expectation.delivered_at_least is not None:
+            return True
+    return False
+
+
 _BROKER_SIDE = frozenset({"broker", "broker_event"})
 _NOT_CHECKS = frozenset({"line", "devices", "within", "text"})
 
@@ -187,6 +196,7 @@ class ScenarioRun:
         self.credentials: ScenarioCredentials | None = None
         self.control_plane: ControlPlane | None = None
         self.window = Window(0.0)
+        self.witness: Witness | None = None  # started when an expectation counts deliveries
 
     def clock(self) -> float:
         """Seconds since the scenario began."""
@@ -230,7 +240,9 @@ class ScenarioRun:
             if isinstance(step, _DISRUPTIVE):
                 self._disrupted.update(m.label for m in self.population.select(step.devices))
             if not isinstance(step, ExpectStep | WaitStep):
-                self.window = Window.open(self.clock(), self.population, self._disrupted)
+                self.window = Window.open(
+                    self.clock(), self.population, self._disrupted, self.witness
+                )
             await self._run_step(step)
 
     async def _set_up(self) -> None:
@@ -271,6 +283,10 @@ class ScenarioRun:
                 self.population.add_group(self._unprovisioned_members(group))
         if self.scenario.certificate_requests:
             await self._start_control_plane(port=0)
+        if _counts_deliveries(self.scenario):
+            self.witness = Witness(self.workspace, self.population, self.scenario.broker.env)
+            await self.witness.start(self.endpoint())
+            self._note(0, "witness", f"{self.witness.device_id} subscribed to devices/+/telemetry")
 
     def _unprovisioned_members(self, group: Group) -> list[Member]:
         """Members that enroll (their files appear at the enroll step) or hold a claim."""
@@ -308,6 +324,8 @@ class ScenarioRun:
             self._note(0, "control_plane", "answering enrollment and renewal requests over MQTT")
 
     async def _tear_down(self) -> None:
+        if self.witness is not None:
+            await self.witness.stop()
         if self.control_plane is not None:
             await asyncio.to_thread(self.control_plane.stop)
         await self.population.stop(self.population.members)
@@ -630,6 +648,8 @@ class ScenarioRun:
         assert self.workspace is not None
         cert = await asyncio.to_thread(rotate_issuing_ca, self.workspace)
         self._note(step.line, "rotate_ca", f"new issuing CA {cert.subject.rfc4514_string()}")
+        if self.witness is not None:  # it must outlive the retirement of the old issuer
+            await self.witness.reissue(self.endpoint())
 
     async def _step_retire_ca(self, step: RetireCaStep) -> None:
         assert self.workspace is not None
@@ -643,6 +663,7 @@ class ScenarioRun:
             self.broker.log if self.broker else None,
             self.window,
             self._certificates_of,
+            self.witness,
         )
 
         def progress(verdict: Verdict) -> None:
