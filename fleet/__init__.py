@@ -29,7 +29,7 @@ from fleet.provisioning import (
     provision_from_csr,
 )
 from fleet.registry import ClaimRecord, DeviceRecord, Enrollment, Registry
-from fleet.revocation import RevocationResult, publish_crl, revoke_device
+from fleet.revocation import RevocationResult, publish_crl, revoke_device, revoke_devices
 from fleet.workspace import Workspace, WorkspacePaths, init_workspace, issue_broker_certificate
 
 __all__ = [
@@ -72,4 +72,5 @@ __all__ = [
     "publish_crl",
     "revoke_claim",
     "revoke_device",
+    "revoke_devices",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import time
 import urllib.parse
@@ -39,7 +40,7 @@ from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
 from fleet.renewal import renew_device
-from fleet.revocation import publish_crl, revoke_device, revoke_superseded
+from fleet.revocation import publish_crl, revoke_device, revoke_devices, revoke_superseded
 from fleet.signals import stop_on_signals
 from fleet.views import STATUSES, device_details
 from fleet.views import inventory as inventory_rows
@@ -260,8 +261,15 @@ class _progress_reporter:
 @app.command()
 @friendly_errors
 def revoke(
-    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device to revoke.")],
+    device_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="ID...", help="The devices to revoke (one CRL for them all)."),
+    ] = None,
     directory: DirOption = DEFAULT_DIR,
+    prefix: Annotated[
+        str | None,
+        typer.Option(help="Also revoke every active device named PREFIX-<number> (a batch)."),
+    ] = None,
     reason: Annotated[
         str | None,
         typer.Option(
@@ -277,31 +285,67 @@ def revoke(
     server: ServerOption = None,
     admin: AdminOption = None,
 ) -> None:
-    """Revoke a device and publish a fresh CRL (DIR/ca/crl.pem, replaced atomically)."""
+    """Revoke devices and publish a fresh CRL (DIR/ca/crl.pem, replaced atomically)."""
     reason = reason or ("superseded" if superseded_only else "unspecified")
     flag = parse_revocation_reason(reason)
+    ids = list(device_ids or [])
     if server:
-        path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}/revoke"
-        answer = admin_client(server, admin, directory).post(
-            path, {"reason": reason, "superseded_only": superseded_only}
-        )
-        serials, crl_number, where = answer["revoked_serials"], answer["crl_number"], server
-    else:
-        workspace = Workspace.open(directory)
-        for repair in workspace.repairs:
-            err.print(f"note: {repair}", highlight=False)
+        if prefix:
+            raise UsageError("--prefix works on a local workspace (--dir), not with --server")
+        if not ids:
+            raise UsageError("name the devices to revoke: fleet revoke ID... (or --prefix)")
+        client = admin_client(server, admin, directory)
+        for device_id in ids:
+            path = f"/v1/devices/{urllib.parse.quote(device_id, safe='')}/revoke"
+            answer = client.post(path, {"reason": reason, "superseded_only": superseded_only})
+            _say_revoked(device_id, answer["revoked_serials"], answer["crl_number"], reason,
+                         server, superseded_only)  # fmt: skip
+        return
+    workspace = Workspace.open(directory)
+    for repair in workspace.repairs:
+        err.print(f"note: {repair}", highlight=False)
+    if prefix:
+        ids += [r.device_id for r in workspace.registry.devices(status="active")
+                if re.fullmatch(rf"{re.escape(prefix)}-\d+", r.device_id)]  # fmt: skip
+    if not ids:
+        raise UsageError("name the devices to revoke: fleet revoke ID... (or --prefix PREFIX)")
+    where = str(workspace.paths.crl)
+    if superseded_only or len(ids) == 1:
         revoke = revoke_superseded if superseded_only else revoke_device
-        result = revoke(workspace, device_id, reason=flag)
-        serials = [format(s, "X") for s in result.revoked_serials]
-        crl_number, where = result.crl_number, str(workspace.paths.crl)
-        if result.repaired_serials:
-            repaired = ", ".join(format(s, "X") for s in result.repaired_serials)
-            out.print(
-                f"{device_id} was revoked but the CRL lacked serial {repaired}; "
-                f"CRL #{crl_number} published ({where})",
-                highlight=False,
-            )
-            return
+        for device_id in ids:
+            result = revoke(workspace, device_id, reason=flag)
+            if result.repaired_serials:
+                repaired = ", ".join(format(s, "X") for s in result.repaired_serials)
+                out.print(
+                    f"{device_id} was revoked but the CRL lacked serial {repaired}; "
+                    f"CRL #{result.crl_number} published ({where})",
+                    highlight=False,
+                )
+                continue
+            serials = [format(s, "X") for s in result.revoked_serials]
+            _say_revoked(device_id, serials, result.crl_number, reason, where, superseded_only)
+        return
+    results = revoke_devices(workspace, ids, reason=flag)
+    done = [r for r in results if r.revoked_serials]
+    already = len(results) - len(done)
+    numbers = {r.crl_number for r in done}
+    crl = f"CRL #{numbers.pop()} published ({where})" if numbers else "no CRL needed"
+    out.print(
+        f"revoked {len(done)} device(s) with one CRL, reason {reason}"
+        + (f"; {already} already revoked" if already else "")
+        + f"; {crl}",
+        highlight=False,
+    )
+
+
+def _say_revoked(
+    device_id: str,
+    serials: list[str],
+    crl_number: int | None,
+    reason: str,
+    where: str,
+    superseded_only: bool,
+) -> None:
     if not serials:
         what = "had no superseded certificates" if superseded_only else "was already revoked"
         out.print(f"{device_id} {what}; nothing changed")

@@ -55,6 +55,29 @@ def revoke_device(
     )
 
 
+def revoke_devices(
+    workspace: Workspace,
+    device_ids: list[str],
+    *,
+    reason: x509.ReasonFlags = x509.ReasonFlags.unspecified,
+    now: dt.datetime | None = None,
+) -> list[RevocationResult]:
+    """Revoke several devices and publish one CRL for them all (an emergency: a batch cut off
+    at once, not one CRL per device). Every id is checked before anything is revoked; devices
+    already revoked change nothing. A crash half way is finished by the next command, like any
+    revocation (see :func:`finish_crl_publication`)."""
+    now = now or dt.datetime.now(dt.UTC)
+    registry = workspace.registry
+    for device_id in device_ids:
+        registry.get(device_id)  # UnknownDeviceError before any change
+    revoked = [(device_id, registry.revoke(device_id, reason, now=now)) for device_id in device_ids]
+    number = _number(publish_crl(workspace, now=now)) if any(s for _, s in revoked) else None
+    return [
+        RevocationResult(device_id, serials, number if serials else None)
+        for device_id, serials in revoked
+    ]
+
+
 def _revoked_but_not_listed(workspace: Workspace, device_id: str) -> list[int]:
     revoked = [s for s, status, *_ in workspace.registry.certificate_history(device_id)
                if status == "revoked"]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 from cryptography import x509
@@ -17,7 +18,7 @@ from fleet import (
 )
 from fleet.ca import parse_revocation_reason
 from fleet.revocation import load_crl, publish_crl
-from tests.conftest import openssl
+from tests.conftest import fleet_command, openssl
 
 
 @pytest.fixture
@@ -129,3 +130,36 @@ def test_reasons_parse_from_the_cli_spelling() -> None:
     )
     with pytest.raises(UsageError, match=r"unknown revocation reason 'lost'.*key-compromise"):
         parse_revocation_reason("lost")
+
+
+def test_fleet_revoke_of_a_batch_publishes_one_crl(fleet_of_five: Workspace) -> None:
+    """`fleet revoke ID ID` and `--prefix`, through the CLI process: one CRL per command, the
+    bystanders untouched, registry and CRL agreeing."""
+    ws = fleet_of_five
+    provision_devices(ws, ProvisionSpec(count=3, prefix="cam"))
+    number_before = _crl_number(ws)
+
+    def fleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            fleet_command(*args, "--dir", ws.paths.root), capture_output=True, text=True, timeout=60
+        )
+
+    two = fleet("revoke", "dev-00001", "dev-00002", "--reason", "key-compromise")
+    assert two.returncode == 0, two.stderr
+    assert "revoked 2 device(s) with one CRL, reason key-compromise" in two.stdout
+    assert _crl_number(ws) == number_before + 1
+    batch = fleet("revoke", "--prefix", "cam")
+    assert batch.returncode == 0 and "revoked 3 device(s) with one CRL" in batch.stdout
+    assert _crl_number(ws) == number_before + 2
+    revoked = {r.device_id for r in ws.registry.devices(status="revoked")}
+    assert revoked == {"dev-00001", "dev-00002", "cam-00001", "cam-00002", "cam-00003"}
+    listed = {entry.serial_number for entry in load_crl(ws)}
+    assert listed == {e.serial for e in ws.registry.revoked_entries()}
+    unknown = fleet("revoke", "dev-00003", "ghost")
+    assert unknown.returncode != 0 and "ghost" in unknown.stderr
+    assert ws.registry.get("dev-00003").status == "active", "nothing revoked when one id is wrong"
+
+
+def _crl_number(ws: Workspace) -> int:
+    crl = load_crl(ws)
+    return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)

@@ -21,6 +21,7 @@ _LIBRARY_NAMES = {
     "expiry",
     "unknown-authority",
     "revoke-one",
+    "emergency-revocation",
     "rotation",
     "rogue-broker",
     "spoofing",

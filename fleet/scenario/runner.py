@@ -33,7 +33,7 @@ from fleet.errors import FleetError, UsageError
 from fleet.mqtt_api import enroll_client_id
 from fleet.provisioning import ProvisionSpec, provision_devices
 from fleet.renewal import renew_device
-from fleet.revocation import publish_crl, revoke_device, revoke_superseded
+from fleet.revocation import publish_crl, revoke_devices, revoke_superseded
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
 from fleet.scenario.credentials import ScenarioCredentials
 from fleet.scenario.expectations import Checker, Verdict, Window, await_expectation
@@ -503,20 +503,32 @@ class ScenarioRun:
 
     async def _step_revoke(self, step: RevokeStep) -> None:
         assert self.workspace is not None
-        for member in self.population.select(step.devices):
+        members = self.population.select(step.devices)
+        for member in members:
             if not member.group.fleet_issued:
                 raise UsageError(
                     f"{self.scenario.path}:{step.line}: revoke: {member.label} holds a certificate "
                     "the fleet did not issue; only fleet devices can be revoked"
                 )
-            revoke = revoke_superseded if step.superseded_only else revoke_device
-            result = await asyncio.to_thread(revoke, self.workspace, member.device_id)
-            what = "superseded certificates of " if step.superseded_only else ""
+        if not step.superseded_only:  # one command, one CRL, however many devices
+            ids = [m.device_id for m in members]
+            results = await asyncio.to_thread(revoke_devices, self.workspace, ids)
+            serials = sum(len(r.revoked_serials) for r in results)
+            numbers = {r.crl_number for r in results if r.crl_number is not None}
             self._note(
                 step.line,
                 "revoke",
-                f"{what}{member.label} ({member.device_id}): {len(result.revoked_serials)} "
-                f"certificate(s), CRL #{result.crl_number}",
+                f"{len(members)} device(s) ({step.devices.text}): {serials} certificate(s), "
+                f"CRL #{', #'.join(map(str, sorted(numbers))) or '-'}",
+            )
+            return
+        for member in members:
+            result = await asyncio.to_thread(revoke_superseded, self.workspace, member.device_id)
+            self._note(
+                step.line,
+                "revoke",
+                f"superseded certificates of {member.label} ({member.device_id}): "
+                f"{len(result.revoked_serials)} certificate(s), CRL #{result.crl_number}",
             )
 
     async def _step_rotate(self, step: RotateStep) -> None:
