@@ -24,23 +24,16 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.broker import BrokerProcess, _rss_bytes, mosquitto, ours
-from benchmarks.mqtt_load import _remaining_length, connect_packet, device_context
+from benchmarks.mqtt_load import (
+    connect_packet,
+    device_context,
+    publish_packet,
+    subscribe_packet,
+)
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
 
 PAYLOAD = b"x" * 1024
 BATCH = 64  # PUBLISH packets per write
-
-
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    name = topic.encode()
-    body = len(name).to_bytes(2, "big") + name + payload
-    return b"\x30" + _remaining_length(len(body)) + body
-
-
-def subscribe_packet(topic_filter: str, packet_id: int = 1) -> bytes:
-    name = topic_filter.encode()
-    body = packet_id.to_bytes(2, "big") + len(name).to_bytes(2, "big") + name + b"\x00"
-    return b"\x82" + _remaining_length(len(body)) + body
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _remaining_length(length: int) -> bytes:
+def remaining_length(length: int) -> bytes:
     out = bytearray()
     while True:
         byte, length = length % 128, length // 128
@@ -27,7 +27,7 @@ def connect_packet(client_id: str, *, keepalive: int = 60) -> bytes:
     identifier = client_id.encode()
     body = b"\x00\x04MQTT\x04\x02" + keepalive.to_bytes(2, "big")
     body += len(identifier).to_bytes(2, "big") + identifier
-    return b"\x10" + _remaining_length(len(body)) + body
+    return b"\x10" + remaining_length(len(body)) + body
 
 
 DISCONNECT = b"\xe0\x00"
@@ -126,14 +126,14 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 def subscribe_packet(topic_filter: str, *, packet_id: int = 1, qos: int = 0) -> bytes:
     encoded = topic_filter.encode()
     body = packet_id.to_bytes(2, "big") + len(encoded).to_bytes(2, "big") + encoded + bytes([qos])
-    return b"\x82" + _remaining_length(len(body)) + body
+    return b"\x82" + remaining_length(len(body)) + body
 
 
 def publish_packet(topic: str, payload: bytes) -> bytes:
     """QoS 0 PUBLISH."""
     encoded = topic.encode()
     body = len(encoded).to_bytes(2, "big") + encoded + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    return b"\x30" + remaining_length(len(body)) + body
 
 
 def publish_payload(body: bytes, qos: int = 0) -> bytes:

@@ -13,16 +13,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from benchmarks.mqtt_load import remaining_length
 from tests.broker_support import Credentials, tls_context
-
-
-def remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
 
 
 def packet(first_byte: int, body: bytes) -> bytes:

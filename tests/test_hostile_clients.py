@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.mqtt_load import remaining_length
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
@@ -333,7 +334,7 @@ MALFORMED = {
     "pubrel-bad-flags": mq.packet(0x60, b"\x00\x01"),
     "server-only-connack": b"\x20\x02\x00\x00",
     "invalid-utf8-topic": mq.packet(0x30, b"\x00\x02\xc3\x28x"),
-    "50-MiB-publish": b"\x30" + mq.remaining_length(50 * 1024 * 1024),
+    "50-MiB-publish": b"\x30" + remaining_length(50 * 1024 * 1024),
 }
 
 
