@@ -548,20 +548,24 @@ class Device:
 
     async def _publish_until_disconnected(self, stop: asyncio.Event) -> None:
         interval = self.settings.publish_every
-        if await _stopped_within(stop, random.uniform(0, interval)):  # spread the fleet's
-            return  # publications; a stop is heeded at once
+        wait = random.uniform(
+            0, interval
+        )  # the first one at random: spreads a fleet's publications
         while self.connected and not stop.is_set():
-            if not self._leaving:
-                self.publish_telemetry()
             waiters = {
                 asyncio.ensure_future(stop.wait()),
                 asyncio.ensure_future(self._disconnected.wait()),
             }
             _, pending = await asyncio.wait(
-                waiters, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
             )
             for waiter in pending:
                 waiter.cancel()
+            if not self.connected or stop.is_set():
+                break
+            if not self._leaving:
+                self.publish_telemetry()
+            wait = interval
 
     async def close(self, *, ack_grace: float = 3.0) -> None:
         """Wait (up to ``ack_grace`` s) for outstanding QoS 1 acknowledgements, then disconnect."""

@@ -22,6 +22,7 @@ _LIBRARY_NAMES = {
     "unknown-authority",
     "revoke-one",
     "emergency-revocation",
+    "revocation-while-down",
     "rotation",
     "rogue-broker",
     "spoofing",

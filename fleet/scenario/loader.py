@@ -49,8 +49,10 @@ from fleet.scenario.model import (
     Scenario,
     Selector,
     StaleCrlStep,
+    StartBrokerStep,
     StartControlPlaneStep,
     Step,
+    StopBrokerStep,
     StopControlPlaneStep,
     SubscribeStep,
     WaitStep,
@@ -474,6 +476,8 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "broker_certificate": ("certificate",),
     "stale_crl": ("after",),
     "publish_crl": (),
+    "stop_broker": (),
+    "start_broker": (),
     "stop_control_plane": (),
     "start_control_plane": (),
     "rotate_ca": (),
@@ -687,6 +691,12 @@ class _StepReader:
 
     def _publish_crl(self, fields: _Fields, line: int) -> Step:
         return PublishCrlStep(line)
+
+    def _stop_broker(self, fields: _Fields, line: int) -> Step:
+        return StopBrokerStep(line)
+
+    def _start_broker(self, fields: _Fields, line: int) -> Step:
+        return StartBrokerStep(line)
 
     def _stop_control_plane(self, fields: _Fields, line: int) -> Step:
         return StopControlPlaneStep(line)

@@ -174,6 +174,16 @@ class PublishCrlStep(Step):
 
 
 @dataclass(frozen=True, slots=True)
+class StopBrokerStep(Step):
+    """The embedded broker goes down (its devices lose their sessions) until ``start_broker``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartBrokerStep(Step):
+    """The embedded broker comes back on the same port, reading the workspace as it is now."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopControlPlaneStep(Step):
     """The control plane (fleet serve) goes away: no CRL, no OCSP, no refresh."""
 
@@ -257,6 +267,8 @@ _STEP_NAMES: dict[type[Step], str] = {
     BrokerCertificateStep: "broker_certificate",
     StaleCrlStep: "stale_crl",
     PublishCrlStep: "publish_crl",
+    StopBrokerStep: "stop_broker",
+    StartBrokerStep: "start_broker",
     StopControlPlaneStep: "stop_control_plane",
     StartControlPlaneStep: "start_control_plane",
     CreateClaimStep: "create_claim",

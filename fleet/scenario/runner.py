@@ -56,8 +56,10 @@ from fleet.scenario.model import (
     RotateStep,
     Scenario,
     StaleCrlStep,
+    StartBrokerStep,
     StartControlPlaneStep,
     Step,
+    StopBrokerStep,
     StopControlPlaneStep,
     SubscribeStep,
     WaitStep,
@@ -67,7 +69,7 @@ from fleet.scenario.witness import Witness
 from fleet.workspace import Workspace, WorkspacePaths, init_workspace
 
 # Steps that act on the embedded broker itself: against --target they cannot run.
-_EMBEDDED_ONLY = (RestartBrokerStep, BrokerCertificateStep)
+_EMBEDDED_ONLY = (RestartBrokerStep, BrokerCertificateStep, StopBrokerStep, StartBrokerStep)
 _EVIDENCE_LINES = 12
 # Steps whose devices are expected to be affected: "others_unaffected" leaves them out.
 _DISRUPTIVE = (RevokeStep, RotateStep, DisconnectStep)
@@ -563,6 +565,17 @@ class ScenarioRun:
             options = replace(options, revocation_policy=step.revocation_policy)
         await self.broker.restart(options, down_for=step.down_for)
         self._note(step.line, "restart_broker", f"restarted ({_describe(options)})")
+
+    async def _step_stop_broker(self, step: StopBrokerStep) -> None:
+        assert self.broker is not None
+        await self.broker.stop()
+        self.broker.log.lines.append((self.clock(), "broker stopped by the scenario"))
+        self._note(step.line, "stop_broker", "the embedded broker is down")
+
+    async def _step_start_broker(self, step: StartBrokerStep) -> None:
+        assert self.broker is not None
+        await self.broker.start()
+        self._note(step.line, "start_broker", f"up again on mqtts://127.0.0.1:{self.broker.port}")
 
     async def _step_broker_certificate(self, step: BrokerCertificateStep) -> None:
         assert self.broker is not None and self.credentials is not None
