@@ -190,14 +190,13 @@ class PeerConnection(asyncio.Protocol):
             self._flush()
             return
         except SSL.Error as exc:
-            self._flush()  # the alert tells the client why
             self._handshake_failed(classify_tls_error(exc, self.verify_code), exc)
             return
-        self._flush()
         if self.verify_code is not None:  # never admit a chain the verify callback saw fail
             failure = SSL.Error([("", "", "certificate verify failed")])
             self._handshake_failed(classify_tls_error(failure, self.verify_code), failure)
             return
+        self._flush()
         self.handshaken = True
         self._timers[0].cancel()
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=True)
@@ -232,6 +231,7 @@ class PeerConnection(asyncio.Protocol):
         if self.verify_code is not None:
             outcome, detail = refine_verify_failure(self.verify_code, detail)
         self.broker.record(self, outcome, detail)
+        self._flush()  # the alert tells the client why: sent once the refusal is on record
         self._linger_and_close()
 
     def _linger_and_close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,3 +72,16 @@ def shared_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     provision_devices(workspace, ProvisionSpec(count=12, prefix="sensor"))
     provision_devices(workspace, ProvisionSpec(count=3, prefix="gateway", tier="gold", env="dev"))
     return workspace
+
+
+@pytest.fixture
+def api(workspace: Workspace) -> Iterator[str]:
+    """The admin API of a control plane on ``workspace`` (HTTPS, mutual TLS): its base URL."""
+    from fleet.control_plane import ControlPlane
+
+    plane = ControlPlane(workspace, port=0)
+    plane.start()
+    plane.serve_admin_api(port=0)
+    assert plane.api is not None
+    yield f"https://localhost:{plane.api.port}"
+    plane.stop()

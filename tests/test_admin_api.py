@@ -7,7 +7,7 @@ import re
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,6 @@ from typer.testing import Result
 from fleet import ProvisionSpec, Workspace, provision_devices
 from fleet.admin_api import ROUTES
 from fleet.admin_client import AdminApiError, AdminClient
-from fleet.control_plane import ControlPlane
-
-
-@pytest.fixture
-def api(workspace: Workspace) -> Iterator[str]:
-    plane = ControlPlane(workspace, port=0)
-    plane.start()
-    plane.serve_admin_api(port=0)
-    assert plane.api is not None
-    yield f"https://localhost:{plane.api.port}"
-    plane.stop()
 
 
 def _raw(url: str, context: ssl.SSLContext, method: str = "GET", body: Any = None) -> Any:

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from broker import BrokerSettings
-from fleet import ProvisionSpec, Workspace, provision_devices
-from fleet.control_plane import ControlPlane
+from fleet import Workspace
 from fleet.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, Credentials
@@ -21,17 +17,6 @@ from tests.conftest import fleet_command
 
 def _fleet(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(fleet_command(*args), capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture
-def api(workspace: Workspace) -> Iterator[str]:
-    provision_devices(workspace, ProvisionSpec(count=2, prefix="dev"))
-    plane = ControlPlane(workspace, port=0)
-    plane.start()
-    plane.serve_admin_api(port=0)
-    assert plane.api is not None
-    yield f"https://localhost:{plane.api.port}"
-    plane.stop()
 
 
 def _inventory_as(api: str, bundle: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -78,6 +63,9 @@ def test_an_operator_is_created_listed_and_cut_off_everywhere(
         assert refused.returncode != 0 and "was revoked" in refused.stderr
         broker.wait_for_event(lambda e: e.get("event") == "crl_installed")
         assert not _broker_admits(workspace, broker, "alice", alice)
+        # the alert can reach the client before the broker's thread records it: wait for it
+        event = broker.wait_for_event(lambda e: e.get("event") == "rejected")
+        assert (event["reason"], event["device"]) == ("revoked", "alice")
         assert broker.outcome_count("revoked") == 1
         # the bystander: the control plane's own identity still works everywhere
         assert _inventory_as(api, workspace.paths.admin_dir, tmp_path).returncode == 0
