@@ -42,7 +42,7 @@ from broker.packets import (
     parse_connect,
 )
 from fleet.errors import CertificateError
-from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate
+from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
 
 if TYPE_CHECKING:
     import ssl
@@ -213,7 +213,7 @@ class PeerConnection(asyncio.Protocol):
             if self.identity.role == DEVICE
             else NO_RIGHTS
         )
-        if self._seconds_left() <= 0:  # OpenSSL compares whole seconds; we do not
+        if self._seconds_left() <= 0:  # expired while OpenSSL's check gave way to this one
             self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")
             self.close()
             return
@@ -256,10 +256,10 @@ class PeerConnection(asyncio.Protocol):
 
     def _seconds_left(self) -> float:
         assert self.certificate is not None
-        return (self.certificate.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+        return (valid_until(self.certificate) - dt.datetime.now(dt.UTC)).total_seconds()
 
     def _schedule_expiry(self) -> None:
-        """A session never outlives its certificate: close it at notAfter."""
+        """A session never outlives its certificate: close it when notAfter's second ends."""
         loop = asyncio.get_running_loop()
         self._timers.append(
             loop.call_later(self._seconds_left(), self.close_by_broker, SessionEnd.EXPIRED)

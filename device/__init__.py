@@ -3,21 +3,34 @@
 from device.connect import TlsSocket, open_tls_socket
 from device.device import Device, DeviceSettings, DeviceStats, PahoDriver
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
-from device.outcomes import ConnectAttempt, ConnectOutcome, classify_tls_failure
-from device.tls import device_tls_context
+from device.outcomes import (
+    DROPPED,
+    REASONS_BY_OUTCOME,
+    ConnectAttempt,
+    ConnectOutcome,
+    DropReason,
+    UntrustedReason,
+    classify_tls_failure,
+)
+from device.tls import device_tls_context, spki_pin
 
 __all__ = [
+    "DROPPED",
+    "REASONS_BY_OUTCOME",
     "ClaimBundle",
     "ConnectAttempt",
     "ConnectOutcome",
     "Device",
     "DeviceSettings",
     "DeviceStats",
+    "DropReason",
     "EnrollmentResult",
     "PahoDriver",
     "TlsSocket",
+    "UntrustedReason",
     "classify_tls_failure",
     "device_tls_context",
     "enroll",
     "open_tls_socket",
+    "spki_pin",
 ]

@@ -26,10 +26,23 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from device.connect import open_tls_socket
 from device.identity_files import install_identity
-from device.outcomes import ConnectAttempt, ConnectOutcome, alert_name, classify_tls_failure
+from device.outcomes import (
+    CLOSED_BY_BROKER,
+    NO_CONNACK,
+    TLS_ALERTS,
+    ConnectAttempt,
+    ConnectOutcome,
+    DropReason,
+    UntrustedReason,
+    alert_name,
+    classify_tls_failure,
+    connack_reason,
+    drop_reason,
+)
 from device.requests import prepare_renewal
-from device.tls import device_tls_context
+from device.tls import device_tls_context, spki_pin
 from fleet.errors import CertificateError
+from fleet.identity import valid_until
 from fleet.mqtt_api import RENEW, ProtocolError, Reply, decode_reply, reply_topic, request_topic
 
 
@@ -59,6 +72,9 @@ class DeviceSettings:
     also_subscribe: tuple[str, ...] = ()  # more topic filters subscribed at every connect (QoS 1)
     renew_at: float | None = None  # renew over MQTT at this fraction of the lifetime (e.g. 2/3)
     request_timeout: float = 10.0  # wait this long for the control plane's reply
+    # "sha256/BASE64" pins of the broker's public key (its SubjectPublicKeyInfo, as HPKP and
+    # curl --pinnedpubkey spell them): when given, a valid chain must also carry one of them
+    pins: tuple[str, ...] = ()
 
 
 @dataclass
@@ -174,7 +190,8 @@ class Device:
         self._client = self._new_client()
         self._connack: asyncio.Future[tuple[str, str | None]] | None = None
         self._disconnected = asyncio.Event()
-        self._tls_error: str | None = None
+        self._tls_error: str | None = None  # the TLS alert that ended the connection
+        self._not_after: float | None = None  # of the certificate in use, read at a drop
         self._seq = 0
         self._reply_topics: set[str] = set()  # subscribed in this session
         self._replies: dict[str, asyncio.Future[Reply]] = {}  # request id -> its answer
@@ -198,6 +215,27 @@ class Device:
         """Use a renewed certificate for the next handshake; the live session is kept."""
         s = self.settings
         self._context = device_tls_context(s.trust_anchor, cert, key, device_id=s.device_id)
+        self._not_after = None
+
+    def _certificate_expires_at(self) -> float:
+        """When our certificate stops being valid (UNIX time), read once per certificate."""
+        if self._not_after is None:
+            cert = x509.load_pem_x509_certificate(self.settings.cert.read_bytes())
+            self._not_after = valid_until(cert).timestamp()
+        return self._not_after
+
+    def _why_dropped(self, reason: Any) -> str:
+        """The reason of a drop: the TLS alert if one came, ``certificate_expired`` when the
+        session ended within a second of our own notAfter (a broker closes sessions then, and
+        MQTT 3.1.1 gives it no way to say so), else what paho saw."""
+        if self._tls_error is not None:
+            return self._tls_error
+        try:
+            if abs(time.time() - self._certificate_expires_at()) <= 1.0:
+                return DropReason.CERTIFICATE_EXPIRED
+        except (OSError, ValueError):
+            pass  # the file is gone or unreadable: say what paho saw
+        return drop_reason(reason)
 
     # -- paho wiring ------------------------------------------------------------------------
 
@@ -249,16 +287,17 @@ class Device:
     ) -> None:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(
-                ("refused", str(reason)) if reason.is_failure else ("ok", None)
+                ("refused", connack_reason(reason)) if reason.is_failure else ("ok", None)
             )
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        detail = self._tls_error or str(reason)
         if self._connack is not None and not self._connack.done():
-            self._connack.set_result(("lost", detail))
+            # refused after the handshake: by a TLS alert, or closed without a word
+            self._connack.set_result(("lost", self._tls_error or CLOSED_BY_BROKER))
         if self.connected:
+            detail = self._why_dropped(reason)
             self.connected = False
             self._reply_topics.clear()
             self._planned_drop = self._leaving
@@ -305,7 +344,8 @@ class Device:
             waiter.set_result(granted)
 
     def _note_tls_error(self, exc: ssl.SSLError) -> None:
-        self._tls_error = alert_name(exc) or getattr(exc, "reason", None) or str(exc)
+        alert = alert_name(exc)
+        self._tls_error = alert if alert in TLS_ALERTS else None
 
     # -- connecting -------------------------------------------------------------------------
 
@@ -322,7 +362,9 @@ class Device:
             context = self.context()
         except CertificateError as exc:
             return self._record(
-                ConnectAttempt(s.device_id, ConnectOutcome.CREDENTIALS_ERROR, exc.reason)
+                ConnectAttempt(
+                    s.device_id, ConnectOutcome.CREDENTIALS_ERROR, exc.code, message=exc.reason
+                )
             )
         try:
             tls = await open_tls_socket(
@@ -334,8 +376,26 @@ class Device:
                 source_ip=s.source_ip,
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            failure, reason = classify_tls_failure(exc)
-            return self._record(ConnectAttempt(s.device_id, failure, reason))
+            failure = classify_tls_failure(exc)
+            return self._record(
+                ConnectAttempt(
+                    s.device_id, failure.outcome, failure.reason, message=failure.message
+                )
+            )
+        if s.pins:
+            presented = spki_pin(tls.sock.getpeercert(binary_form=True) or b"")
+            if presented not in s.pins:
+                tls.sock.close()
+                return self._record(
+                    ConnectAttempt(
+                        s.device_id,
+                        ConnectOutcome.BROKER_UNTRUSTED,
+                        UntrustedReason.PIN_MISMATCH,
+                        tls.tcp_seconds,
+                        tls.tls_seconds,
+                        message=f"the broker's key {presented} is not pinned",
+                    )
+                )
         self._tls_error = None
         self._disconnected.clear()
         self._connack = self._loop.create_future()
@@ -351,7 +411,7 @@ class Device:
                 ConnectAttempt(
                     s.device_id,
                     ConnectOutcome.TIMEOUT,
-                    "no CONNACK",
+                    NO_CONNACK,
                     tls.tcp_seconds,
                     tls.tls_seconds,
                 )

@@ -27,7 +27,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from device.connect import open_tls_socket, wait_ready
-from device.outcomes import classify_tls_failure
+from device.outcomes import CONNACK_V311_REASONS, classify_tls_failure
 from fleet.errors import FleetError
 
 PHASES = ("tcp", "tls", "mqtt", "total")
@@ -175,8 +175,8 @@ class _Shard:
                 session=self.sessions[index],
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            failure, detail = classify_tls_failure(exc)
-            outcome = f"{failure.value}: {detail}"
+            failure = classify_tls_failure(exc)
+            outcome = f"{failure.outcome.value}: {failure.reason}"
         else:
             sock = tls.sock
             try:
@@ -185,7 +185,9 @@ class _Shard:
                     await _send(loop, sock, _connect_packet(identity.device_id))
                     connack = await _receive(loop, sock, 4)
                     if connack != _CONNACK_ACCEPTED:
-                        outcome = f"connack_refused: code {connack[-1]}"
+                        code = connack[-1]
+                        named = CONNACK_V311_REASONS.get(code, f"code {code}")
+                        outcome = f"connack_refused: {named}"
                     else:
                         mqtt_seconds = time.perf_counter() - started
                         phases = (tls.tcp_seconds, tls.tls_seconds, mqtt_seconds)
@@ -194,8 +196,8 @@ class _Shard:
                             self.sessions[index] = sock.session  # fetching one costs ~0.2 ms
                         await _send(loop, sock, _DISCONNECT)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
-                failure, detail = classify_tls_failure(exc)
-                outcome = f"{failure.value}: {detail}"
+                failure = classify_tls_failure(exc)
+                outcome = f"{failure.outcome.value}: {failure.reason}"
             finally:
                 sock.close()
         self._record(identity, outcome, phases, resumed)

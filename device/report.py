@@ -33,7 +33,8 @@ def summary_table(stats: SwarmStats) -> Table:
     for outcome, count in summary["outcomes"].items():
         table.add_row(f"  {outcome}", f"{count:,}")
     for detail, count in list(summary["failure_details"].items())[:10]:
-        table.add_row(f"  {detail}", f"{count:,}")
+        example = summary["failure_examples"].get(detail)
+        table.add_row(f"  {detail}", f"{count:,}" + (f" (e.g. {example})" if example else ""))
     table.add_row("connected at the deadline", f"{summary['connected_at_deadline']:,}")
     messages = summary["messages"]
     table.add_row(

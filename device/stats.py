@@ -24,6 +24,8 @@ class SwarmStats:
     devices: int = 0
     attempts: Counter[str] = field(default_factory=Counter)
     details: Counter[str] = field(default_factory=Counter)
+    # the first failure of each kind in words, naming its device: "dev-00003: missing …/cert.pem"
+    examples: dict[str, str] = field(default_factory=dict)
     connected_now: int = 0
     connected_at_deadline: int = 0
     sent: int = 0
@@ -39,7 +41,10 @@ class SwarmStats:
     def record(self, attempt: ConnectAttempt) -> None:
         self.attempts[attempt.outcome.value] += 1
         if attempt.outcome is not ConnectOutcome.CONNECTED:
-            self.details[f"{attempt.outcome.value}: {attempt.detail or '-'}"] += 1
+            kind = f"{attempt.outcome.value}: {attempt.detail or '-'}"
+            self.details[kind] += 1
+            if kind not in self.examples and attempt.message:
+                self.examples[kind] = f"{attempt.device_id}: {attempt.message}"
         elif attempt.total_seconds is not None:
             self.handshake.record_value(max(1, int(attempt.total_seconds * 1_000_000)))
 
@@ -62,6 +67,7 @@ class SwarmStats:
             "devices": self.devices,
             "attempts": dict(self.attempts),
             "details": dict(self.details),
+            "examples": dict(self.examples),
             "connected_now": self.connected_now,
             "connected_at_deadline": self.connected_at_deadline,
             "sent": self.sent,
@@ -82,6 +88,8 @@ class SwarmStats:
             total.devices += snap["devices"]
             total.attempts.update(snap["attempts"])
             total.details.update(snap["details"])
+            for kind, example in snap["examples"].items():
+                total.examples.setdefault(kind, example)
             total.connected_now += snap["connected_now"]
             total.connected_at_deadline += snap["connected_at_deadline"]
             total.sent += snap["sent"]
@@ -103,6 +111,7 @@ class SwarmStats:
             "attempts": self.total_attempts,
             "outcomes": dict(sorted(self.attempts.items())),
             "failure_details": dict(self.details.most_common()),
+            "failure_examples": dict(sorted(self.examples.items())),
             "connected_at_deadline": self.connected_at_deadline,
             "messages": {"sent": self.sent, "acknowledged": self.acknowledged, "lost": self.lost},
             "renewals": {"done": self.renewals, "failed": dict(self.renewal_failures)},

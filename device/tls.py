@@ -3,9 +3,14 @@ strict about the device (only the fleet's root as trust anchor, hostname checked
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import ssl
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from device.identity_files import recover_identity
 from fleet.errors import CertificateError
@@ -32,28 +37,44 @@ def device_tls_context(
         context.load_verify_locations(cafile=str(trust_anchor))
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError(
-            f"cannot load trust anchor {trust_anchor}: {exc}", device_id=device_id
+            f"cannot load trust anchor {trust_anchor}: {exc}",
+            device_id=device_id,
+            code="bad_trust_anchor",
         ) from exc
     recover_identity(cert, key)  # a renewal that a crash interrupted
     for path in (cert, key):
         if not path.is_file():
-            raise CertificateError(f"missing {path}", device_id=device_id)
+            raise CertificateError(f"missing {path}", device_id=device_id, code="missing_file")
     try:
         context.load_cert_chain(str(cert), str(key))
     except PermissionError as exc:
         raise CertificateError(
-            f"cannot read {exc.filename}: permission denied", device_id=device_id
+            f"cannot read {exc.filename}: permission denied",
+            device_id=device_id,
+            code="permission_denied",
         ) from exc
     except ssl.SSLError as exc:
-        reason = (
-            "the key does not match the certificate"
-            if "KEY_VALUES_MISMATCH" in str(exc)
-            else str(exc)
-        )
+        mismatch = "KEY_VALUES_MISMATCH" in str(exc)
+        reason = "the key does not match the certificate" if mismatch else str(exc)
         raise CertificateError(
-            f"unusable certificate or key ({reason})", device_id=device_id
+            f"unusable certificate or key ({reason})",
+            device_id=device_id,
+            code="key_mismatch" if mismatch else "unusable_certificate",
         ) from exc
     keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
     if keylog:
         context.keylog_filename = keylog
     return context
+
+
+def spki_pin(certificate_der: bytes) -> str:
+    """``sha256/BASE64`` of a certificate's SubjectPublicKeyInfo: the pin of its public key,
+    which survives re-issuing the certificate with the same key (and only then)."""
+    try:
+        key = x509.load_der_x509_certificate(certificate_der).public_key()
+    except ValueError:
+        return "sha256/-"  # nothing presented, or nothing readable: matches no pin
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256/" + base64.b64encode(hashlib.sha256(spki).digest()).decode()

@@ -50,9 +50,12 @@ class RequestRefused(FleetError):
 class CertificateError(FleetError):
     """A certificate, key or CSR is unusable; the message names the device and the reason."""
 
-    def __init__(self, reason: str, *, device_id: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, device_id: str | None = None, code: str = "unusable_certificate"
+    ) -> None:
         self.device_id = device_id
         self.reason = reason
+        self.code = code  # a stable name for reports (missing_file, key_mismatch …)
         subject = f"device {device_id!r}: " if device_id else ""
         super().__init__(f"{subject}{reason}")
 

@@ -15,6 +15,7 @@ device-id rules; a device certificate has no ``role`` OU.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 
@@ -105,6 +106,13 @@ class DeviceIdentity:
 
     def subject_alternative_name(self) -> x509.SubjectAlternativeName:
         return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(self.spiffe_uri)])
+
+
+def valid_until(cert: x509.Certificate) -> dt.datetime:
+    """The end of the certificate's validity: RFC 5280 (4.1.2.5) counts notAfter in, to the
+    second, and so does OpenSSL's check. A session is closed, and a handshake refused as
+    ``certificate_expired``, from this moment on, so both agree at the second boundary."""
+    return cert.not_valid_after_utc + dt.timedelta(seconds=1)
 
 
 def identity_from_certificate(cert: x509.Certificate) -> DeviceIdentity:

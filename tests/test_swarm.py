@@ -112,8 +112,14 @@ def test_faults_become_per_device_outcomes(
     stats = run_swarm(replace(config, workspace=broken), processes=1)
     summary = stats.summary()
     assert summary["outcomes"] == {"connected": 3, "credentials_error": 2}
-    details = " ".join(summary["failure_details"])
-    assert "missing" in details and "the key does not match the certificate" in details
+    assert summary["failure_details"] == {
+        "credentials_error: missing_file": 1,
+        "credentials_error: key_mismatch": 1,
+    }
+    examples = summary["failure_examples"]  # each kind in words, naming a device at fault
+    assert examples["credentials_error: missing_file"].startswith("sim-00001: missing ")
+    assert examples["credentials_error: key_mismatch"].startswith("sim-00002: ")
+    assert "the key does not match the certificate" in examples["credentials_error: key_mismatch"]
 
 
 def test_a_target_that_is_not_listening(fleet_200: Workspace) -> None:

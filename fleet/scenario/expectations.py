@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from device import ConnectOutcome
 from fleet.scenario.broker_process import BrokerLog
-from fleet.scenario.model import DeviceState, ExpectStep
+from fleet.scenario.model import DeviceState, ExpectStep, sighting_matches
 from fleet.scenario.population import Member, Population
 from fleet.scenario.witness import Witness
 
@@ -61,10 +61,6 @@ class Verdict:
     failures: list[str] = field(default_factory=list)  # one line per device or check at fault
     unchecked: list[str] = field(default_factory=list)  # checks that cannot be made here
     devices: list[Member] = field(default_factory=list)
-
-
-def _normal(text: str) -> str:
-    return text.lower().replace("_", " ")
 
 
 def reasons_seen_by_broker(log: BrokerLog, since: float) -> dict[str, list[str]]:
@@ -162,9 +158,10 @@ class Checker:
             if not ok:
                 problems.append(f"state {state.value}")
         if step.device is not None:
-            seen = [s.text() for s in m.sightings_since(since)]
-            if not any(_normal(step.device) in _normal(text) for text in seen):
-                problems.append(f"device saw {seen[-3:] or 'nothing'}")
+            sightings = m.sightings_since(since)
+            if not any(sighting_matches(step.device, s.outcome, s.detail) for s in sightings):
+                seen = [s.text() for s in sightings[-3:]]
+                problems.append(f"device saw {seen or 'nothing'}")
         if step.broker is not None and self.broker is not None:
             reasons = self._broker_reasons.get(m.device_id, [])
             if step.broker not in reasons:

@@ -17,12 +17,14 @@ from typing import Any, TypeVar
 import yaml
 
 from device.enrollment import ENROLLMENT_FAILURES
+from device.outcomes import REASONS_BY_OUTCOME
 from fleet.broker_reasons import DEVICE_REASONS, BrokerEvent
 from fleet.certificate_requests import ENROLLMENT_REFUSALS
 from fleet.durations import parse_duration
 from fleet.errors import UsageError
 from fleet.identity import ENVIRONMENTS, TIERS, validate_device_id
 from fleet.scenario.model import (
+    DEVICE_SIGHTINGS,
     STEP_KINDS,
     BrokerCertificate,
     BrokerCertificateStep,
@@ -268,6 +270,17 @@ def _choice(choices: Iterable[str]) -> Callable[[Any], str]:
         return text
 
     return convert
+
+
+def _device_sighting(value: Any) -> str:
+    text = str(value).strip()
+    if text not in DEVICE_SIGHTINGS:
+        outcomes = ", ".join(REASONS_BY_OUTCOME)
+        raise ValueError(
+            f"{text!r} is neither an outcome ({outcomes}) nor a reason of one, alone or as "
+            f"'OUTCOME: REASON'{_suggest(text, DEVICE_SIGHTINGS)}; see scenarios/README.md"
+        )
+    return text
 
 
 def _qos(value: Any) -> int:
@@ -742,7 +755,7 @@ class _StepReader:
             devices=selector,
             state=DeviceState(state) if state else None,
             broker=fields.get("broker", _choice(DEVICE_REASONS), None),
-            device=fields.get("device", _text, None),
+            device=fields.get("device", _device_sighting, None),
             lost=fields.get("lost", _count, None),
             drops=fields.get("drops", _count, None),
             refusals=fields.get("refusals", _count, None),

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from device.outcomes import REASONS_BY_OUTCOME
+
 
 class Issuer(enum.StrEnum):
     """Who signs a group's certificates."""
@@ -231,7 +233,7 @@ class ExpectStep(Step):
     devices: Selector | None = None
     state: DeviceState | None = None
     broker: str | None = None  # the broker's classification (rejection or session-close reason)
-    device: str | None = None  # what the device saw (outcome, alert or verify reason)
+    device: str | None = None  # what the device saw: one of DEVICE_SIGHTINGS
     lost: int | None = None  # at most this many QoS 1 messages unacknowledged
     drops: int | None = None  # at most this many sessions dropped per device since the last action
     refusals: int | None = None  # at most this many failed connection attempts per device
@@ -299,3 +301,25 @@ class Scenario:
 
     def group(self, name: str) -> Group:
         return next(g for g in self.groups if g.name == name)
+
+
+def _device_sightings() -> tuple[str, ...]:
+    outcomes = tuple(REASONS_BY_OUTCOME)
+    reasons = sorted({r for rs in REASONS_BY_OUTCOME.values() for r in rs})
+    pairs = (f"{o}: {r}" for o, rs in REASONS_BY_OUTCOME.items() for r in rs)
+    return (*outcomes, *reasons, *pairs)
+
+
+# What ``device:`` may expect: an outcome (``rejected_by_broker``, ``dropped`` …), a reason
+# (``certificate_revoked``) or both (``broker_untrusted: pin_mismatch``); compared exactly.
+DEVICE_SIGHTINGS = _device_sightings()
+
+
+def sighting_matches(expected: str, outcome: str, reason: str | None) -> bool:
+    """Whether a device's sighting (outcome and reason) is the one ``expected`` names."""
+    if ": " in expected:
+        want_outcome, want_reason = expected.split(": ", 1)
+        return (outcome, reason) == (want_outcome, want_reason)
+    if expected in REASONS_BY_OUTCOME:
+        return outcome == expected
+    return reason == expected
