@@ -344,6 +344,94 @@ def test_misspelled_reasons_and_events_are_refused_when_the_file_loads(
         load_scenario(path)
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        # free text that a substring match used to accept: each names no reason exactly
+        ("not authorized", r"did you mean 'not_authorized'"),
+        ("revoked", r"did you mean 'certificate_revoked'"),
+        ("hostname mismatch", r"did you mean 'hostname_mismatch'"),
+        ("broker_untrusted: certificate_revoked_now", r"is neither an outcome"),
+        ("rejected_by_broker: pin_mismatch", r"is neither an outcome"),  # not that outcome's
+    ],
+)
+def test_what_a_device_saw_is_a_named_outcome_or_reason(
+    tmp_path: Path, device: str, message: str
+) -> None:
+    path = _write(tmp_path, _GOOD.replace("state: connected}", f"device: '{device}'}}"))
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(path)
+
+
+def test_device_sightings_compare_outcome_and_reason_exactly() -> None:
+    from fleet.scenario.model import sighting_matches
+
+    assert sighting_matches("certificate_revoked", "rejected_by_broker", "certificate_revoked")
+    assert sighting_matches("rejected_by_broker", "rejected_by_broker", "certificate_revoked")
+    assert sighting_matches("dropped: certificate_expired", "dropped", "certificate_expired")
+    # the same reason under another outcome, a prefix, another outcome: no match
+    assert not sighting_matches(
+        "dropped: certificate_expired", "rejected_by_broker", "certificate_expired"
+    )
+    assert not sighting_matches(
+        "certificate_revoked", "rejected_by_broker", "certificate_revoked_x"
+    )
+    assert not sighting_matches("rejected_by_broker", "broker_untrusted", "certificate_revoked")
+    assert not sighting_matches("certificate_expired", "dropped", None)
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    from fleet.scenario.loader import ScenarioErrors
+
+    path = _write(
+        tmp_path,
+        """\
+        name: multi
+        fleet:
+          - name: fleet
+            count: three
+          - name: other
+            count: 2
+            tier: platinum
+        steps:
+          - provision: all
+          - conect: fleet
+          - expect: {devices: other, stat: connected, broker: revokd}
+          - provision: other
+          - revoke: other#1
+          - rotate: other
+          - expect: {devices: fleet, state: connected}
+        """,
+    )
+    with pytest.raises(ScenarioErrors) as caught:
+        load_scenario(path)
+    found = [(e.line, e.where) for e in caught.value.errors]
+    assert found == [
+        (4, "fleet[0].count"),
+        (7, "fleet[1].tier"),
+        (10, "steps[1]"),
+        (11, "steps[2].expect"),  # the unknown field 'stat' ...
+        (11, "steps[2].expect.broker"),  # ... and the misspelt reason on the same line
+        (12, "steps[3].provision.groups"),  # provisioned twice: the first devices would vanish
+        (14, "steps[5].rotate.devices"),  # a revoked device cannot renew
+    ]  # and nothing about 'fleet' at line 15: its group's own error says it all
+    text = str(caught.value)
+    assert "'other' is already provisioned (line 9)" in text
+    assert "other#1 is revoked (line 13)" in text
+    assert text.endswith("(7 errors)")
+
+
+def test_errors_of_several_files_are_reported_together(tmp_path: Path) -> None:
+    first = _write(tmp_path, _GOOD.replace("count: 3", "count: three"), "a.yaml")
+    second = _write(tmp_path, _GOOD.replace("- connect: fleet", "- conect: fleet"), "b.yaml")
+    result = subprocess.run(
+        fleet_command("scenario", "list", first, second), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"{first}:4: fleet[0].count" in result.stderr
+    assert f"{second}:7: steps[1]" in result.stderr
+
+
 def test_an_expectation_only_our_broker_can_see_is_skipped_on_another_broker(
     tmp_path: Path,
 ) -> None:

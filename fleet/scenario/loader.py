@@ -4,13 +4,18 @@ Every error names the file, the line and the field, and suggests the nearest val
 step or field is misspelt::
 
     scenarios/revoke-one.yaml:14: steps[3].expect: unknown field 'stat' (did you mean 'state'?)
+
+Every error of a file is reported at once: a field that cannot be read is noted and reading goes
+on (with the field's default, or without the group or step it belongs to).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +81,52 @@ class ScenarioError(UsageError):
         self.line = line
         self.where = where
         super().__init__(f"{path}:{line}: {where}: {problem}")
+
+
+class ScenarioErrors(ScenarioError):
+    """Several errors, of one file or several, all reported at once (in file and line order);
+    ``path``, ``line`` and ``where`` are the first one's."""
+
+    def __init__(self, errors: Iterable[ScenarioError]) -> None:
+        self.errors = sorted(errors, key=lambda e: (str(e.path), e.line))
+        first = self.errors[0]
+        self.path, self.line, self.where = first.path, first.line, first.where
+        UsageError.__init__(
+            self, "\n".join(str(e) for e in self.errors) + f"\n({len(self.errors)} errors)"
+        )
+
+
+def _one_or_all(errors: list[ScenarioError]) -> ScenarioError:
+    return errors[0] if len(errors) == 1 else ScenarioErrors(errors)
+
+
+# The errors of the file being read, while one is (see :func:`load_scenario`).
+_noted: contextvars.ContextVar[list[ScenarioError] | None] = contextvars.ContextVar(
+    "scenario_errors", default=None
+)
+
+
+def _note(error: ScenarioError) -> None:
+    """Keep ``error`` to report with the file's others, or raise it when nothing collects."""
+    noted = _noted.get()
+    if noted is None:
+        raise error
+    noted.append(error)
+
+
+class _AlreadyReported(Exception):
+    """A step names a group whose own error is already noted: nothing more to say."""
+
+
+@contextlib.contextmanager
+def _reading_on() -> Iterator[None]:
+    """Note an error raised inside and go on after the block (one group, one step …)."""
+    try:
+        yield
+    except ScenarioError as error:
+        _note(error)
+    except _AlreadyReported:
+        pass
 
 
 # -- YAML with line numbers -------------------------------------------------------------------
@@ -147,7 +198,12 @@ ENROLLMENT_OUTCOMES = (
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    """The nearest valid name: one that holds the word whole (``revoked`` in
+    ``certificate_revoked``), else the closest spelling."""
+    options = [str(c) for c in choices]
+    word = word.strip().replace(" ", "_")  # 'not authorized' was meant as not_authorized
+    holding = sorted((c for c in options if word and word in c), key=len)
+    close = holding[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -159,12 +215,14 @@ class _Fields:
         allowed = tuple(allowed)
         for key in mapping:
             if key not in allowed:
-                raise ScenarioError(
-                    path,
-                    mapping.lines[key],
-                    where,
-                    f"unknown field {key!r}{_suggest(key, allowed)}; "
-                    f"valid fields: {', '.join(allowed)}",
+                _note(
+                    ScenarioError(
+                        path,
+                        mapping.lines[key],
+                        where,
+                        f"unknown field {key!r}{_suggest(key, allowed)}; "
+                        f"valid fields: {', '.join(allowed)}",
+                    )
                 )
 
     def line(self, key: str | None = None) -> int:
@@ -177,9 +235,14 @@ class _Fields:
         return key in self.mapping
 
     def get(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+        """The field's value, or ``default`` when it is absent (or wrong: the error is noted)."""
         if key not in self.mapping:
             return default
-        return self.required(key, convert)
+        try:
+            return self.required(key, convert)
+        except ScenarioError as error:
+            _note(error)
+            return default
 
     def required(self, key: str, convert: Callable[[Any], T]) -> T:
         if key not in self.mapping:
@@ -322,27 +385,46 @@ _GROUP_FIELDS = (
 
 
 def load_scenario(path: Path) -> Scenario:
-    """Read and check ``path``; raise :class:`ScenarioError` naming file, line and field."""
+    """Read and check ``path``; raise :class:`ScenarioError` naming file, line and field (a
+    :class:`ScenarioErrors` holding every error, when there are several)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the scenario ({exc.strerror})") from None
     document = _parse_yaml(path, text)
+    errors: list[ScenarioError] = []
+    token = _noted.set(errors)
+    try:
+        scenario = _scenario(path, document)
+    except ScenarioError as error:
+        errors.append(error)
+    finally:
+        _noted.reset(token)
+    if errors:
+        raise _one_or_all(errors)
+    return scenario
+
+
+def _scenario(path: Path, document: _Map) -> Scenario:
     top = _Fields(path, document, "scenario", _TOP_FIELDS)
-    name = top.required("name", _text)
-    groups = _groups(path, top)
+    name = ""
+    with _reading_on():
+        name = top.required("name", _text)
+    groups, broken = _groups(path, top)
     group_names = {g.name: g for g in groups}
-    steps = _steps(path, top, group_names)
+    steps = _steps(path, top, group_names, broken)
     requests = top.get("certificate_requests", _flag, False)
-    needs_requests = [g for g in groups if g.enroll_with or g.auto_renew]
-    if needs_requests and not requests:
-        group = needs_requests[0]
-        raise ScenarioError(
-            path,
-            group.line,
-            f"fleet group {group.name!r}",
-            "enrollment and auto_renew need the control plane: add 'certificate_requests: true'",
-        )
+    for group in groups:
+        if (group.enroll_with or group.auto_renew) and not requests:
+            _note(
+                ScenarioError(
+                    path,
+                    group.line,
+                    f"fleet group {group.name!r}",
+                    "enrollment and auto_renew need the control plane: "
+                    "add 'certificate_requests: true'",
+                )
+            )
     return Scenario(
         name=name,
         description=top.get("description", _text, ""),
@@ -415,50 +497,66 @@ def _device_defaults(path: Path, top: _Fields) -> DeviceDefaults:
     )
 
 
-def _groups(path: Path, top: _Fields) -> tuple[Group, ...]:
+def _groups(path: Path, top: _Fields) -> tuple[tuple[Group, ...], set[str]]:
+    """The fleet's groups, and the names of those that could not be read (so that the steps
+    naming them are not reported as naming an unknown group too)."""
     raw = top.required("fleet", _sequence)
     if not raw:
         raise top.error("fleet", "declare at least one device group")
     groups: dict[str, Group] = {}
+    broken: set[str] = set()
     for index, item in enumerate(raw):
         where = f"fleet[{index}]"
         if not isinstance(item, _Map):
-            raise ScenarioError(
-                path, raw.lines[index], where, "a group is a mapping (name, count, ...)"
-            )
-        fields = _Fields(path, item, where, _GROUP_FIELDS)
-        name = fields.required("name", _group_name)
-        if name in groups:
-            raise fields.error("name", f"group {name!r} is declared twice")
-        group = Group(
-            name=name,
-            count=fields.required("count", _positive_count),
-            line=item.line,
-            tier=fields.get("tier", _choice(TIERS), "bronze"),
-            env=fields.get("env", _choice(ENVIRONMENTS), "prod"),
-            valid_for=fields.get("valid_for", _positive_duration, 3600.0),
-            starts_in=fields.get("starts_in", _signed_duration, 0.0),
-            issuer=Issuer(fields.get("issuer", _choice(Issuer), Issuer.FLEET.value)),
-            eku=Eku(fields.get("eku", _choice(Eku), Eku.CLIENT_AUTH.value)),
-            clone_of=fields.get("clone_of", _text, None),
-            client_id_of=fields.get("client_id_of", _text, None),
-            enroll_with=fields.get("enroll_with", _group_name, None),
-            holds_claim=fields.get("holds_claim", _group_name, None),
-            auto_renew=fields.get("auto_renew", _fraction, None),
-        )
-        if group.enroll_with and group.holds_claim:
-            raise fields.error("holds_claim", "a group either enrolls or holds the claim, not both")
-        for key, other in (("clone_of", group.clone_of), ("client_id_of", group.client_id_of)):
-            if other is None:
-                continue
-            if other not in groups:
-                raise fields.error(
-                    key, f"no group {other!r} declared before this one{_suggest(other, groups)}"
+            _note(
+                ScenarioError(
+                    path, raw.lines[index], where, "a group is a mapping (name, count, ...)"
                 )
-            if groups[other].count < group.count:
-                raise fields.error(key, f"group {other!r} has fewer than {group.count} devices")
-        groups[name] = group
-    return tuple(groups.values())
+            )
+            continue
+        name = item.get("name")
+        with _reading_on():
+            groups_before = len(groups)
+            _group(path, item, where, groups)
+        if len(groups) == groups_before and isinstance(name, str):
+            broken.add(name.strip())
+    return tuple(groups.values()), broken
+
+
+def _group(path: Path, item: _Map, where: str, groups: dict[str, Group]) -> None:
+    """Read one group into ``groups``, or raise its first error."""
+    fields = _Fields(path, item, where, _GROUP_FIELDS)
+    name = fields.required("name", _group_name)
+    if name in groups:
+        raise fields.error("name", f"group {name!r} is declared twice")
+    group = Group(
+        name=name,
+        count=fields.required("count", _positive_count),
+        line=item.line,
+        tier=fields.get("tier", _choice(TIERS), "bronze"),
+        env=fields.get("env", _choice(ENVIRONMENTS), "prod"),
+        valid_for=fields.get("valid_for", _positive_duration, 3600.0),
+        starts_in=fields.get("starts_in", _signed_duration, 0.0),
+        issuer=Issuer(fields.get("issuer", _choice(Issuer), Issuer.FLEET.value)),
+        eku=Eku(fields.get("eku", _choice(Eku), Eku.CLIENT_AUTH.value)),
+        clone_of=fields.get("clone_of", _text, None),
+        client_id_of=fields.get("client_id_of", _text, None),
+        enroll_with=fields.get("enroll_with", _group_name, None),
+        holds_claim=fields.get("holds_claim", _group_name, None),
+        auto_renew=fields.get("auto_renew", _fraction, None),
+    )
+    if group.enroll_with and group.holds_claim:
+        raise fields.error("holds_claim", "a group either enrolls or holds the claim, not both")
+    for key, other in (("clone_of", group.clone_of), ("client_id_of", group.client_id_of)):
+        if other is None:
+            continue
+        if other not in groups:
+            raise fields.error(
+                key, f"no group {other!r} declared before this one{_suggest(other, groups)}"
+            )
+        if groups[other].count < group.count:
+            raise fields.error(key, f"group {other!r} has fewer than {group.count} devices")
+    groups[name] = group
 
 
 def _fraction(value: Any) -> float:
@@ -546,10 +644,11 @@ _SHORTHAND = {
 
 
 class _StepReader:
-    def __init__(self, path: Path, groups: dict[str, Group]) -> None:
-        self.path, self.groups = path, groups
+    def __init__(self, path: Path, groups: dict[str, Group], broken: set[str]) -> None:
+        self.path, self.groups, self.broken = path, groups, broken
         # groups that enroll or hold a claim exist from the start: nothing to provision
-        self.provisioned: set[str] = {name for name, g in groups.items() if not g.provisioned}
+        self.provisioned: dict[str, int] = {n: 0 for n, g in groups.items() if not g.provisioned}
+        self.revoked: dict[tuple[str, int], int] = {}  # (group, member) -> line of its revoke
 
     def read(self, item: Any, line: int, where: str) -> Step:
         if not isinstance(item, _Map) or len(item) != 1:
@@ -606,6 +705,8 @@ class _StepReader:
                 )
             group_name, first, last = match.group(1), match.group(2), match.group(3)
             group = self.groups.get(group_name)
+            if group is None and group_name in self.broken:
+                raise _AlreadyReported
             if group is None:
                 raise fields.error(
                     key, f"no group {group_name!r}{_suggest(group_name, self.groups)}"
@@ -629,17 +730,25 @@ class _StepReader:
             list(self.groups) if value == "all" else (value if isinstance(value, list) else [value])
         )
         for name in names:
+            if name in self.broken:
+                raise _AlreadyReported
             if name not in self.groups:
                 raise fields.error("groups", f"no group {name!r}{_suggest(str(name), self.groups)}")
             if not self.groups[name].provisioned:
                 raise fields.error(
                     "groups", f"{name!r} enrolls through a claim or holds one: not provisioned"
                 )
+            if name in self.provisioned:
+                raise fields.error(
+                    "groups",
+                    f"{name!r} is already provisioned (line {self.provisioned[name]}): "
+                    "provisioning it again would replace its devices; declare another group",
+                )
             original = self.groups[name].clone_of
             if original is not None and original not in self.provisioned and original not in names:
                 # a clone has no certificates of its own: its original must be provisioned
                 raise fields.error("groups", f"{name!r} clones {original!r}: provision that too")
-        self.provisioned.update(str(n) for n in names)
+        self.provisioned.update((str(n), line) for n in names)
         return ProvisionStep(line, tuple(str(n) for n in names))
 
     def _connect(self, fields: _Fields, line: int) -> Step:
@@ -671,14 +780,31 @@ class _StepReader:
             line, selector, topic=fields.required("topic", _text), qos=fields.get("qos", _qos, 1)
         )
 
+    def _members(self, selector: Selector) -> Iterator[tuple[str, int]]:
+        for group_name, lo, hi in selector.refs:
+            first, last = (lo, hi) if lo is not None and hi is not None else (1, None)
+            for number in range(first, (last or self.groups[group_name].count) + 1):
+                yield group_name, number
+
     def _revoke(self, fields: _Fields, line: int) -> Step:
         selector = self.devices(fields)
-        return RevokeStep(
-            line, selector, superseded_only=fields.get("superseded_only", _flag, False)
-        )
+        superseded_only = fields.get("superseded_only", _flag, False)
+        if not superseded_only:
+            for member in self._members(selector):
+                self.revoked.setdefault(member, line)
+        return RevokeStep(line, selector, superseded_only=superseded_only)
 
     def _rotate(self, fields: _Fields, line: int) -> Step:
         selector = self.devices(fields)
+        for group_name, number in self._members(selector):
+            revoked_at = self.revoked.get((group_name, number))
+            if revoked_at is not None:
+                raise fields.error(
+                    "devices",
+                    f"{group_name}#{number} is revoked (line {revoked_at}): a revoked device "
+                    "cannot renew; rotate before revoking, or give it a new certificate "
+                    "with 'replace'",
+                )
         return RotateStep(
             line,
             selector,
@@ -820,12 +946,18 @@ def _describe(fields: _Fields) -> str:
     return " ".join(parts)
 
 
-def _steps(path: Path, top: _Fields, groups: dict[str, Group]) -> tuple[Step, ...]:
+def _steps(
+    path: Path, top: _Fields, groups: dict[str, Group], broken: set[str]
+) -> tuple[Step, ...]:
     raw = top.required("steps", _sequence)
     if not raw:
         raise top.error("steps", "a scenario needs at least one step")
-    reader = _StepReader(path, groups)
-    return tuple(reader.read(item, raw.lines[i], f"steps[{i}]") for i, item in enumerate(raw))
+    reader = _StepReader(path, groups, broken)
+    steps = []
+    for i, item in enumerate(raw):
+        with _reading_on():
+            steps.append(reader.read(item, raw.lines[i], f"steps[{i}]"))
+    return tuple(steps)
 
 
 def load_scenarios(paths: Iterable[Path]) -> list[Scenario]:
@@ -838,4 +970,14 @@ def load_scenarios(paths: Iterable[Path]) -> list[Scenario]:
             files.append(path)
     if not files:
         raise UsageError("no scenario files given (or the directory holds no *.yaml)")
-    return [load_scenario(f) for f in files]
+    scenarios, errors = [], []
+    for file in files:
+        try:
+            scenarios.append(load_scenario(file))
+        except ScenarioErrors as several:
+            errors.extend(several.errors)
+        except ScenarioError as error:
+            errors.append(error)
+    if errors:
+        raise _one_or_all(errors)
+    return scenarios

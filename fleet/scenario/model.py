@@ -304,8 +304,8 @@ class Scenario:
 
 
 def _device_sightings() -> tuple[str, ...]:
-    outcomes = tuple(REASONS_BY_OUTCOME)
-    reasons = sorted({r for rs in REASONS_BY_OUTCOME.values() for r in rs})
+    outcomes = tuple(str(o) for o in REASONS_BY_OUTCOME)
+    reasons = sorted({str(r) for rs in REASONS_BY_OUTCOME.values() for r in rs})
     pairs = (f"{o}: {r}" for o, rs in REASONS_BY_OUTCOME.items() for r in rs)
     return (*outcomes, *reasons, *pairs)
 
