@@ -11,6 +11,7 @@ import asyncio
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,12 @@ async def open_tls_socket(
     timeout: float = 10.0,
     source_ip: str | None = None,
     session: ssl.SSLSession | None = None,
+    on_connected: Callable[[str], None] | None = None,
 ) -> TlsSocket:
     """Connect to ``host:port`` and complete the TLS handshake; raises on any failure.
 
     ``session`` resumes an earlier TLS session (``sock.session`` of a finished connection).
+    ``on_connected`` gets our own address ("IP:PORT", as the broker sees us) once TCP is up.
     """
     loop = asyncio.get_running_loop()
     family, address = await _resolve(loop, host, port)
@@ -48,6 +51,9 @@ async def open_tls_socket(
         async with asyncio.timeout(timeout):
             await loop.sock_connect(raw, address)
             connected = time.perf_counter()
+            if on_connected is not None:
+                local = raw.getsockname()
+                on_connected(f"{local[0]}:{local[1]}")
             tls = sock = context.wrap_socket(  # takes the descriptor over from ``raw``
                 raw,
                 server_hostname=server_name or host,

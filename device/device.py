@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import random
@@ -75,6 +76,7 @@ class DeviceSettings:
     # "sha256/BASE64" pins of the broker's public key (its SubjectPublicKeyInfo, as HPKP and
     # curl --pinnedpubkey spell them): when given, a valid chain must also carry one of them
     pins: tuple[str, ...] = ()
+    present_certificate: bool = True  # False: show the broker no client certificate at all
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Device:
         self._connack: asyncio.Future[tuple[str, str | None]] | None = None
         self._disconnected = asyncio.Event()
         self._tls_error: str | None = None  # the TLS alert that ended the connection
+        self._local_address: str | None = None  # of the attempt in progress, once TCP is up
         self._not_after: float | None = None  # of the certificate in use, read at a drop
         self._seq = 0
         self._reply_topics: set[str] = set()  # subscribed in this session
@@ -208,7 +211,13 @@ class Device:
         """The TLS context, built on first use and reused across reconnects."""
         if self._context is None:
             s = self.settings
-            self._context = device_tls_context(s.trust_anchor, s.cert, s.key, device_id=s.device_id)
+            self._context = device_tls_context(
+                s.trust_anchor,
+                s.cert,
+                s.key,
+                device_id=s.device_id,
+                present_certificate=s.present_certificate,
+            )
         return self._context
 
     def swap_certificate(self, cert: Path, key: Path) -> None:
@@ -374,6 +383,7 @@ class Device:
                 server_name=s.server_name,
                 timeout=s.connect_timeout,
                 source_ip=s.source_ip,
+                on_connected=self._set_local_address,
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             failure = classify_tls_failure(exc)
@@ -434,7 +444,13 @@ class Device:
             )
         )
 
+    def _set_local_address(self, address: str) -> None:
+        self._local_address = address
+
     def _record(self, attempt: ConnectAttempt) -> ConnectAttempt:
+        if self._local_address is not None:
+            attempt = dataclasses.replace(attempt, local_address=self._local_address)
+            self._local_address = None
         self.stats.attempts.append(attempt)
         if self._on_attempt is not None:
             self._on_attempt(attempt)

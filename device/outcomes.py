@@ -33,6 +33,7 @@ class ConnectAttempt:
     tls_seconds: float | None = None
     mqtt_seconds: float | None = None
     message: str | None = None
+    local_address: str | None = None  # "IP:PORT": how the broker's logs name this attempt
 
     @property
     def total_seconds(self) -> float | None:

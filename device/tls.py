@@ -24,11 +24,13 @@ def device_tls_context(
     device_id: str,
     check_hostname: bool = True,
     keylog_file: str | None = None,
+    present_certificate: bool = True,
 ) -> ssl.SSLContext:
     """A client context holding the device's chain and key.
 
     ``trust_anchor`` is the *only* CA trusted (no system store). ``SSLKEYLOGFILE`` (or
     ``keylog_file``) writes TLS secrets for Wireshark. Errors name the device and the reason.
+    ``present_certificate=False`` leaves the chain out: a device that shows the broker nothing.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and hostname checks
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -41,6 +43,11 @@ def device_tls_context(
             device_id=device_id,
             code="bad_trust_anchor",
         ) from exc
+    keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
+    if keylog:
+        context.keylog_filename = keylog
+    if not present_certificate:
+        return context
     recover_identity(cert, key)  # a renewal that a crash interrupted
     for path in (cert, key):
         if not path.is_file():
@@ -61,9 +68,6 @@ def device_tls_context(
             device_id=device_id,
             code="key_mismatch" if mismatch else "unusable_certificate",
         ) from exc
-    keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
-    if keylog:
-        context.keylog_filename = keylog
     return context
 
 

@@ -40,6 +40,7 @@ from fleet.identity import ENVIRONMENTS, TIERS, validate_trust_domain
 from fleet.keys import KeyType
 from fleet.provisioning import ProvisionSpec, provision_devices, provision_from_csr
 from fleet.renewal import renew_device
+from fleet.replacement import replace_device
 from fleet.revocation import publish_crl, revoke_device, revoke_devices, revoke_superseded
 from fleet.signals import stop_on_signals
 from fleet.views import STATUSES, device_details
@@ -130,7 +131,16 @@ def provision(
     csr: Annotated[
         Path | None, typer.Option(help="Sign this device-generated CSR instead (needs --id).")
     ] = None,
-    device_id: Annotated[str | None, typer.Option("--id", help="Device id for --csr.")] = None,
+    device_id: Annotated[
+        str | None, typer.Option("--id", help="Device id for --csr or --replace.")
+    ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Give the revoked device --id a new key and certificate (its history is kept).",
+        ),
+    ] = False,
     workers: Annotated[
         int | None, typer.Option(help="Processes to use (default: one per core).")
     ] = None,
@@ -138,6 +148,8 @@ def provision(
     admin: AdminOption = None,
 ) -> None:
     """Create devices, each with its own key and certificate (or sign one device's CSR)."""
+    if server and replace:
+        raise UsageError("--replace works on a local workspace (--dir), not with --server")
     if server:
         _provision_remotely(
             admin_client(server, admin, directory),
@@ -150,6 +162,9 @@ def provision(
     now = dt.datetime.now(dt.UTC)
     validity = parse_positive_duration(valid_for) if valid_for else None
     start = parse_instant(not_before, now=now) if not_before else None
+    if replace:
+        _replace(workspace, device_id, valid_for=validity, key_type=key_type, csr=csr)
+        return
     if csr is not None:
         _provision_csr(
             workspace, csr, device_id, tier=tier, env=env, valid_for=validity, not_before=start
@@ -194,6 +209,33 @@ def _provision_remotely(client: AdminClient, body: dict[str, Any], csr: Path | N
     out.print(f"provisioned {len(ids)} device(s) ({span}) through {client.url}", highlight=False)
     if "certificate" in answer:
         out.print(answer["certificate"], highlight=False, end="")
+
+
+def _replace(
+    workspace: Workspace,
+    device_id: str | None,
+    *,
+    valid_for: dt.timedelta | None,
+    key_type: str | None,
+    csr: Path | None,
+) -> None:
+    if device_id is None:
+        raise UsageError("--replace needs --id: the revoked device to replace")
+    if csr is not None:
+        raise UsageError("--replace generates the new key itself; it does not take --csr")
+    result = replace_device(
+        workspace,
+        device_id,
+        valid_for=valid_for,
+        key_type=KeyType.parse(key_type) if key_type else None,
+    )
+    previous = ", ".join(f"{serial:X}" for serial in result.previous_serials)
+    out.print(
+        f"replaced {device_id}: new key and certificate, serial {result.serial:X}, valid until "
+        f"{result.not_after:%Y-%m-%d %H:%M:%S} UTC -> {workspace.paths.device_cert(device_id)}; "
+        f"revoked before: {previous}",
+        highlight=False,
+    )
 
 
 def _provision_csr(

@@ -601,6 +601,57 @@ class Registry:
             )
         return int(row[1], 16)
 
+    def replace(self, replacement: NewDevice, *, now: dt.datetime) -> list[int]:
+        """Record a new key and certificate for a revoked device: it is active again under the
+        same id, with ``replacement`` as its current certificate; its revoked certificates stay
+        on record (and on the CRL). Returns the serials it held before.
+
+        One transaction, before any file holds the new certificate (as :meth:`renew`).
+        """
+        stamp = format_time(now)
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT status FROM devices WHERE id = ? AND status != 'pending'",
+                (replacement.device_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownDeviceError(replacement.device_id)
+            if row[0] != "revoked":
+                raise RegistryError(
+                    f"device {replacement.device_id!r} is {row[0]}: only a revoked device is "
+                    f"replaced (run 'fleet revoke {replacement.device_id}' first)"
+                )
+            before = [
+                int(r[0], 16)
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE device_id = ?",
+                    (replacement.device_id,),
+                )
+            ]
+            db.execute(
+                "INSERT INTO certificates(serial, device_id, key_type, not_before, not_after, "
+                "status, issued_at) VALUES (?, ?, ?, ?, ?, 'active', ?)",
+                (
+                    serial_hex(replacement.serial),
+                    replacement.device_id,
+                    replacement.key_type,
+                    format_time(replacement.not_before),
+                    format_time(replacement.not_after),
+                    stamp,
+                ),
+            )
+            db.execute(
+                "UPDATE devices SET status = 'active', serial = ?, key_source = ?, "
+                "updated_at = ? WHERE id = ?",
+                (
+                    serial_hex(replacement.serial),
+                    replacement.key_source,
+                    stamp,
+                    replacement.device_id,
+                ),
+            )
+        return before
+
     def certificate_history(
         self, device_id: str
     ) -> list[tuple[int, str, dt.datetime, dt.datetime]]:

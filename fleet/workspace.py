@@ -37,6 +37,7 @@ from fleet.errors import WorkspaceError
 from fleet.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.identity import ADMIN, DeviceIdentity
 from fleet.keys import (
+    PrivateKey,
     generate_private_key,
     key_type_of,
     load_private_key,
@@ -357,10 +358,12 @@ def issue_broker_certificate(
     *,
     hosts: Sequence[str] = (),
     now: dt.datetime | None = None,
+    key: PrivateKey | None = None,
 ) -> x509.Certificate:
-    """(Re)issue ``broker/server.crt`` and ``server.key`` for localhost, 127.0.0.1 and ``hosts``."""
+    """(Re)issue ``broker/server.crt`` and ``server.key`` for localhost, 127.0.0.1 and ``hosts``,
+    for a new key (or for ``key``: a renewal that keeps the key, so pins of it still hold)."""
     now = now or dt.datetime.now(dt.UTC)
-    key = generate_private_key(key_type_of(ca.issuing_key))
+    key = key or generate_private_key(key_type_of(ca.issuing_key))
     cert = ca.issue_server(
         common_name="mtls-fleet broker",
         hosts=[*DEFAULT_HOSTS, *hosts],

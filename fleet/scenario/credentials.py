@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from device.tls import spki_pin
 from fleet.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
 from fleet.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.identity import DeviceIdentity
@@ -97,16 +100,19 @@ class ScenarioCredentials:
             return self.expired_intermediate
         return self.workspace.ca
 
-    def issue_group(self, group: Group, *, now: dt.datetime) -> list[DeviceFiles]:
-        """Key and certificate files for every member of an off-fleet group."""
+    def issue_group(
+        self, group: Group, *, now: dt.datetime, device_ids: Sequence[str] | None = None
+    ) -> list[DeviceFiles]:
+        """Key and certificate files for every member of an off-fleet group, named
+        ``<group>-00001`` … or, for impostors, ``device_ids`` (real devices' names)."""
         ca = self.authority(group.issuer)
         not_before = (now + dt.timedelta(seconds=group.starts_in)).replace(microsecond=0)
         not_after = not_before + dt.timedelta(seconds=group.valid_for)
         directory = self.root / group.name
         directory.mkdir(parents=True, mode=PRIVATE_DIR_MODE)
         files = []
-        for number in range(1, group.count + 1):
-            device_id = f"{group.name}-{number:05d}"
+        names = device_ids or [f"{group.name}-{n:05d}" for n in range(1, group.count + 1)]
+        for device_id in names:
             key = generate_private_key(self.workspace.config.key_type)
             identity = DeviceIdentity(
                 device_id=device_id,
@@ -128,11 +134,30 @@ class ScenarioCredentials:
             files.append(DeviceFiles(device_id, device_dir / "cert.pem", device_dir / "key.pem"))
         return files
 
+    def copy_identities(self, group: str, originals: Sequence[DeviceFiles]) -> list[DeviceFiles]:
+        """Copies of other devices' keys and certificates (a clone keeps what it copied)."""
+        directory = self.root / group
+        directory.mkdir(parents=True, mode=PRIVATE_DIR_MODE)
+        copies = []
+        for original in originals:
+            device_dir = directory / original.device_id
+            device_dir.mkdir(mode=PRIVATE_DIR_MODE)
+            write_secret(device_dir / "key.pem", original.key.read_bytes())
+            write_public(device_dir / "cert.pem", original.cert.read_bytes())
+            copies.append(
+                DeviceFiles(original.device_id, device_dir / "cert.pem", device_dir / "key.pem")
+            )
+        return copies
+
     def install_broker_certificate(self, kind: BrokerCertificate) -> None:
         """Replace ``broker/server.crt`` and ``.key`` (the broker uses them from its next start)."""
         paths = self.workspace.paths
         if kind is BrokerCertificate.FLEET:
             issue_broker_certificate(paths, self.workspace.ca)
+            return
+        if kind is BrokerCertificate.SAME_KEY:
+            key = load_private_key(paths.server_key.read_bytes(), source=str(paths.server_key))
+            issue_broker_certificate(paths, self.workspace.ca, key=key)
             return
         now = dt.datetime.now(dt.UTC)
         hosts: Sequence[str] = DEFAULT_HOSTS
@@ -159,3 +184,9 @@ class ScenarioCredentials:
 def _load_root_key(workspace: Workspace) -> PrivateKey:
     path = workspace.paths.root_key
     return load_private_key(path.read_bytes(), source=str(path))
+
+
+def broker_pin(server_cert: Path) -> str:
+    """The ``sha256/…`` pin of the key in a broker certificate file (its first certificate)."""
+    cert = x509.load_pem_x509_certificate(server_cert.read_bytes())
+    return spki_pin(cert.public_bytes(serialization.Encoding.DER))

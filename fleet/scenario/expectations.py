@@ -64,11 +64,13 @@ class Verdict:
 
 
 def reasons_seen_by_broker(log: BrokerLog, since: float) -> dict[str, list[str]]:
-    """Device id -> the broker's classifications since ``since``, in order."""
+    """Device id -> the broker's classifications since ``since``, in order. A refusal before
+    the broker knew who it was (no certificate) is under the peer's address (``IP:PORT``)."""
     reasons: dict[str, list[str]] = {}
     first = bisect.bisect_left(log.events, since, key=lambda e: float(e["at"]))  # time order
     for event in log.events[first:]:
-        if not event.get("device"):
+        who = event.get("device") or event.get("peer")
+        if not who:
             continue
         kind = event["event"]
         if kind in ("rejected", "session_closed"):
@@ -79,7 +81,7 @@ def reasons_seen_by_broker(log: BrokerLog, since: float) -> dict[str, list[str]]
             reason = kind
         else:
             continue
-        reasons.setdefault(event["device"], []).append(reason)
+        reasons.setdefault(str(who), []).append(reason)
     return reasons
 
 
@@ -134,6 +136,13 @@ class Checker:
             affected, count = self._affected_others()
             observed.append(f"others unaffected: {count - len(affected)}/{count}")
             failures.extend(affected)
+        if step.enrollment_counts is not None:
+            got = Counter(m.enrollment or "not tried" for m in self.members)
+            observed.append("enrollments " + _top(got))
+            wanted = dict(step.enrollment_counts)
+            if dict(got) != wanted:  # exact: every device named is counted, nothing else
+                shown = ", ".join(f"{n}x {o}" for o, n in sorted(got.items()))
+                failures.append(f"enrollment outcomes {shown}, expected {_counts(wanted)}")
         if step.broker_event and self.broker is not None:
             seen = self._broker_events(step.broker_event)
             observed.append(f"broker events {step.broker_event}: {seen}")
@@ -163,7 +172,7 @@ class Checker:
                 seen = [s.text() for s in sightings[-3:]]
                 problems.append(f"device saw {seen or 'nothing'}")
         if step.broker is not None and self.broker is not None:
-            reasons = self._broker_reasons.get(m.device_id, [])
+            reasons = self._reasons_for(m)
             if step.broker not in reasons:
                 problems.append(f"broker saw {reasons[-3:] or 'nothing'}")
         if step.drops is not None:
@@ -204,6 +213,15 @@ class Checker:
             problems.append(f"{m.renewal_failures} renewals failed ({dict(failures)})")
         return [f"{m.label} ({m.device_id}): {', '.join(problems)}"] if problems else []
 
+    def _reasons_for(self, m: Member) -> list[str]:
+        """What the broker said about ``m``: by its device id, and by the addresses of its
+        attempts (for refusals before the broker could know the device)."""
+        reasons = list(self._broker_reasons.get(m.device_id, []))
+        for sighting in m.sightings_since(self.window.start):
+            if sighting.local_address is not None:
+                reasons.extend(self._broker_reasons.get(sighting.local_address, []))
+        return reasons
+
     def _delivered(self, m: Member) -> int:
         """Messages of ``m`` the witness received since the last action (0 without one)."""
         if self.witness is None:
@@ -233,9 +251,7 @@ class Checker:
             seen = Counter(s.text() for m in self.members for s in m.sightings_since(since))
             parts.append("device saw " + _top(seen))
         if self.step.broker is not None and self.broker is not None:
-            reasons = Counter(
-                r for m in self.members for r in self._broker_reasons.get(m.device_id, [])
-            )
+            reasons = Counter(r for m in self.members for r in self._reasons_for(m))
             parts.append("broker saw " + _top(reasons))
         if (
             self.step.delivered_at_least is not None
@@ -319,3 +335,7 @@ async def await_expectation(
         if progress is not None and polls % _POLLS_PER_PROGRESS == 0:
             progress(verdict)
         await asyncio.sleep(_POLL)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n}x {outcome}" for outcome, n in sorted(counts.items()))

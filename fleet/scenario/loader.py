@@ -47,6 +47,7 @@ from fleet.scenario.model import (
     ProvisionStep,
     PublishCrlStep,
     PublishStep,
+    ReplaceStep,
     RestartBrokerStep,
     RetireCaStep,
     RevokeClaimStep,
@@ -346,6 +347,14 @@ def _device_sighting(value: Any) -> str:
     return text
 
 
+def _enrollment_outcome(name: str) -> str | None:
+    """The outcome ``name`` stands for: itself, or the one outcome ending in that reason."""
+    if name in ENROLLMENT_OUTCOMES:
+        return name
+    carrying = [o for o in ENROLLMENT_OUTCOMES if o.split(" ", 1)[-1] == name]
+    return carrying[0] if len(carrying) == 1 else None
+
+
 def _qos(value: Any) -> int:
     if value not in (0, 1):
         raise ValueError("expected 0 or 1")
@@ -381,6 +390,9 @@ _GROUP_FIELDS = (
     "enroll_with",
     "holds_claim",
     "auto_renew",
+    "impersonates",
+    "pin_broker",
+    "presents_certificate",
 )
 
 
@@ -544,10 +556,24 @@ def _group(path: Path, item: _Map, where: str, groups: dict[str, Group]) -> None
         enroll_with=fields.get("enroll_with", _group_name, None),
         holds_claim=fields.get("holds_claim", _group_name, None),
         auto_renew=fields.get("auto_renew", _fraction, None),
+        impersonates=fields.get("impersonates", _text, None),
+        pin_broker=fields.get("pin_broker", _flag, False),
+        presents_certificate=fields.get("presents_certificate", _flag, True),
     )
+    if group.impersonates is not None and group.issuer is Issuer.FLEET:
+        raise fields.error(
+            "impersonates",
+            "the fleet never issues a second certificate for a device id: give the impostors "
+            "another issuer (issuer: rogue-ca)",
+        )
     if group.enroll_with and group.holds_claim:
         raise fields.error("holds_claim", "a group either enrolls or holds the claim, not both")
-    for key, other in (("clone_of", group.clone_of), ("client_id_of", group.client_id_of)):
+    borrowed = (
+        ("clone_of", group.clone_of),
+        ("client_id_of", group.client_id_of),
+        ("impersonates", group.impersonates),
+    )
+    for key, other in borrowed:
         if other is None:
             continue
         if other not in groups:
@@ -583,6 +609,7 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "subscribe": ("devices", "topic", "qos"),
     "revoke": ("devices", "superseded_only"),
     "rotate": ("devices", "valid_for", "reconnect"),
+    "replace": ("devices", "valid_for"),
     "restart_broker": ("env", "revocation_policy", "clear_env", "down_for"),
     "broker_certificate": ("certificate",),
     "stale_crl": ("after",),
@@ -635,6 +662,7 @@ _SHORTHAND = {
     "disconnect": "devices",
     "revoke": "devices",
     "rotate": "devices",
+    "replace": "devices",
     "broker_certificate": "certificate",
     "stale_crl": "after",
     "wait": "for",
@@ -812,6 +840,25 @@ class _StepReader:
             reconnect=fields.get("reconnect", _flag, True),
         )
 
+    def _replace(self, fields: _Fields, line: int) -> Step:
+        selector = self.devices(fields)
+        for group_name, number in self._members(selector):
+            if not self.groups[group_name].fleet_issued:
+                raise fields.error(
+                    "devices", f"{group_name!r} is not issued by the fleet: nothing to replace"
+                )
+            if (group_name, number) not in self.revoked:
+                raise fields.error(
+                    "devices",
+                    f"{group_name}#{number} is not revoked: only a revoked device is replaced "
+                    "(add a 'revoke' step before)",
+                )
+        for member in self._members(selector):
+            del self.revoked[member]
+        return ReplaceStep(
+            line, selector, valid_for=fields.get("valid_for", _positive_duration, None)
+        )
+
     def _restart_broker(self, fields: _Fields, line: int) -> Step:
         return RestartBrokerStep(
             line,
@@ -892,7 +939,12 @@ class _StepReader:
             subscription=fields.get("subscription", _choice(SUBSCRIPTION_RESULTS), None),
             others_unaffected=fields.get("others_unaffected", _flag, False),
             broker_event=fields.get("broker_event", _choice(BrokerEvent), None),
-            enrollment=fields.get("enrollment", _choice(ENROLLMENT_OUTCOMES), None),
+            enrollment=(
+                None
+                if isinstance(fields.mapping.get("enrollment"), _Map)
+                else fields.get("enrollment", _choice(ENROLLMENT_OUTCOMES), None)
+            ),
+            enrollment_counts=self._enrollment_counts(fields),
             renewed_at_least=fields.get("renewed_at_least", _count, None),
             renewal_failures=fields.get("renewal_failures", _count, None),
             within=fields.get("within", _positive_duration, 5.0),
@@ -908,6 +960,34 @@ class _StepReader:
                 self.path, line, fields.where, "nothing to expect: add e.g. 'state: connected'"
             )
         return step
+
+    def _enrollment_counts(self, fields: _Fields) -> tuple[tuple[str, int], ...] | None:
+        """``enrollment: {enrolled: 3, claim_exhausted: 2}``: an outcome, or a refusal or
+        failure reason alone when only one outcome carries it, with its exact count."""
+        value = fields.mapping.get("enrollment")
+        if not isinstance(value, _Map):
+            return None
+        counts: dict[str, int] = {}
+        for key, count in value.items():
+            where = f"{fields.where}.enrollment.{key}"
+            line = value.lines[key]
+            outcome = _enrollment_outcome(str(key))
+            if outcome is None:
+                _note(
+                    ScenarioError(
+                        self.path,
+                        line,
+                        where,
+                        f"{key!r} is not an enrollment outcome or reason"
+                        f"{_suggest(str(key), ENROLLMENT_OUTCOMES)}",
+                    )
+                )
+                continue
+            try:
+                counts[outcome] = _count(count)
+            except ValueError as exc:
+                _note(ScenarioError(self.path, line, where, str(exc)))
+        return tuple(counts.items())
 
     def _wait(self, fields: _Fields, line: int) -> Step:
         if fields.has("for") == fields.has("until"):

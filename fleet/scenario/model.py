@@ -34,6 +34,7 @@ class BrokerCertificate(enum.StrEnum):
     ROGUE_CA = "rogue-ca"
     WRONG_HOSTNAME = "wrong-hostname"
     EXPIRED = "expired"
+    SAME_KEY = "same-key"  # re-issued by the fleet CA for the key it has now (a pin still holds)
 
 
 class DeviceState(enum.StrEnum):
@@ -58,12 +59,18 @@ class Group:
     enroll_with: str | None = None  # no provisioning: enrolls through this claim (enroll step)
     holds_claim: str | None = None  # connects with this claim's own certificate
     auto_renew: float | None = None  # renew over MQTT at this fraction of the lifetime
+    impersonates: str | None = None  # off-fleet certificates carrying that group's device ids
+    pin_broker: bool = False  # pin the key the broker presents when the group is provisioned
+    presents_certificate: bool = True  # False: connects without a client certificate
 
     @property
     def fleet_issued(self) -> bool:
         """Provisioned (or enrolled) through the registry like any real device."""
         return (
-            self.issuer is Issuer.FLEET and self.eku is Eku.CLIENT_AUTH and self.holds_claim is None
+            self.issuer is Issuer.FLEET
+            and self.eku is Eku.CLIENT_AUTH
+            and self.holds_claim is None
+            and self.impersonates is None
         )
 
     @property
@@ -150,6 +157,15 @@ class RotateStep(Step):
     devices: Selector
     valid_for: float | None = None
     reconnect: bool = True  # move live sessions to the new certificate (drain acks first)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceStep(Step):
+    """Revoked devices get a new key and certificate under the same id (fleet provision
+    --replace); their running simulators use the new pair from their next handshake."""
+
+    devices: Selector
+    valid_for: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +261,8 @@ class ExpectStep(Step):
     others_unaffected: bool = False
     broker_event: str | None = None
     enrollment: str | None = None  # enrolled, or the refusal / failure the latest try got
+    # exact counts of those outcomes over the devices named: (("enrolled", 3), ("refused …", 2))
+    enrollment_counts: tuple[tuple[str, int], ...] | None = None
     renewed_at_least: int | None = None  # renewals over MQTT per device (and in the registry)
     renewal_failures: int | None = None  # at most this many failed renewals per device
     within: float = 5.0
@@ -265,6 +283,7 @@ _STEP_NAMES: dict[type[Step], str] = {
     SubscribeStep: "subscribe",
     RevokeStep: "revoke",
     RotateStep: "rotate",
+    ReplaceStep: "replace",
     RestartBrokerStep: "restart_broker",
     BrokerCertificateStep: "broker_certificate",
     StaleCrlStep: "stale_crl",

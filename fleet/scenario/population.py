@@ -35,6 +35,7 @@ class Sighting:
     at: float
     outcome: str  # a ConnectOutcome value, or "dropped"
     detail: str | None
+    local_address: str | None = None  # how the broker's log names the attempt (IP:PORT)
 
     def text(self) -> str:
         return f"{self.outcome}: {self.detail}" if self.detail else self.outcome
@@ -56,6 +57,7 @@ class Member:
     past: list[DeviceStats] = field(default_factory=list)  # of devices a new connect replaced
     enrollment: str | None = None  # "enrolled", "refused id_taken", "failed timeout" (latest try)
     enrollment_detail: str = ""  # what the refusal or failure said, for the report
+    pins: tuple[str, ...] = ()  # the broker keys it accepts (none: any the fleet CA vouches for)
 
     def _stats(self) -> list[DeviceStats]:
         return [*self.past, self.device.stats] if self.device is not None else self.past
@@ -172,6 +174,8 @@ class Population:
             reconnect=reconnect,
             subscribe_commands=member.group.holds_claim is None,
             renew_at=member.group.auto_renew,
+            pins=member.pins,
+            present_certificate=member.group.presents_certificate,
         )
         member.stop = asyncio.Event()
         if member.device is not None:
@@ -188,7 +192,9 @@ class Population:
         member.task = asyncio.create_task(member.device.run(member.stop))
 
     def _attempted(self, member: Member, attempt: ConnectAttempt) -> None:
-        member.sightings.append(Sighting(self._clock(), attempt.outcome.value, attempt.detail))
+        member.sightings.append(
+            Sighting(self._clock(), attempt.outcome.value, attempt.detail, attempt.local_address)
+        )
 
     async def stop(self, members: Iterable[Member]) -> None:
         """Disconnect cleanly (after outstanding QoS 1 acks) and wait for the devices to end."""

@@ -33,9 +33,10 @@ from fleet.errors import FleetError, UsageError
 from fleet.mqtt_api import enroll_client_id
 from fleet.provisioning import ProvisionSpec, provision_devices
 from fleet.renewal import renew_device
+from fleet.replacement import replace_device
 from fleet.revocation import publish_crl, revoke_devices, revoke_superseded
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
-from fleet.scenario.credentials import ScenarioCredentials
+from fleet.scenario.credentials import DeviceFiles, ScenarioCredentials, broker_pin
 from fleet.scenario.expectations import Checker, Verdict, Window, await_expectation
 from fleet.scenario.model import (
     BrokerCertificateStep,
@@ -48,6 +49,7 @@ from fleet.scenario.model import (
     ProvisionStep,
     PublishCrlStep,
     PublishStep,
+    ReplaceStep,
     RestartBrokerStep,
     RetireCaStep,
     RevokeClaimStep,
@@ -424,11 +426,17 @@ class ScenarioRun:
         assert self.workspace is not None and self.credentials is not None
         now = dt.datetime.now(dt.UTC)
         if group.clone_of is not None:
-            originals = self.population.groups[group.clone_of]
+            originals = self.population.groups[group.clone_of][: group.count]
+            copies = await asyncio.to_thread(
+                self.credentials.copy_identities,
+                group.name,
+                [DeviceFiles(o.device_id, o.cert, o.key) for o in originals],
+            )  # a thief's copy: it keeps the key and certificate it stole, whatever comes later
             return [
-                Member(f"{group.name}#{i + 1}", group, o.device_id, o.client_id, o.cert, o.key)
-                for i, o in enumerate(originals[: group.count])
+                Member(f"{group.name}#{i + 1}", group, o.device_id, o.client_id, c.cert, c.key)
+                for i, (o, c) in enumerate(zip(originals, copies, strict=True))
             ]
+        pins = (broker_pin(self.workspace.paths.server_cert),) if group.pin_broker else ()
         if group.fleet_issued:
             spec = ProvisionSpec(
                 count=group.count,
@@ -443,14 +451,20 @@ class ScenarioRun:
             paths = self.workspace.paths
             files = [(i, paths.device_cert(i), paths.device_key(i)) for i in result.device_ids]
         else:
-            issued = await asyncio.to_thread(self.credentials.issue_group, group, now=now)
+            names = None
+            if group.impersonates is not None:  # the same CN and SAN as real devices
+                victims = self.population.groups[group.impersonates][: group.count]
+                names = [v.device_id for v in victims]
+            issued = await asyncio.to_thread(
+                self.credentials.issue_group, group, now=now, device_ids=names
+            )
             files = [(f.device_id, f.cert, f.key) for f in issued]
         client_ids = [device_id for device_id, _, _ in files]
         if group.client_id_of is not None:
             others = self.population.groups[group.client_id_of]
             client_ids = [m.device_id for m in others[: group.count]]
         return [
-            Member(f"{group.name}#{i + 1}", group, device_id, client_id, cert, key)
+            Member(f"{group.name}#{i + 1}", group, device_id, client_id, cert, key, pins=pins)
             for i, ((device_id, cert, key), client_id) in enumerate(
                 zip(files, client_ids, strict=True)
             )
@@ -553,6 +567,22 @@ class ScenarioRun:
             )
         moved = " and moved their sessions to them" if step.reconnect else ""
         self._note(step.line, "rotate", f"renewed {len(members)} certificates{moved}")
+
+    async def _step_replace(self, step: ReplaceStep) -> None:
+        assert self.workspace is not None
+        members = self.population.select(step.devices)
+        valid_for = dt.timedelta(seconds=step.valid_for) if step.valid_for else None
+        workspace = self.workspace
+
+        def replace_all() -> None:
+            for member in members:
+                replace_device(workspace, member.device_id, valid_for=valid_for)
+
+        await asyncio.to_thread(replace_all)
+        for member in members:
+            if member.device is not None:  # its next handshake uses the new pair
+                member.device.swap_certificate(member.cert, member.key)
+        self._note(step.line, "replace", f"new keys and certificates for {len(members)} devices")
 
     async def _step_restart_broker(self, step: RestartBrokerStep) -> None:
         assert self.broker is not None
