@@ -31,8 +31,9 @@ def install_identity(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> 
     os.replace(_pending(cert), cert)
 
 
-def recover_identity(cert: Path, key: Path) -> None:
-    """Finish (or undo) a replacement of the pair that a crash interrupted."""
+def recover_identity(cert: Path, key: Path) -> bool:
+    """Finish (or undo) a replacement of the pair that a crash interrupted; True when a new
+    pair was put in place."""
     new_cert, new_key = _pending(cert), _pending(key)
     if new_key.exists():
         if new_cert.exists():
@@ -41,3 +42,5 @@ def recover_identity(cert: Path, key: Path) -> None:
             new_key.unlink()
     if new_cert.exists():
         os.replace(new_cert, cert)
+        return True
+    return False

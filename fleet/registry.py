@@ -601,22 +601,33 @@ class Registry:
             )
         return int(row[1], 16)
 
-    def replace(self, replacement: NewDevice, *, now: dt.datetime) -> list[int]:
+    def replace(
+        self, replacement: NewDevice, *, now: dt.datetime, unheld_serial: int | None = None
+    ) -> list[int]:
         """Record a new key and certificate for a revoked device: it is active again under the
         same id, with ``replacement`` as its current certificate; its revoked certificates stay
-        on record (and on the CRL). Returns the serials it held before.
+        on record (and on the CRL). Returns its revoked serials.
+
+        ``unheld_serial``: the device is active under this serial only because a replacement
+        was interrupted before its files were installed (its key died with the process): that
+        certificate is superseded and replaced in turn.
 
         One transaction, before any file holds the new certificate (as :meth:`renew`).
         """
         stamp = format_time(now)
         with self.transaction() as db:
             row = db.execute(
-                "SELECT status FROM devices WHERE id = ? AND status != 'pending'",
+                "SELECT status, serial FROM devices WHERE id = ? AND status != 'pending'",
                 (replacement.device_id,),
             ).fetchone()
             if row is None:
                 raise UnknownDeviceError(replacement.device_id)
-            if row[0] != "revoked":
+            interrupted = unheld_serial is not None and row[1] == serial_hex(unheld_serial)
+            if interrupted:
+                db.execute(
+                    "UPDATE certificates SET status = 'superseded' WHERE serial = ?", (row[1],)
+                )
+            elif row[0] != "revoked":
                 raise RegistryError(
                     f"device {replacement.device_id!r} is {row[0]}: only a revoked device is "
                     f"replaced (run 'fleet revoke {replacement.device_id}' first)"
@@ -624,7 +635,7 @@ class Registry:
             before = [
                 int(r[0], 16)
                 for r in db.execute(
-                    "SELECT serial FROM certificates WHERE device_id = ?",
+                    "SELECT serial FROM certificates WHERE device_id = ? AND status = 'revoked'",
                     (replacement.device_id,),
                 )
             ]

@@ -4,18 +4,19 @@ For a device whose key was compromised or lost (revoked first, so the old certif
 CRL): the registry records the new certificate and makes the device active again in one
 transaction, keeping every certificate it held before (still revoked); then the new key and
 certificate are installed as a pair (see :mod:`device.identity_files`). A crash between the two
-leaves the device active under a certificate nobody holds and the old, revoked pair on disk:
-revoke it again and replace it again, and registry and CRL still agree.
+leaves the device active under a certificate nobody holds (its key died with the process) and
+the old, revoked pair on disk; registry and CRL agree, and replacing it again finishes the job.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 
-from device.identity_files import install_identity
+from device.identity_files import install_identity, recover_identity
 from fleet.identity import DeviceIdentity, validate_device_id
 from fleet.keys import KeyType, generate_private_key, private_key_pem
 from fleet.registry import NewDevice
@@ -26,7 +27,7 @@ from fleet.workspace import Workspace
 class ReplacementResult:
     device_id: str
     serial: int
-    previous_serials: tuple[int, ...]  # every certificate it held before, all revoked
+    previous_serials: tuple[int, ...]  # the revoked certificates it held before
     not_before: dt.datetime
     not_after: dt.datetime
 
@@ -48,6 +49,21 @@ def replace_device(
     key = generate_private_key(key_type)
     with workspace.lock("provision"):
         record = workspace.registry.get(device_id)
+        cert_path = workspace.paths.device_cert(device_id)
+        key_path = workspace.paths.device_key(device_id)
+        finished = recover_identity(cert_path, key_path)  # a pair a crash left half-installed
+        held = _serial_on_disk(cert_path)
+        if finished and record.status == "active" and held == record.serial:
+            # the replacement this command is re-run for had done everything but the renames
+            revoked = workspace.registry.certificate_history(device_id)
+            return ReplacementResult(
+                device_id,
+                record.serial,
+                tuple(serial for serial, status, *_ in revoked if status == "revoked"),
+                record.not_before,
+                record.not_after,
+            )
+        unheld = record.serial if record.status == "active" and held != record.serial else None
         identity = DeviceIdentity(
             device_id=device_id,
             tier=record.tier,
@@ -71,11 +87,14 @@ def replace_device(
                 not_after=not_after,
             ),
             now=now,
+            unheld_serial=unheld,
         )
-        install_identity(
-            workspace.paths.device_cert(device_id),
-            workspace.paths.device_key(device_id),
-            ca.chain_pem(cert),
-            private_key_pem(key),
-        )
+        install_identity(cert_path, key_path, ca.chain_pem(cert), private_key_pem(key))
     return ReplacementResult(device_id, serial, tuple(previous), not_before, not_after)
+
+
+def _serial_on_disk(cert_path: Path) -> int | None:
+    try:
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    except (OSError, ValueError):
+        return None
