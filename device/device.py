@@ -295,6 +295,9 @@ class Device:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if self._connack is not None and not self._connack.done():
+            # connected from this moment: a loss before _connect resumes is then a drop, not a
+            # dead session taken for a live one
+            self.connected = not reason.is_failure
             self._connack.set_result(
                 ("refused", connack_reason(reason)) if reason.is_failure else ("ok", None)
             )
@@ -428,11 +431,11 @@ class Device:
             )
         mqtt_seconds = time.perf_counter() - started
         if result == "ok":
-            self.connected = True
-            if s.subscribe_commands:
-                self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
-            for topic_filter in s.also_subscribe:
-                self._client.subscribe(topic_filter, qos=1)
+            if self.connected:  # not already cut (e.g. taken over right after its CONNACK)
+                if s.subscribe_commands:
+                    self._client.subscribe(f"devices/{s.device_id}/commands", qos=1)
+                for topic_filter in s.also_subscribe:
+                    self._client.subscribe(topic_filter, qos=1)
             outcome: ConnectOutcome = ConnectOutcome.CONNECTED
         elif result == "refused":
             outcome = ConnectOutcome.CONNACK_REFUSED

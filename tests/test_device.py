@@ -105,6 +105,8 @@ def test_revoked_device_is_cut_off_and_then_refused_with_the_alert(fleet: Worksp
             assert (await other.connect()).outcome is ConnectOutcome.CONNECTED
             await asyncio.to_thread(revoke_device, fleet, "dev-00002")
             await asyncio.wait_for(victim.wait_disconnected(), 5)
+            # MQTT 3.1.1 gives the broker no word for why it cut: the device says it cannot tell
+            assert victim.stats.disconnects == ["connection_lost"]
             again = await victim.connect()
             assert again.outcome is ConnectOutcome.REJECTED_BY_BROKER
             assert again.detail == "certificate_revoked"
@@ -240,3 +242,114 @@ def test_a_renewed_certificate_is_used_from_the_next_handshake_on(
     original = x509.load_pem_x509_certificates(fleet.paths.device_cert("dev-00001").read_bytes())[0]
     assert first == original.serial_number
     assert second == renewed.serial_number != first
+
+
+def test_a_pinned_device_refuses_a_valid_broker_certificate_for_another_key(
+    fleet: Workspace,
+) -> None:
+    from fleet.scenario.credentials import broker_pin
+
+    pinned = broker_pin(fleet.paths.server_cert)
+
+    async def attempts() -> list[ConnectAttempt]:
+        broker = await _broker(fleet)
+        port = broker.port or 0
+        try:
+            driver = PahoDriver()
+            plain = Device(_settings(fleet, "dev-00001", port), driver)
+            right = Device(_settings(fleet, "dev-00002", port, pins=(pinned,)), driver)
+            wrong = Device(
+                _settings(fleet, "dev-00003", port, pins=("sha256/" + "A" * 43 + "=",)), driver
+            )
+            results = [await d.connect() for d in (plain, right, wrong)]
+            await plain.close()
+            await right.close()
+            return results
+        finally:
+            await broker.stop()
+
+    plain, right, wrong = run(attempts())
+    assert plain.outcome is ConnectOutcome.CONNECTED
+    assert right.outcome is ConnectOutcome.CONNECTED
+    assert (wrong.outcome, wrong.detail) == (
+        ConnectOutcome.BROKER_UNTRUSTED,
+        UntrustedReason.PIN_MISMATCH,
+    )
+    assert wrong.message == f"the broker's key {pinned} is not pinned"
+
+    issue_broker_certificate(fleet.paths, fleet.ca)  # the right CA, a new key: the pin fails
+    plain, right, _ = run(attempts())
+    assert plain.outcome is ConnectOutcome.CONNECTED
+    assert (right.outcome, right.detail) == (
+        ConnectOutcome.BROKER_UNTRUSTED,
+        UntrustedReason.PIN_MISMATCH,
+    )
+
+
+def test_a_device_without_a_certificate_is_refused_with_certificate_required(
+    fleet: Workspace,
+) -> None:
+    async def attempt() -> tuple[ConnectAttempt, dict[str, float]]:
+        broker = await _broker(fleet)
+        try:
+            device = Device(
+                _settings(fleet, "dev-00001", broker.port or 0, present_certificate=False),
+                PahoDriver(),
+            )
+            result = await device.connect()
+            counted = {
+                s.labels["outcome"]: s.value
+                for metric in broker.metrics.connections.collect()
+                for s in metric.samples
+                if s.name.endswith("_total")
+            }
+            return result, counted
+        finally:
+            await broker.stop()
+
+    result, counted = run(attempt())
+    assert (result.outcome, result.detail) == (
+        ConnectOutcome.REJECTED_BY_BROKER,
+        "certificate_required",
+    )
+    assert counted.get("no_certificate") == 1
+
+
+def test_a_session_lost_right_after_its_connack_is_a_drop_not_a_live_session(
+    fleet: Workspace,
+) -> None:
+    """A broker that takes the session over (or dies) just after the CONNACK: the device once
+    kept 'connected' with a dead socket and published in a busy loop (found on Mosquitto)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(fleet.paths.server_cert, fleet.paths.server_key)
+
+    async def scenario() -> tuple[ConnectAttempt, bool, list[str], int]:
+        async def answer_then_close(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            await reader.read(1024)  # the CONNECT
+            writer.write(bytes([0x20, 2, 0, 0]))  # CONNACK accepted, and gone at once
+            writer.close()
+
+        server = await asyncio.start_server(answer_then_close, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            device = Device(
+                _settings(fleet, "dev-00001", port, reconnect=False, publish_every=0.05),
+                PahoDriver(),
+            )
+            stop = asyncio.Event()
+            running = asyncio.create_task(device.run(stop))
+            await asyncio.wait_for(running, 5)  # no reconnect: it ends once the session is lost
+            attempt = device.stats.attempts[0]
+            return attempt, device.connected, device.stats.disconnects, device.stats.sent
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    attempt, connected, disconnects, sent = run(scenario())
+    assert attempt.outcome is ConnectOutcome.CONNECTED  # it did connect ...
+    assert not connected and disconnects == ["connection_lost"]  # ... and knows it was cut
+    assert sent <= 1

@@ -36,6 +36,9 @@ _LIBRARY_NAMES = {
     "revocation-unreachable",
     "bootstrap",
     "short-lived",
+    "pinning",
+    "impostors",
+    "replacement",
 }
 _LONG = {"short-lived"}  # 5 minutes: run by hand or in a nightly job, and below in miniature
 
@@ -325,6 +328,20 @@ def test_a_refusal_is_never_taken_for_an_enrollment(tmp_path: Path) -> None:
     first, second = scenario["expectations"]
     assert first["passed"] and not second["passed"]
     assert "enrollment refused id_taken" in second["failures"][0]
+
+
+def test_counts_over_a_group_are_exact(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = _run(FIXTURES / "enrollment-counts.yaml", "--quiet", "--json", report, timeout=120)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    (scenario,) = json.loads(report.read_text())["scenarios"]
+    verdicts = [e["passed"] for e in scenario["expectations"]]
+    # a zero count names an outcome nobody had: that holds too
+    assert verdicts == [True, False, False, True]
+    partial = scenario["expectations"][1]["failures"][0]
+    assert partial == (
+        "enrollment outcomes 2x enrolled, 1x refused claim_exhausted, expected 2x enrolled"
+    )
 
 
 @pytest.mark.parametrize(
