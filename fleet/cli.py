@@ -959,6 +959,14 @@ def scenario_run(
         list[str] | None,
         typer.Option(help="Leave out scenarios with this tag, e.g. long (repeatable)."),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Run this many scenarios at once, each in its own process, workspace and "
+            "embedded broker (no live timeline).",
+        ),
+    ] = 1,
 ) -> None:
     """Run scenarios; exit 0 only when every expectation of every scenario held."""
     from device.swarm_command import parse_target
@@ -991,7 +999,23 @@ def scenario_run(
     for_each = [s.name for s in scenarios]
     out.print(f"running {len(for_each)} scenario(s): {', '.join(for_each)}")
     results = []
-    for scenario in scenarios:
+    started = time.monotonic()
+    if jobs > 1 and len(scenarios) > 1:
+        out.print(f"{jobs} at a time, each in its own process: verdicts as they finish")
+
+        def announce_with_title(result: ScenarioResult) -> None:
+            out.rule(result.name)
+            announce(result)
+
+        results = run_scenarios(
+            scenarios,
+            target=chosen_target,
+            workspace_dir=directory.resolve() if directory else None,
+            keep_workspace=keep_workspace,
+            on_result=announce_with_title,
+            jobs=jobs,
+        )
+    for scenario in scenarios if not results else ():
         out.rule(
             f"{scenario.name} — {scenario.description}" if scenario.description else scenario.name
         )
@@ -1003,7 +1027,7 @@ def scenario_run(
             listener=live,
             on_result=announce,
         )
-    print_summary(results, out)
+    print_summary(results, out, wall_seconds=time.monotonic() - started if jobs > 1 else None)
     if junit is not None:
         write_junit(results, junit)
         out.print(f"wrote {junit}")

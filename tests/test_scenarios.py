@@ -151,8 +151,12 @@ def test_every_step_and_field_is_documented() -> None:
 
 def test_the_whole_library_passes_against_the_embedded_broker(tmp_path: Path) -> None:
     junit, report = tmp_path / "junit.xml", tmp_path / "report.json"
-    result = _run("--quiet", "--skip-tag", "long", "--junit", junit, "--json", report, timeout=400)
+    result = _run(
+        "--quiet", "--skip-tag", "long", "--jobs", "2", "--junit", junit, "--json", report,
+        timeout=400,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert "2 at a time, each in its own process" in result.stdout
 
     document: dict[str, Any] = json.loads(report.read_text())
     assert document["passed"] is True
@@ -252,6 +256,15 @@ def test_standard_scenarios_run_against_mosquitto_and_the_others_say_why_not(
     assert set(statuses.values()) <= {"passed", "skipped"}, statuses
     assert all(s["reason"] for s in scenarios.values() if s["status"] == "skipped")
     assert "only what our broker logs" in scenarios["stale-crl"]["reason"]
+
+
+def test_jobs_need_a_fresh_workspace_per_scenario(tmp_path: Path) -> None:
+    result = _run(
+        LIBRARY / "tiers.yaml", LIBRARY / "spoofing.yaml", "--jobs", "2", "--dir", tmp_path,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--jobs runs each scenario in a fresh workspace of its own" in result.stderr
 
 
 def test_target_needs_the_workspace_the_broker_trusts() -> None:

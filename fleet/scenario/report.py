@@ -111,7 +111,9 @@ def print_result(result: ScenarioResult, console: Console) -> None:
         console.print(f"  workspace kept: {result.workspace}")
 
 
-def print_summary(results: list[ScenarioResult], console: Console) -> None:
+def print_summary(
+    results: list[ScenarioResult], console: Console, *, wall_seconds: float | None = None
+) -> None:
     table = Table(title="scenarios", header_style="bold")
     table.add_column("scenario")
     table.add_column("result")
@@ -129,7 +131,8 @@ def print_summary(results: list[ScenarioResult], console: Console) -> None:
         )
     console.print(table)
     total = sum(r.seconds for r in results)
-    console.print(f"{len(results)} scenarios in {total:.1f} s")
+    wall = f" ({wall_seconds:.1f} s from first to last)" if wall_seconds is not None else ""
+    console.print(f"{len(results)} scenarios in {total:.1f} s{wall}")
 
 
 def write_json(results: list[ScenarioResult], path: Path) -> None:
