@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
 from typing import Any
@@ -25,16 +26,22 @@ from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action
 from amqtt.errors import BrokerError as AmqttBrokerError
 from amqtt.events import BrokerEvents
-from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from transitions import MachineError
 
 from broker.config import SessionLimits
+from broker.delivery import own_deliveries
 from broker.outbox import DropCounter, Outbox
 from broker.plugins import topic_allowed
 
 _REFUSED = 0x80
+# The QoS of the PUBLISH being routed, set by the task that received it (amqtt does not pass it
+# on: it delivered every message at the subscription's QoS, never lower than it was sent).
+_PUBLISHED_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "published_qos", default=None
+)
 _TAKEOVER_WAIT_SECONDS = 5.0
 FLEET_API_PREFIX = "$fleet/"
 
@@ -142,6 +149,7 @@ class IndexedBroker(Broker):
         handler, session = await super()._initialize_client_session(
             reader, writer, remote_address, remote_port
         )
+        own_deliveries(handler)  # unacknowledged deliveries kept and resent (broker/delivery.py)
         peer = writer.get_ssl_info()
         session.ssl_object = peer
         request = getattr(peer, "connect_request", None)
@@ -175,6 +183,12 @@ class IndexedBroker(Broker):
         code: int = await super().add_subscription(subscription, session)
         if code != _REFUSED:
             topic_filter = subscription[0]
+            entries = self._subscriptions[topic_filter]
+            for index, (subscriber, _qos) in enumerate(entries):
+                if subscriber.client_id == session.client_id:
+                    # a SUBSCRIBE to a filter it has replaces that subscription [MQTT-3.8.4-3]
+                    # (amqtt kept the first one's QoS)
+                    entries[index] = (session, code)
             if _is_wildcard(topic_filter):
                 self._wildcard_filters.add(topic_filter)
             self._filters_by_client.setdefault(session.client_id, set()).add(topic_filter)
@@ -251,12 +265,15 @@ class IndexedBroker(Broker):
             loop_ended.set()
 
     async def _serve_session(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
-        await self._publish_session_retained_messages(client_session)
-        if self._retained_messages:
-            for topic_filter in list(self._filters_by_client.get(client_session.client_id, ())):
-                await self._publish_retained_messages_for_subscription(
-                    (topic_filter, QOS_0), client_session
-                )
+        """What a resumed session kept while offline is delivered as it was published, with
+        RETAIN 0: it matched an established subscription [MQTT-3.3.1-9]. Retained messages are
+        sent for a SUBSCRIBE only [MQTT-3.3.1-6]; amqtt replayed them at every resumption too,
+        so a message published while the device was away arrived twice."""
+        queued = client_session.retained_messages
+        outbox = self.outbox(client_session)
+        while not queued.empty():
+            message = queued.get_nowait()
+            outbox.put(message.topic, message.data, message.qos)
         await self._client_message_loop(client_session, handler)
         await self._forget_clean_session(client_session)
 
@@ -300,6 +317,7 @@ class IndexedBroker(Broker):
         lives under ``$fleet/`` (like AWS IoT's ``$aws/``), so those go through the topic
         rights like any other message. Everything else is amqtt's, unchanged."""
         message = wait_deliver.result()
+        _PUBLISHED_QOS.set(getattr(message, "qos", None))  # for the routing of this message
         topic = getattr(message, "topic", None) or ""
         if not topic.startswith(FLEET_API_PREFIX) or "+" in topic or "#" in topic:
             return bool(
@@ -314,6 +332,21 @@ class IndexedBroker(Broker):
             )
             await self._broadcast_message(client_session, topic, message.data)
         return True
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        """amqtt's, keeping the QoS the message was published with (a will's is ``force_qos``)."""
+        broadcast: dict[str, Any] = {"session": session, "topic": topic, "data": data}
+        if force_qos is not None:
+            broadcast["qos"] = force_qos
+        elif (published := _PUBLISHED_QOS.get()) is not None:
+            broadcast["published_qos"] = published
+        await self._broadcast_queue.put(broadcast)
 
     def _matching_filters(self, topic: str) -> list[str]:
         filters = [topic] if topic in self._subscriptions else []
@@ -332,7 +365,9 @@ class IndexedBroker(Broker):
         topic = broadcast["topic"]
         for topic_filter in self._matching_filters(topic):
             for target_session, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                qos = broadcast.get("qos", sub_qos)
+                sent_qos = broadcast.get("qos", broadcast.get("published_qos"))
+                # the lower of the QoS it was published with and the one granted [MQTT-3.8.4-6]
+                qos = sub_qos if sent_qos is None else min(sent_qos, sub_qos)
                 if not await self._topic_filtering(
                     target_session, topic=topic, action=Action.RECEIVE
                 ):
