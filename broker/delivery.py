@@ -37,10 +37,10 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         session, packet_id = self._session_and_id(app_message)
         session.inflight_out[packet_id] = app_message
         publish = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+        app_message.publish_packet = publish  # sent once: any resend carries DUP
         app_message.puback_packet = await self._send_and_wait(
             publish, self._puback_waiters, packet_id
         )
-        app_message.publish_packet = publish
         session.inflight_out.pop(packet_id, None)  # acknowledged: only now is it delivered
 
     async def _handle_qos2_message_flow(self, app_message: AppMessage) -> None:
