@@ -67,6 +67,12 @@ class SwarmRequest:
             raise UsageError(f"invalid --qos {qos}: use 0 or 1")
         if mqtt_version not in ("3.1.1", "5"):
             raise UsageError(f"invalid --mqtt {mqtt_version!r}: use 3.1.1 or 5")
+        if mqtt_version == "5" and target is None:
+            raise UsageError(
+                "--mqtt 5 needs --target: the embedded broker speaks MQTT 3.1.1 only (it answers "
+                "an MQTT 5 CONNECT with CONNACK 1, unacceptable protocol version); point the "
+                "swarm at an MQTT 5 broker with --target mqtts://HOST:PORT"
+            )
         if in_flight < 1:
             raise UsageError("--in-flight must be at least 1")
         host, port = ("127.0.0.1", 0) if target is None else parse_target(target)

@@ -144,6 +144,25 @@ def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_
     assert summary["messages"]["lost"] == 0
 
 
+def test_mqtt5_devices_are_told_plainly_by_a_3_1_1_broker(
+    fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path
+) -> None:
+    """--mqtt 5 reaches the wire: our broker answers each MQTT 5 CONNECT with CONNACK 1."""
+    out = tmp_path / "summary.json"
+    result = subprocess.run(
+        fleet_command(
+            "swarm", "--dir", fleet_200.paths.root, "--devices", "5", "--duration", "2s",
+            "--mqtt", "5", "--target", f"mqtts://127.0.0.1:{our_broker.port}",
+            "--processes", "1", "--quiet", "--json", out,
+        ),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    assert set(summary["outcomes"]) == {"connack_refused"}
+    assert set(summary["failure_details"]) == {"connack_refused: unsupported_protocol_version"}
+
+
 def test_a_swarm_of_short_lived_certificates_renews_itself(
     workspace: Workspace, tmp_path: Path
 ) -> None:
@@ -179,6 +198,7 @@ def test_a_swarm_of_short_lived_certificates_renews_itself(
         (["--source-ips", "10.0.0.1"], "must be loopback addresses"),
         (["--processes", "zero"], "invalid --processes 'zero'"),
         (["--renew-at", "2/3"], "invalid --renew-at '2/3'"),
+        (["--mqtt", "5"], "--mqtt 5 needs --target: the embedded broker speaks MQTT 3.1.1 only"),
     ],
 )
 def test_bad_swarm_options(fleet_200: Workspace, args: list[str], message: str) -> None:
