@@ -82,6 +82,7 @@ class PeerConnection(asyncio.Protocol):
         self.outcome: Outcome | None = None
         self.leaf: Any = None  # the client's leaf as the verify callback saw it (OpenSSL X509)
         self.verify_code: int | None = None
+        self.issuer_revoked = False  # the chain's issuing CA is on the root's CRL
         self.certificate: x509.Certificate | None = None
         self.identity: DeviceIdentity | None = None
         self.rights: TopicRights | None = None
@@ -230,6 +231,8 @@ class PeerConnection(asyncio.Protocol):
         detail = openssl_reason(exc)
         if self.verify_code is not None:
             outcome, detail = refine_verify_failure(self.verify_code, detail)
+        if self.issuer_revoked:
+            outcome, detail = Outcome.ISSUER_REVOKED, "its issuing CA is revoked (root CRL)"
         self.broker.record(self, outcome, detail)
         self._flush()  # the alert tells the client why: sent once the refusal is on record
         self._linger_and_close()

@@ -31,6 +31,7 @@ from broker.tls import (
     CrlHistory,
     CrlState,
     build_server_context,
+    issued_by,
     load_crl,
     load_issuers,
     load_retired_key_ids,
@@ -46,6 +47,7 @@ events_log = logging.getLogger("mtls_fleet.broker.events")
 _LISTENER = "default"  # amqtt requires a listener of this name; ours is external
 _TEARDOWNS_PER_ITERATION = 64
 _INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE
+_REVOKED = 23  # X509_V_ERR_CERT_REVOKED
 _CRL_PAST_NEXT_UPDATE = (11, 12)  # X509_V_ERR_CRL_NOT_YET_VALID, X509_V_ERR_CRL_HAS_EXPIRED
 Event = dict[str, Any]
 
@@ -289,8 +291,12 @@ class FleetBroker:
                 peer.close_by_broker(SessionEnd.REVOKED)
         for peers in list(self._by_serial.values()):
             for peer in list(peers):
-                if peer.certificate is not None and peer.certificate.issuer not in crl.issuers:
+                if peer.certificate is None:
+                    continue
+                if peer.certificate.issuer not in crl.issuers:
                     peer.close_by_broker(SessionEnd.ISSUER_RETIRED)
+                elif issued_by(peer.certificate, crl.revoked_issuer_keys):
+                    peer.close_by_broker(SessionEnd.ISSUER_REVOKED)
 
     def _install_crl_metrics(self, crl: CrlState) -> None:
         self.metrics.crl_number.set(crl.number)
@@ -579,6 +585,10 @@ def _verify(
         return bool(ok)
     if not ok and errnum in _CRL_PAST_NEXT_UPDATE and peer.broker.forgives_stale_crl:
         return True  # fail-open: the stale CRL still revokes what it lists
+    if not ok and errnum == _REVOKED and depth > 0:
+        # its issuing CA is on the root's CRL: refused at once, with the certificate_revoked alert
+        peer.verify_code, peer.issuer_revoked = errnum, True
+        return False
     if depth == 0:
         peer.leaf = cert
         if ok and peer.verify_code is None and not _allows_client_auth(cert):

@@ -40,6 +40,10 @@ class CrlState:
     next_update: dt.datetime  # the earliest of them: stale as soon as one is
     revoked: frozenset[int]
     issuers: frozenset[x509.Name]  # whose certificates can be checked (others are refused)
+    # key ids of the trusted issuing CAs the root's CRL revokes; whether a root CRL came at all
+    # (then every link of a chain has a CRL and the whole chain is checked)
+    revoked_issuer_keys: frozenset[bytes] = frozenset()
+    has_root_crl: bool = False
 
     def is_stale(self, now: dt.datetime) -> bool:
         return now >= self.next_update
@@ -62,15 +66,21 @@ def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> 
     else:
         blocks, load = [data], x509.load_der_x509_crl
     crls = []
+    signers: list[x509.Certificate] = []
     for block in blocks:
         try:
             crl = load(block)
         except ValueError as exc:
             raise BrokerError(f"{source}: not a CRL ({exc})") from exc
-        if not any(
-            crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-            for issuer in issuers
-        ):
+        signer = next(
+            (
+                issuer
+                for issuer in issuers
+                if crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            ),
+            None,
+        )
+        if signer is None:
             raise BrokerError(
                 f"{source}: the CRL of {crl.issuer.rfc4514_string()} does not verify against a "
                 "trusted issuing CA; ignored"
@@ -78,6 +88,13 @@ def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> 
         if crl.next_update_utc is None:
             raise BrokerError(f"{source}: CRL has no nextUpdate")
         crls.append(crl)
+        signers.append(signer)
+    root_revoked = {
+        entry.serial_number
+        for crl, signer in zip(crls, signers, strict=True)
+        if signer.subject == signer.issuer  # self-issued: the root's own CRL
+        for entry in crl
+    }
     return CrlState(
         crls=tuple(crls),
         number=max(_crl_number(crl) for crl in crls),
@@ -86,7 +103,26 @@ def parse_crls(data: bytes, issuers: list[x509.Certificate], *, source: str) -> 
         next_update=min(crl.next_update_utc for crl in crls if crl.next_update_utc),
         revoked=frozenset(entry.serial_number for crl in crls for entry in crl),
         issuers=frozenset(crl.issuer for crl in crls),
+        revoked_issuer_keys=frozenset(
+            _key_id(issuer) for issuer in issuers if issuer.serial_number in root_revoked
+        ),
+        has_root_crl=any(signer.subject == signer.issuer for signer in signers),
     )
+
+
+def _key_id(cert: x509.Certificate) -> bytes:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+
+
+def issued_by(cert: x509.Certificate, key_ids: frozenset[bytes]) -> bool:
+    """Whether ``cert`` names (in its Authority Key Identifier) one of ``key_ids``."""
+    if not key_ids:
+        return False
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return False
+    return aki.key_identifier in key_ids
 
 
 class CrlHistory:
@@ -150,9 +186,10 @@ def load_retired_key_ids(paths: WorkspacePaths) -> frozenset[bytes]:
 
 
 def load_issuers(paths: WorkspacePaths) -> list[x509.Certificate]:
-    """The CA certificates whose CRLs the broker accepts (the trusted issuing intermediates)."""
+    """The CA certificates whose CRLs the broker accepts: the trusted issuing intermediates,
+    and the root (its CRL lists the issuing CAs it revoked)."""
     issuers = []
-    for path in issuer_files(paths):
+    for path in [*issuer_files(paths), paths.root_cert]:
         try:
             issuers += x509.load_pem_x509_certificates(path.read_bytes())
         except (FileNotFoundError, ValueError) as exc:
@@ -196,5 +233,10 @@ def build_server_context(
         assert store is not None
         for each in crl.crls:
             store.add_crl(each)
-        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        # the whole chain when the root's CRL is there (an issuing CA it revoked is refused),
+        # the leaf only for a CRL file published before the root had one
+        flags = crypto.X509StoreFlags.CRL_CHECK  # CRL_CHECK_ALL extends it, never alone
+        if crl.has_root_crl:
+            flags |= crypto.X509StoreFlags.CRL_CHECK_ALL
+        store.set_flags(flags)
     return context

@@ -17,6 +17,7 @@ class Outcome(enum.StrEnum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
     REVOKED = "revoked"
+    ISSUER_REVOKED = "issuer_revoked"  # its issuing CA is on the root's CRL
     BAD_EKU = "bad_eku"
     CRL_STALE = "crl_stale"
     IDENTITY_MISMATCH = "identity_mismatch"
@@ -35,6 +36,7 @@ class SessionEnd(enum.StrEnum):
     REVOKED = "revoked"
     EXPIRED = "expired"
     ISSUER_RETIRED = "issuer_retired"
+    ISSUER_REVOKED = "issuer_revoked"
     TAKEOVER = "takeover"
     KEEPALIVE_TIMEOUT = "keepalive_timeout"
     PROTOCOL_ERROR = "protocol_error"

@@ -157,6 +157,70 @@ def create_intermediate_ca(
     return cert, key
 
 
+# Issuing Distribution Point (RFC 5280 5.2.5) of each CRL: what it covers. No distribution point
+# name, so it matches whatever (or no) CRL distribution point a certificate names; EMQX, for
+# one, enforces only CRLs that carry the extension.
+_END_ENTITIES_ONLY = x509.IssuingDistributionPoint(
+    full_name=None,
+    relative_name=None,
+    only_contains_user_certs=True,
+    only_contains_ca_certs=False,
+    only_some_reasons=None,
+    indirect_crl=False,
+    only_contains_attribute_certs=False,
+)
+_CAS_ONLY = x509.IssuingDistributionPoint(
+    full_name=None,
+    relative_name=None,
+    only_contains_user_certs=False,
+    only_contains_ca_certs=True,
+    only_some_reasons=None,
+    indirect_crl=False,
+    only_contains_attribute_certs=False,
+)
+
+
+def build_root_crl(
+    root_cert: x509.Certificate,
+    root_key: PrivateKey,
+    entries: Iterable[RevokedEntry],
+    *,
+    crl_number: int,
+    this_update: dt.datetime,
+    next_update: dt.datetime,
+) -> x509.CertificateRevocationList:
+    """The root's own CRL: the issuing intermediates it revoked (``fleet ca revoke-issuing``).
+
+    With it every certificate of a chain has a CRL, so ``openssl verify -crl_check_all`` (and a
+    broker checking the whole chain) can decide each link."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(root_cert.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(_authority_key_id(root_cert), critical=False)
+        .add_extension(_CAS_ONLY, critical=True)
+    )
+    return _with_entries(builder, entries).sign(root_key, signature_hash(root_key))
+
+
+def _with_entries(
+    builder: x509.CertificateRevocationListBuilder, entries: Iterable[RevokedEntry]
+) -> x509.CertificateRevocationListBuilder:
+    """``builder`` with one revoked-certificate entry (serial, date, reason) per entry."""
+    for entry in entries:
+        revoked = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+        )
+        if entry.reason is not x509.ReasonFlags.unspecified:
+            revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
+        builder = builder.add_revoked_certificate(revoked.build())
+    return builder
+
+
 def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
@@ -356,14 +420,6 @@ class CertificateAuthority:
             .next_update(next_update)
             .add_extension(x509.CRLNumber(crl_number), critical=False)
             .add_extension(self._aki, critical=False)
+            .add_extension(_END_ENTITIES_ONLY, critical=True)  # RFC 5280 5.2.5: critical
         )
-        for entry in entries:
-            revoked = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(entry.serial)
-                .revocation_date(entry.revoked_at)
-            )
-            if entry.reason is not x509.ReasonFlags.unspecified:
-                revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
-            builder = builder.add_revoked_certificate(revoked.build())
-        return builder.sign(self.issuing_key, self._hash)
+        return _with_entries(builder, entries).sign(self.issuing_key, self._hash)

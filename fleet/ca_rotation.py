@@ -6,6 +6,9 @@ one in ``ca/previous/``, then renames the new key and certificate into place. A 
 those renames is finished by the next command that opens the workspace. ``retire_previous_issuers``
 moves the previous intermediates to ``ca/retired/``: the next CRL no longer covers them, and a
 broker without a CRL for an issuer refuses its certificates (and ours closes their sessions).
+``revoke_issuing_cas`` is the emergency for a compromised intermediate (rotate first): the root's
+CRL lists it, so every broker that checks the whole chain refuses its devices, and ours closes
+their live sessions (``issuer_revoked``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from fleet.ca import create_intermediate_ca
+from fleet.errors import UsageError
 from fleet.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.keys import load_private_key, private_key_pem
 from fleet.revocation import publish_crl
@@ -99,3 +104,49 @@ def retire_previous_issuers(workspace: Workspace, *, now: dt.datetime | None = N
     if retired:
         publish_crl(workspace, now=now)
     return retired
+
+
+def revoke_issuing_cas(
+    workspace: Workspace,
+    *,
+    serial: int | None = None,
+    reason: x509.ReasonFlags = x509.ReasonFlags.ca_compromise,
+    now: dt.datetime | None = None,
+) -> list[str]:
+    """Put issuing CAs a rotation replaced (the one with ``serial``, or every previous one) on
+    the root's CRL and publish it; returns the subjects revoked now. The current issuing CA is
+    refused: rotate first, so that the fleet can still issue."""
+    now = now or dt.datetime.now(dt.UTC)
+    paths = workspace.paths
+    current = workspace.ca.issuing_cert
+    if serial == current.serial_number:
+        raise UsageError(
+            f"{current.subject.rfc4514_string()} is the current issuing CA: run 'fleet ca rotate' "
+            "first, then revoke it (the fleet needs an issuing CA that is not revoked)"
+        )
+    if workspace.root_key() is None:
+        raise UsageError(f"{paths.root_key} is missing: only the root can revoke an issuing CA")
+    known = [*paths.previous_issuer_certs(), *sorted(paths.retired_issuers_dir.glob("*.crt"))]
+    candidates = [x509.load_pem_x509_certificate(path.read_bytes()) for path in known]
+    if serial is None:
+        chosen = [c for c in candidates if c in _load_all(paths.previous_issuer_certs())]
+    else:
+        chosen = [c for c in candidates if c.serial_number == serial]
+        if not chosen:
+            raise UsageError(
+                f"no issuing CA with serial {serial:X} in {paths.ca_dir} (previous or retired)"
+            )
+    revoked = [
+        cert.subject.rfc4514_string()
+        for cert in chosen
+        if workspace.registry.revoke_issuer(
+            cert.serial_number, cert.subject.rfc4514_string(), reason, now=now
+        )
+    ]
+    if revoked:
+        publish_crl(workspace, now=now)
+    return revoked
+
+
+def _load_all(paths: list[Path]) -> list[x509.Certificate]:
+    return [x509.load_pem_x509_certificate(path.read_bytes()) for path in paths]

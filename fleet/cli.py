@@ -57,7 +57,7 @@ crl_app = typer.Typer(
     help="Publish and inspect the certificate revocation list.", no_args_is_help=True
 )
 app.add_typer(crl_app, name="crl")
-ca_app = typer.Typer(help="Rotate and retire the issuing CA.", no_args_is_help=True)
+ca_app = typer.Typer(help="Rotate, retire and revoke issuing CAs.", no_args_is_help=True)
 app.add_typer(ca_app, name="ca")
 app.add_typer(claim_app, name="claim")
 app.add_typer(admin_app, name="admin")
@@ -824,6 +824,37 @@ def ca_retire(directory: DirOption = DEFAULT_DIR) -> None:
         out.print("no previous issuing CA to retire; nothing changed")
         return
     out.print(f"retired {', '.join(retired)}; CRL published to {workspace.paths.crl}")
+
+
+@ca_app.command("revoke-issuing")
+@friendly_errors
+def ca_revoke_issuing(
+    directory: DirOption = DEFAULT_DIR,
+    serial: Annotated[
+        str | None,
+        typer.Option(help="Hex serial of the issuing CA (default: every previous one)."),
+    ] = None,
+    reason: Annotated[
+        str, typer.Option(help=f"One of {', '.join(REVOCATION_REASONS)}.")
+    ] = "ca-compromise",
+) -> None:
+    """Revoke issuing CAs a rotation replaced, in the root's CRL (a compromised intermediate)."""
+    from fleet.ca_rotation import revoke_issuing_cas
+
+    try:
+        number = int(serial, 16) if serial is not None else None
+    except ValueError:
+        raise UsageError(f"invalid --serial {serial!r}: give the serial in hex") from None
+    workspace = Workspace.open(directory)
+    revoked = revoke_issuing_cas(workspace, serial=number, reason=parse_revocation_reason(reason))
+    if not revoked:
+        out.print("no issuing CA to revoke (none previous, or already revoked); nothing changed")
+        return
+    out.print(
+        f"revoked {', '.join(revoked)} in the root's CRL ({reason}); CRL published to "
+        f"{workspace.paths.crl}: brokers checking the whole chain refuse its devices",
+        highlight=False,
+    )
 
 
 @bench_app.command("handshake")

@@ -23,7 +23,7 @@ from cryptography import x509
 from fleet.ca import RevokedEntry
 from fleet.errors import RegistryError, RequestRefused, UnknownDeviceError, WorkspaceError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS renewal_requests (
     serial      TEXT NOT NULL,
     answered_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS issuer_revocations (
+    serial            TEXT PRIMARY KEY,
+    subject           TEXT NOT NULL,
+    revoked_at        TEXT NOT NULL,
+    revocation_reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS admins (
     serial            TEXT PRIMARY KEY,
     name              TEXT NOT NULL,
@@ -103,6 +109,10 @@ def format_time(value: dt.datetime) -> str:
 
 def parse_time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def _reason(name: str) -> x509.ReasonFlags:
+    return x509.ReasonFlags[name.replace("-", "_")]
 
 
 def serial_hex(serial: int) -> str:
@@ -336,11 +346,33 @@ class Registry:
             "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         )
 
-    def revocation_snapshot(self) -> tuple[int, list[RevokedEntry]]:
-        """(revocations counted so far, every revoked certificate), read in one transaction."""
+    def revocation_snapshot(self) -> tuple[int, list[RevokedEntry], list[RevokedEntry]]:
+        """(revocations counted so far, every revoked end-entity certificate, every revoked
+        issuing CA), read in one transaction."""
         with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'revocations'").fetchone()
-            return (int(row[0]) if row else 0), self._revoked_entries(db)
+            issuers = [
+                RevokedEntry(int(serial, 16), parse_time(at), _reason(reason))
+                for serial, at, reason in db.execute(
+                    "SELECT serial, revoked_at, revocation_reason FROM issuer_revocations "
+                    "ORDER BY revoked_at, serial"
+                )
+            ]
+            return (int(row[0]) if row else 0), self._revoked_entries(db), issuers
+
+    def revoke_issuer(
+        self, serial: int, subject: str, reason: x509.ReasonFlags, *, now: dt.datetime
+    ) -> bool:
+        """Record an issuing CA as revoked (for the root's CRL); False when it already was."""
+        with self.transaction() as db:
+            inserted = db.execute(
+                "INSERT INTO issuer_revocations(serial, subject, revoked_at, revocation_reason) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(serial) DO NOTHING",
+                (serial_hex(serial), subject, format_time(now), reason.name.replace("_", "-")),
+            ).rowcount
+            if inserted:
+                self._count_revocation(db)
+        return bool(inserted)
 
     def crl_published(self, revocations: int) -> None:
         """Record that a CRL covering the first ``revocations`` revocations is on disk."""
@@ -711,9 +743,7 @@ class Registry:
         ).fetchall()
         return [
             RevokedEntry(
-                serial=int(serial, 16),
-                revoked_at=parse_time(revoked_at),
-                reason=x509.ReasonFlags[reason.replace("-", "_")],
+                serial=int(serial, 16), revoked_at=parse_time(revoked_at), reason=_reason(reason)
             )
             for serial, revoked_at, reason in rows
         ]

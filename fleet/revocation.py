@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fleet.ca import build_root_crl
 from fleet.files import remove_stale_temporaries, replace_atomically
 from fleet.workspace import Workspace
 
@@ -130,18 +131,31 @@ def publish_crl(
     by the next command that opens the workspace (:func:`finish_crl_publication`).
     ``valid_for`` (default: the workspace's ``crl_valid_for``) sets nextUpdate. After a CA
     rotation every trusted issuing CA signs its own CRL (same entries, same number) and the
-    file holds them all, the current issuer's first; that one is returned.
+    file holds them all, the current issuer's first; that one is returned. The root's CRL (the
+    issuing CAs it revoked) comes last, so every link of a chain has its CRL.
     """
     now = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     with workspace.lock("crl"):
         remove_stale_temporaries(workspace.paths.crl)  # a killed publisher's (we hold the lock)
-        covered, entries = workspace.registry.revocation_snapshot()
+        covered, entries, issuers = workspace.registry.revocation_snapshot()
         number = workspace.registry.next_crl_number()
         next_update = now + (valid_for or workspace.config.crl_valid_for)
         crls = [
             ca.build_crl(entries, crl_number=number, this_update=now, next_update=next_update)
             for ca in [workspace.ca, *workspace.previous_authorities()]
         ]
+        root_key = workspace.root_key()
+        if root_key is not None:  # the root's own CRL, last: the issuing CAs it revoked
+            crls.append(
+                build_root_crl(
+                    workspace.ca.root_cert,
+                    root_key,
+                    issuers,
+                    crl_number=number,
+                    this_update=now,
+                    next_update=next_update,
+                )
+            )
         replace_atomically(
             workspace.paths.crl, b"".join(crl.public_bytes(Encoding.PEM) for crl in crls)
         )

@@ -243,6 +243,15 @@ class Workspace:
             crl_distribution_url=self.config.crl_url,
         )
 
+    def root_key(self) -> PrivateKey | None:
+        """The root CA's key (None when it is kept off this machine): it signs the root's CRL."""
+        path = self.paths.root_key
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return load_private_key(data, source=str(path))
+
     def previous_authorities(self) -> list[CertificateAuthority]:
         """Issuing CAs replaced by a rotation and not yet retired (they still sign CRLs)."""
         authorities = []

@@ -86,7 +86,8 @@ def test_ca_rotation_overlaps_then_retires(workspace: Workspace, cli: Cli) -> No
     rotated = Workspace.open(workspace.paths.root)
     new_issuer = rotated.ca.issuing_cert
     assert new_issuer.serial_number != old_issuer.serial_number
-    assert [crl.issuer for crl in _crls(rotated)] == [new_issuer.subject, old_issuer.subject]
+    root = rotated.ca.root_cert.subject  # the root's own CRL comes last
+    assert [crl.issuer for crl in _crls(rotated)] == [new_issuer.subject, old_issuer.subject, root]
     (previous_key,) = rotated.paths.previous_issuers_dir.glob("*.key")
     assert stat.S_IMODE(previous_key.stat().st_mode) == 0o600
 
@@ -98,7 +99,7 @@ def test_ca_rotation_overlaps_then_retires(workspace: Workspace, cli: Cli) -> No
 
     result = cli("ca", "retire", "--dir", workspace.paths.root)
     assert result.exit_code == 0, result.output
-    assert [crl.issuer for crl in _crls(rotated)] == [new_issuer.subject]
+    assert [crl.issuer for crl in _crls(rotated)] == [new_issuer.subject, root]
     assert not list(rotated.paths.previous_issuers_dir.glob("*"))
     assert len(list(rotated.paths.retired_issuers_dir.glob("*.crt"))) == 1
     result = cli("ca", "retire", "--dir", workspace.paths.root)
@@ -158,6 +159,6 @@ def test_rotating_twice_keeps_both_predecessors_until_retired(workspace: Workspa
     rotate_issuing_ca(workspace)
     rotate_issuing_ca(workspace)
     assert len(workspace.paths.previous_issuer_certs()) == 2
-    assert len(_crls(workspace)) == 3
+    assert len(_crls(workspace)) == 3 + 1  # and the root's
     assert len(retire_previous_issuers(workspace)) == 2
-    assert len(_crls(workspace)) == 1
+    assert len(_crls(workspace)) == 1 + 1

@@ -22,7 +22,7 @@ from device.tls import spki_pin
 from fleet.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
 from fleet.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.identity import DeviceIdentity
-from fleet.keys import PrivateKey, generate_private_key, load_private_key, private_key_pem
+from fleet.keys import generate_private_key, load_private_key, private_key_pem
 from fleet.scenario.model import BrokerCertificate, Eku, Group, Issuer
 from fleet.workspace import DEFAULT_HOSTS, Workspace, issue_broker_certificate
 
@@ -78,7 +78,8 @@ class ScenarioCredentials:
         """An intermediate under the fleet's real root whose validity ended yesterday."""
         now = dt.datetime.now(dt.UTC)
         ca = self.workspace.ca
-        root_key = _load_root_key(self.workspace)
+        root_key = self.workspace.root_key()
+        assert root_key is not None, "a scenario's workspace holds its root key"
         domain = self.workspace.config.trust_domain
         issuing_cert, issuing_key = create_intermediate_ca(
             parent_cert=ca.root_cert,
@@ -179,11 +180,6 @@ class ScenarioCredentials:
         )
         replace_atomically(paths.server_key, private_key_pem(key), mode=0o600)
         replace_atomically(paths.server_cert, ca.chain_pem(cert))
-
-
-def _load_root_key(workspace: Workspace) -> PrivateKey:
-    path = workspace.paths.root_key
-    return load_private_key(path.read_bytes(), source=str(path))
 
 
 def broker_pin(server_cert: Path) -> str:
