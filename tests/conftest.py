@@ -56,6 +56,17 @@ def fleet_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "fleet", *(str(a) for a in args)]
 
 
+def fleet_killed_at(syscall: str, nth: int, *args: str | Path) -> int:
+    """Run ``fleet ARGS`` under strace, killed (SIGKILL) at its ``nth`` ``syscall``: what a
+    power cut or kill -9 at that write does. Returns its exit code (0: it made fewer calls)."""
+    strace = require_tool("strace")
+    command = [
+        strace, "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
+        "-e", f"inject={syscall}:signal=KILL:when={nth}", *fleet_command(*args),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60).returncode
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     """A fresh, empty workspace."""

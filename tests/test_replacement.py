@@ -19,7 +19,7 @@ from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.registry import Registry
 from fleet.replacement import replace_device
 from fleet.revocation import load_crl
-from tests.conftest import fleet_command
+from tests.conftest import fleet_command, fleet_killed_at
 from tests.test_revocation_durability import assert_registry_and_crl_agree
 
 
@@ -141,18 +141,6 @@ _WRITES = ("pwrite64", "write", "fsync", "rename")
 _MAX_CALLS = 40
 
 
-def _killed_replace(root: Path, device_id: str, syscall: str, nth: int) -> int:
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed (run 'make tools' as root to install it)")
-    command = [
-        strace, "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
-        "-e", f"inject={syscall}:signal=KILL:when={nth}",
-        *fleet_command("provision", "--dir", root, "--id", device_id, "--replace"),
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60).returncode
-
-
 @pytest.mark.slow
 def test_replace_killed_at_every_write_leaves_a_consistent_fleet_and_can_be_run_again(
     workspace: Workspace,
@@ -166,7 +154,9 @@ def test_replace_killed_at_every_write_leaves_a_consistent_fleet_and_can_be_run_
             device_id = next(devices)
             revoke_device(workspace, device_id)
             old = _serial(workspace.paths.device_cert(device_id))
-            code = _killed_replace(root, device_id, syscall, nth)
+            code = fleet_killed_at(
+                syscall, nth, "provision", "--dir", root, "--id", device_id, "--replace"
+            )
             reopened = Workspace.open(root)
             assert_registry_and_crl_agree(reopened)
             cert = reopened.paths.device_cert(device_id)

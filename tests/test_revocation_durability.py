@@ -11,7 +11,7 @@ import pytest
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
 from fleet.registry import Registry
 from fleet.revocation import load_crl
-from tests.conftest import fleet_command, require_tool
+from tests.conftest import fleet_command, fleet_killed_at
 
 # Every system call by which `fleet revoke` changes something on disk (SQLite writes its WAL
 # with pwrite64 and syncs with fdatasync; the CRL is written, fsync-ed and renamed into place).
@@ -38,16 +38,6 @@ def assert_registry_and_crl_agree(workspace: Workspace) -> None:
     assert leftovers == []
 
 
-def _killed_revoke(workspace: Workspace, device_id: str, syscall: str, nth: int) -> int:
-    strace = require_tool("strace")
-    command = [
-        strace, "-f", "-o", "/dev/null", "-e", f"trace={syscall}",
-        "-e", f"inject={syscall}:signal=KILL:when={nth}",
-        *fleet_command("revoke", device_id, "--dir", workspace.paths.root),
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60).returncode
-
-
 @pytest.mark.slow
 def test_fleet_revoke_killed_at_every_write_never_loses_the_revocation(
     workspace: Workspace,
@@ -58,7 +48,7 @@ def test_fleet_revoke_killed_at_every_write_never_loses_the_revocation(
     for syscall in WRITES:
         for nth in range(1, MAX_CALLS + 1):
             device_id = next(devices)
-            code = _killed_revoke(workspace, device_id, syscall, nth)
+            code = fleet_killed_at(syscall, nth, "revoke", device_id, "--dir", workspace.paths.root)
             with closing(Registry(workspace.paths.db)) as raw:  # before any repair
                 windows += raw.crl_publication_pending()
             reopened = Workspace.open(workspace.paths.root)  # what any next command does first

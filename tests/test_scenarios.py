@@ -4,6 +4,7 @@ verdicts that can fail, JUnit and JSON that add up, and the same scenarios again
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import textwrap
 import xml.etree.ElementTree as ET
@@ -256,6 +257,21 @@ def test_standard_scenarios_run_against_mosquitto_and_the_others_say_why_not(
     assert set(statuses.values()) <= {"passed", "skipped"}, statuses
     assert all(s["reason"] for s in scenarios.values() if s["status"] == "skipped")
     assert "only what our broker logs" in scenarios["stale-crl"]["reason"]
+
+
+def test_keep_workspace_keeps_it_for_inspection(tmp_path: Path) -> None:
+    path = _write(tmp_path, _GOOD)
+    kept_report, gone_report = tmp_path / "kept.json", tmp_path / "gone.json"
+    kept = _run(path, "--quiet", "--keep-workspace", "--json", kept_report, timeout=120)
+    gone = _run(path, "--quiet", "--json", gone_report, timeout=120)
+    assert kept.returncode == 0 and gone.returncode == 0, kept.stdout + gone.stdout
+    (with_it,) = json.loads(kept_report.read_text())["scenarios"]
+    (without,) = json.loads(gone_report.read_text())["scenarios"]
+    workspace = Path(with_it["workspace"])
+    assert (workspace / "fleet.db").is_file() and (workspace / "ca" / "root.crt").is_file()
+    assert len(list((workspace / "devices").iterdir())) == 3  # the scenario's fleet, on disk
+    assert without["workspace"] is None
+    shutil.rmtree(workspace)  # kept for us: ours to remove
 
 
 def test_jobs_need_a_fresh_workspace_per_scenario(tmp_path: Path) -> None:

@@ -7,13 +7,14 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker import BrokerSettings
 from device.swarm import SwarmConfig, run_swarm, split
 from fleet import ProvisionSpec, Workspace, provision_devices
-from tests.broker_support import BrokerThread, free_port
+from tests.broker_support import BrokerThread, free_port, settings_for_tests
 from tests.conftest import fleet_command, require_tool
 
 
@@ -161,6 +162,49 @@ def test_mqtt5_devices_are_told_plainly_by_a_3_1_1_broker(
     summary = json.loads(out.read_text())
     assert set(summary["outcomes"]) == {"connack_refused"}
     assert set(summary["failure_details"]) == {"connack_refused: unsupported_protocol_version"}
+
+
+def _swarm_cli(workspace: Workspace, port: int, out: Path, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        fleet_command(
+            "swarm", "--dir", workspace.paths.root, "--devices", "5", "--duration", "2s",
+            "--publish-every", "0.5s", "--target", f"mqtts://127.0.0.1:{port}",
+            "--processes", "1", "--quiet", "--json", out, *args,
+        ),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
+
+
+def test_server_name_is_the_name_the_broker_certificate_must_carry(
+    fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path
+) -> None:
+    out = tmp_path / "summary.json"
+    right = _swarm_cli(fleet_200, our_broker.port, out, "--server-name", "localhost")
+    assert right["outcomes"] == {"connected": 5}
+    wrong = _swarm_cli(fleet_200, our_broker.port, out, "--server-name", "broker.example")
+    assert wrong["failure_details"] == {"broker_untrusted: hostname_mismatch": wrong["attempts"]}
+
+
+def test_payload_size_reaches_the_wire(fleet_200: Workspace, tmp_path: Path) -> None:
+    """A broker that closes links for packets over 1 KiB: 64-byte telemetry passes, 2 KiB
+    telemetry gets each session closed at its first publication."""
+    broker = BrokerThread(settings_for_tests(fleet_200, max_packet_bytes=1024))
+    out = tmp_path / "summary.json"
+    try:
+        small = _swarm_cli(fleet_200, broker.port, out, "--payload-size", "64")
+        large = _swarm_cli(fleet_200, broker.port, out, "--payload-size", "2048")
+        closed = broker.wait_for_event(
+            lambda e: e["event"] == "session_closed" and e.get("reason") == "protocol_error"
+        )
+    finally:
+        broker.stop()
+    assert small["messages"]["lost"] == 0 and small["messages"]["acknowledged"] > 0
+    assert large["messages"]["acknowledged"] == 0  # every one was too large to be taken
+    size = int(str(closed["detail"]).split("packet of ")[1].split(" bytes")[0])
+    assert size > 2048 and str(closed["detail"]).endswith("exceeds the 1024-byte limit")
 
 
 def test_a_swarm_of_short_lived_certificates_renews_itself(
