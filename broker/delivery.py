@@ -70,7 +70,8 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         pending: list[Any] = [*session.inflight_in.values(), *session.inflight_out.values()]
         for message in pending:
             task = asyncio.ensure_future(self._handle_message_flow(message))
-            task.add_done_callback(_log_failure)
+            _RETRIES.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(_retry_done)
 
     def _session_and_id(self, app_message: AppMessage) -> tuple[Any, int]:
         if self.session is None or app_message.packet_id is None:
@@ -96,6 +97,10 @@ def own_deliveries(handler: BrokerProtocolHandler) -> BrokerProtocolHandler:
     return handler
 
 
-def _log_failure(task: asyncio.Future[Any]) -> None:
+_RETRIES: set[asyncio.Future[Any]] = set()
+
+
+def _retry_done(task: asyncio.Future[Any]) -> None:
+    _RETRIES.discard(task)
     if not task.cancelled() and (error := task.exception()) is not None:
         log.debug("redelivery failed: %r", error)
