@@ -53,6 +53,7 @@ class SwarmConfig:
     connect_timeout: float = 10.0
     source_ips: tuple[str, ...] = ()
     renew_at: float | None = None  # renew over MQTT at this fraction of each lifetime
+    pins: tuple[str, ...] = ()  # sha256/BASE64 pins of the broker's key (none: no pinning)
 
 
 class Swarm:
@@ -82,6 +83,7 @@ class Swarm:
             connect_timeout=c.connect_timeout,
             source_ip=c.source_ips[index % len(c.source_ips)] if c.source_ips else None,
             renew_at=c.renew_at,
+            pins=c.pins,
         )
 
     def snapshot(self) -> SwarmStats:

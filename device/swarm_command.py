@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +19,7 @@ from rich.live import Live
 from device.report import progress_table, summary_table
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm
+from device.tls import parse_pin
 from fleet.durations import parse_positive_duration
 from fleet.errors import FleetError, UsageError
 from fleet.workspace import Workspace
@@ -50,6 +51,7 @@ class SwarmRequest:
         mqtt_version: str,
         source_ips: str | None,
         renew_at: str | None = None,
+        pins: Sequence[str] = (),
     ) -> SwarmRequest:
         if devices < 1:
             raise UsageError(f"invalid --devices {devices}: give a positive number")
@@ -91,10 +93,18 @@ class SwarmRequest:
             mqtt_version=5 if mqtt_version == "5" else 4,
             source_ips=_parse_source_ips(source_ips) if source_ips else (),
             renew_at=_parse_fraction(renew_at) if renew_at else None,
+            pins=tuple(_parse_pin(pin) for pin in pins),
         )
         return cls(
             config=config, processes=parse_processes(processes), embedded_broker=target is None
         )
+
+
+def _parse_pin(text: str) -> str:
+    try:
+        return parse_pin(text)
+    except ValueError as exc:
+        raise UsageError(f"--pin: {exc}") from None
 
 
 def _parse_fraction(text: str) -> float:

@@ -82,3 +82,22 @@ def spki_pin(certificate_der: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "sha256/" + base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def parse_pin(text: str) -> str:
+    """A ``sha256/BASE64`` pin (curl's ``--pinnedpubkey sha256//BASE64`` takes the same hash),
+    checked: a SHA-256 digest, 32 bytes, in standard base64."""
+    prefix, _, encoded = text.strip().partition("/")
+    if len(encoded) == 45 and encoded.startswith("/"):  # curl's sha256//BASE64
+        encoded = encoded[1:]
+    try:
+        digest = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        digest = b""
+    if prefix != "sha256" or len(digest) != 32:
+        raise ValueError(
+            f"invalid pin {text!r}: use sha256/BASE64 of the broker key's SubjectPublicKeyInfo "
+            "(openssl x509 -in server.crt -pubkey -noout | openssl pkey -pubin -outform der | "
+            "openssl dgst -sha256 -binary | base64)"
+        )
+    return "sha256/" + base64.b64encode(digest).decode()

@@ -772,6 +772,13 @@ def swarm(
             "the embedded broker gets a control plane, a --target needs 'fleet serve --broker'."
         ),
     ] = None,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Pin the broker's key: sha256/BASE64 of its SubjectPublicKeyInfo (repeatable); "
+            "a valid chain for another key is then refused (broker_untrusted: pin_mismatch)."
+        ),
+    ] = None,
 ) -> None:
     """Connect provisioned devices, each with its own certificate, and keep them publishing."""
     from device.swarm_command import SwarmRequest, run_swarm_command
@@ -791,6 +798,7 @@ def swarm(
         mqtt_version=mqtt_version,
         source_ips=source_ips,
         renew_at=renew_at,
+        pins=pin or (),
     )
     stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
     if stats.interrupted:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker import BrokerSettings, FleetBroker
 from device import (
@@ -353,3 +355,26 @@ def test_a_session_lost_right_after_its_connack_is_a_drop_not_a_live_session(
     assert attempt.outcome is ConnectOutcome.CONNECTED  # it did connect ...
     assert not connected and disconnects == ["connection_lost"]  # ... and knows it was cut
     assert sent <= 1
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_a_pin_is_a_sha256_digest_in_base64(digest: bytes) -> None:
+    import base64
+
+    from device.tls import parse_pin
+
+    encoded = base64.b64encode(digest).decode()
+    assert parse_pin(f"sha256/{encoded}") == f"sha256/{encoded}"
+    assert parse_pin(f" sha256//{encoded} ") == f"sha256/{encoded}"  # curl's spelling too
+
+
+@given(st.text(max_size=80))
+def test_anything_else_is_refused_as_a_pin(text: str) -> None:
+    from device.tls import parse_pin
+
+    try:
+        pin = parse_pin(text)
+    except ValueError as exc:
+        assert "invalid pin" in str(exc)
+    else:  # only a 32-byte digest in base64 gets through
+        assert pin.startswith("sha256/") and len(pin) == len("sha256/") + 44

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker import BrokerSettings
 from device.swarm import SwarmConfig, run_swarm, split
+from device.tls import spki_pin
 from fleet import ProvisionSpec, Workspace, provision_devices
 from tests.broker_support import BrokerThread, free_port, settings_for_tests
 from tests.conftest import fleet_command, require_tool
@@ -186,6 +189,43 @@ def test_server_name_is_the_name_the_broker_certificate_must_carry(
     assert right["outcomes"] == {"connected": 5}
     wrong = _swarm_cli(fleet_200, our_broker.port, out, "--server-name", "broker.example")
     assert wrong["failure_details"] == {"broker_untrusted: hostname_mismatch": wrong["attempts"]}
+
+
+def _openssl_pin(cert: Path) -> str:
+    """The broker key's pin as curl's documentation computes it, with openssl alone."""
+    openssl = require_tool("openssl")
+    pipeline = (
+        f"{openssl} x509 -in {cert} -pubkey -noout | {openssl} pkey -pubin -outform der"
+        f" | {openssl} dgst -sha256 -binary | base64"
+    )
+    digest = subprocess.run(
+        ["sh", "-c", pipeline], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    return f"sha256/{digest}"
+
+
+def test_pinned_devices_refuse_a_valid_broker_certificate_for_another_key(
+    fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path
+) -> None:
+    pin = _openssl_pin(fleet_200.paths.server_cert)
+    assert pin == spki_pin(
+        x509.load_pem_x509_certificate(fleet_200.paths.server_cert.read_bytes()).public_bytes(
+            Encoding.DER
+        )
+    )  # ours is the standard one
+    out = tmp_path / "summary.json"
+    right = _swarm_cli(fleet_200, our_broker.port, out, "--pin", pin)
+    assert right["outcomes"] == {"connected": 5}
+    other = "sha256/" + "A" * 43 + "="
+    wrong = _swarm_cli(fleet_200, our_broker.port, out, "--pin", other)
+    assert wrong["failure_details"] == {"broker_untrusted: pin_mismatch": wrong["attempts"]}
+    either = _swarm_cli(fleet_200, our_broker.port, out, "--pin", other, "--pin", pin)
+    assert either["outcomes"] == {"connected": 5}  # any one of the pins will do
+    bad = subprocess.run(
+        fleet_command("swarm", "--dir", fleet_200.paths.root, "--pin", "md5/abc"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--pin: invalid pin 'md5/abc'" in bad.stderr
 
 
 def test_payload_size_reaches_the_wire(fleet_200: Workspace, tmp_path: Path) -> None:
