@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -176,6 +177,59 @@ def test_a_broker_fed_from_the_url_cuts_off_a_revoked_device(
         assert plane.url in event["detail"]
     finally:
         broker.stop()
+
+
+def _crl_number_seen(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("mtls_crl_number "):
+                return float(line.split()[1])
+    raise AssertionError("no mtls_crl_number on /metrics")
+
+
+def _seconds_until_the_broker_has_the_new_crl(
+    served: tuple[Workspace, ControlPlane], broker_dir: Path, every: str, device_id: str
+) -> float | None:
+    """Start ``fleet broker --crl-url-every EVERY`` on a copy of the workspace, revoke a device
+    in the original, and time how long the broker takes to enforce that CRL (None: 2 s passed)."""
+    workspace, plane = served
+    process = subprocess.Popen(
+        fleet_command(
+            "broker", "--dir", broker_dir, "--port", "0", "--metrics-port", "0",
+            "--crl-url", f"{plane.url}/crl.pem", "--crl-url-every", every,
+        ),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("listening on mqtts://")
+        metrics_url = process.stdout.readline().split(" on ", 1)[1].strip()
+        before = _crl_number_seen(metrics_url)
+        revoke_device(workspace, device_id)
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            if _crl_number_seen(metrics_url) > before:
+                return time.monotonic() - started
+            time.sleep(0.05)  # polling an HTTP endpoint of another process: nothing to await
+        return None
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_crl_url_every_sets_how_soon_a_revocation_reaches_the_broker(
+    served: tuple[Workspace, ControlPlane], tmp_path: Path
+) -> None:
+    import shutil
+
+    workspace, _ = served
+    often, rarely = tmp_path / "often", tmp_path / "rarely"
+    shutil.copytree(workspace.paths.root, often)
+    shutil.copytree(workspace.paths.root, rarely)
+    quick = _seconds_until_the_broker_has_the_new_crl(served, often, "0.2s", "dev-00001")
+    assert quick is not None and quick < 1.5
+    slow = _seconds_until_the_broker_has_the_new_crl(served, rarely, "1h", "dev-00002")
+    assert slow is None  # fetched at start only: the revocation waits for the next hour
 
 
 def test_crl_sync_feeds_a_real_mosquitto(
