@@ -223,7 +223,13 @@ class Device:
     def swap_certificate(self, cert: Path, key: Path) -> None:
         """Use a renewed certificate for the next handshake; the live session is kept."""
         s = self.settings
-        self._context = device_tls_context(s.trust_anchor, cert, key, device_id=s.device_id)
+        self._context = device_tls_context(
+            s.trust_anchor,
+            cert,
+            key,
+            device_id=s.device_id,
+            present_certificate=s.present_certificate,
+        )
         self._not_after = None
 
     def _certificate_expires_at(self) -> float:
