@@ -40,6 +40,7 @@ _LIBRARY_NAMES = {
     "pinning",
     "impostors",
     "replacement",
+    "ca-compromise",
 }
 _LONG = {"short-lived"}  # 5 minutes: run by hand or in a nightly job, and below in miniature
 

@@ -51,6 +51,7 @@ from fleet.scenario.model import (
     RestartBrokerStep,
     RetireCaStep,
     RevokeClaimStep,
+    RevokeIssuingCaStep,
     RevokeStep,
     RotateCaStep,
     RotateStep,
@@ -620,6 +621,7 @@ _STEP_FIELDS: dict[str, tuple[str, ...]] = {
     "start_control_plane": (),
     "rotate_ca": (),
     "retire_ca": (),
+    "revoke_issuing_ca": (),
     "create_claim": (
         "name",
         "max_uses",
@@ -916,6 +918,9 @@ class _StepReader:
 
     def _rotate_ca(self, fields: _Fields, line: int) -> Step:
         return RotateCaStep(line)
+
+    def _revoke_issuing_ca(self, fields: _Fields, line: int) -> Step:
+        return RevokeIssuingCaStep(line)
 
     def _retire_ca(self, fields: _Fields, line: int) -> Step:
         return RetireCaStep(line)

@@ -245,6 +245,11 @@ class RetireCaStep(Step):
 
 
 @dataclass(frozen=True, slots=True)
+class RevokeIssuingCaStep(Step):
+    """Revoke the issuing intermediates a rotation replaced, in the root's CRL (compromised)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ExpectStep(Step):
     devices: Selector | None = None
     state: DeviceState | None = None
@@ -297,6 +302,7 @@ _STEP_NAMES: dict[type[Step], str] = {
     RevokeClaimStep: "revoke_claim",
     RotateCaStep: "rotate_ca",
     RetireCaStep: "retire_ca",
+    RevokeIssuingCaStep: "revoke_issuing_ca",
     ExpectStep: "expect",
     WaitStep: "wait",
 }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.requests import new_request_id
-from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
+from fleet.ca_rotation import retire_previous_issuers, revoke_issuing_cas, rotate_issuing_ca
 from fleet.claims import ClaimRules, create_claim, revoke_claim
 from fleet.config import FleetConfig
 from fleet.control_plane import ControlPlane
@@ -53,6 +53,7 @@ from fleet.scenario.model import (
     RestartBrokerStep,
     RetireCaStep,
     RevokeClaimStep,
+    RevokeIssuingCaStep,
     RevokeStep,
     RotateCaStep,
     RotateStep,
@@ -705,6 +706,13 @@ class ScenarioRun:
         self._note(step.line, "rotate_ca", f"new issuing CA {cert.subject.rfc4514_string()}")
         if self.witness is not None:  # it must outlive the retirement of the old issuer
             await self.witness.reissue(self.endpoint())
+
+    async def _step_revoke_issuing_ca(self, step: RevokeIssuingCaStep) -> None:
+        assert self.workspace is not None
+        revoked = await asyncio.to_thread(revoke_issuing_cas, self.workspace)
+        self._note(
+            step.line, "revoke_issuing_ca", f"revoked in the root's CRL: {', '.join(revoked)}"
+        )
 
     async def _step_retire_ca(self, step: RetireCaStep) -> None:
         assert self.workspace is not None
