@@ -15,7 +15,6 @@ from cryptography import x509
 
 from fleet.errors import CertificateError
 from fleet.files import replace_atomically
-from fleet.identity import DeviceIdentity
 from fleet.keys import PublicKey, key_type_of
 from fleet.registry import NewDevice
 from fleet.workspace import Workspace
@@ -52,12 +51,7 @@ def renew_device(
     now = now or dt.datetime.now(dt.UTC)
     not_before = now.replace(microsecond=0)
     not_after = not_before + (valid_for or workspace.config.device_valid_for)
-    identity = DeviceIdentity(
-        device_id=device_id,
-        tier=record.tier,
-        env=record.env,
-        trust_domain=workspace.config.trust_domain,
-    )
+    identity = workspace.identity_of(record)
     ca = workspace.ca
     cert = ca.issue_device(identity, public_key, not_before=not_before, not_after=not_after)
     superseded = workspace.registry.renew(

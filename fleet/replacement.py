@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 
 from device.identity_files import install_identity, recover_identity
-from fleet.identity import DeviceIdentity, validate_device_id
+from fleet.identity import validate_device_id
 from fleet.keys import KeyType, generate_private_key, private_key_pem
 from fleet.registry import NewDevice
 from fleet.workspace import Workspace
@@ -64,12 +64,7 @@ def replace_device(
                 record.not_after,
             )
         unheld = record.serial if record.status == "active" and held != record.serial else None
-        identity = DeviceIdentity(
-            device_id=device_id,
-            tier=record.tier,
-            env=record.env,
-            trust_domain=workspace.config.trust_domain,
-        )
+        identity = workspace.identity_of(record)
         ca = workspace.ca
         serial = x509.random_serial_number()
         cert = ca.issue_device(

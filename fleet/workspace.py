@@ -43,7 +43,7 @@ from fleet.keys import (
     load_private_key,
     private_key_pem,
 )
-from fleet.registry import AdminRecord, Registry
+from fleet.registry import AdminRecord, DeviceRecord, Registry
 
 DEFAULT_DIR = Path("fleet-data")
 ROOT_VALIDITY = dt.timedelta(days=3650)
@@ -241,6 +241,15 @@ class Workspace:
                 self.paths.issuing_key.read_bytes(), source=str(self.paths.issuing_key)
             ),
             crl_distribution_url=self.config.crl_url,
+        )
+
+    def identity_of(self, record: DeviceRecord) -> DeviceIdentity:
+        """The identity a certificate for this registry record carries (its tier and env)."""
+        return DeviceIdentity(
+            device_id=record.device_id,
+            tier=record.tier,
+            env=record.env,
+            trust_domain=self.config.trust_domain,
         )
 
     def root_key(self) -> PrivateKey | None:
