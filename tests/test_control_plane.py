@@ -269,7 +269,11 @@ def test_crl_sync_feeds_a_real_mosquitto(
         )  # fmt: skip
         assert synced.returncode == 0, synced.stderr
         assert f"sent SIGHUP to {server.pid}" in synced.stdout
+        # Mosquitto rereads its CRL in its main loop after the signal: give it a moment
+        deadline = time.monotonic() + 5
         refused = mosquitto_pub(port, ca, victim, "devices/dev-00001/t", "hi")
+        while refused.returncode == 0 and time.monotonic() < deadline:
+            refused = mosquitto_pub(port, ca, victim, "devices/dev-00001/t", "hi")
         assert refused.returncode != 0, "Mosquitto reread its CRL after SIGHUP"
         good = device_credentials(workspace, "dev-00002")
         assert mosquitto_pub(port, ca, good, "devices/dev-00002/t", "hi").returncode == 0
