@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import broker, control_plane, flood, handshake, provisioning, swarm
+from benchmarks import broker, control_plane, flood, handshake, provisioning, swarm, traffic
 from benchmarks.mqtt_load import percentile
 
 console = Console(width=max(160, Console().width))  # wide tables stay readable in logs
@@ -307,6 +307,70 @@ def bench_flood(base: Path, flooders: int = 20, seconds: float = 10.0) -> None:
     )
 
 
+def _ratio(ours: float, reference: float) -> str:
+    return f"{ours / reference:.0%}" if reference else "-"
+
+
+def bench_traffic(base: Path) -> None:
+    console.rule("traffic")
+    report = traffic.run(base / "traffic")
+    fan_in = report.fan_in
+    names = [f.broker for f in fan_in]
+    rows = []
+    for index, step in enumerate(fan_in[0].steps):
+        row = [f"{step.offered:,.0f}"]
+        for figure in fan_in:
+            s = figure.steps[index]
+            row += [f"{s.delivered:,}/{s.sent:,}", f"{s.p50_ms:.1f}", f"{s.p99_ms:.1f}"]
+        rows.append(row)
+    columns = ["offered msg/s"]
+    for name in names:
+        columns += [f"{name}: delivered", "p50 ms", "p99 ms"]
+    console.print(
+        _table(
+            "fan-in: 20 publishers (own certificates, load client in one process per core), one "
+            "silver subscriber on devices/+/telemetry, 64-byte QoS 1, 3 s per step",
+            columns,
+            rows,
+        )
+    )
+    summary = []
+    for kind, figures in (("fan-in", fan_in), ("flood", report.flood), ("fan-out", report.fan_out)):
+        for figure in figures:
+            best = figure.best_in_full() if kind == "fan-in" else None
+            step = best if best is not None else figure.steps[-1]
+            what = (
+                f"{kind}: highest rate in full with p99 <= 50 ms"
+                if kind == "fan-in"
+                else f"{kind}: delivered per second (unpaced, window 20)"
+            )
+            value = (
+                f"{best.offered:,.0f} msg/s" if best is not None and best.offered else
+                ("none" if kind == "fan-in" else f"{step.delivered_rate:,.0f} msg/s")
+            )  # fmt: skip
+            summary.append(
+                [what, figure.broker, value, f"{step.p99_ms:.0f}",
+                 f"{step.broker_cpu_us:.1f}", f"{step.client_cpu_s:.1f}"]
+            )  # fmt: skip
+    console.print(
+        _table(
+            "traffic summary (fan-out: one gold publisher, 1,000 subscribers of fleet/broadcast/#)",
+            ["figure", "broker", "value", "p99 ms", "broker CPU us/msg", "client CPU s"],
+            summary,
+        )
+    )
+    if len(fan_in) == 2:
+        best = [f.best_in_full() for f in fan_in]
+        rates = [(b.offered or 0.0) if b is not None else 0.0 for b in best]
+        flood_rates = [f.steps[-1].delivered_rate for f in report.flood]
+        fan_out_rates = [f.steps[-1].delivered_rate for f in report.fan_out]
+        console.print(
+            f"ours against Mosquitto: fan-in in full {_ratio(rates[0], rates[1])}, "
+            f"fan-in flood {_ratio(flood_rates[0], flood_rates[1])}, "
+            f"fan-out {_ratio(fan_out_rates[0], fan_out_rates[1])} (targets >= 25%)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
@@ -316,6 +380,7 @@ def main() -> None:
             "provisioning",
             "broker",
             "flood",
+            "traffic",
             "swarm",
             "handshake",
             "control-plane",
@@ -345,6 +410,8 @@ def main() -> None:
         bench_handshake(args.dir, args.handshakes)
     if args.only in (None, "flood"):
         bench_flood(args.dir)
+    if args.only in (None, "traffic"):
+        bench_traffic(args.dir)
     if args.only in (None, "swarm"):
         bench_swarm(args.dir, args.held, args.swarm_seconds)
 

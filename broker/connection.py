@@ -1,8 +1,9 @@
-"""One client connection: TLS over memory BIOs, the CONNECT guard, and amqtt's stream adapters.
+"""One client connection: TLS over memory BIOs, the CONNECT guard, and the packets of an
+admitted session handed to the MQTT engine (:mod:`broker.engine`).
 
-We accept TCP ourselves and run the handshake here (amqtt's own listener hides failed
-handshakes and only asks for an optional certificate), so every attempt is timed, classified
-and counted before an accepted stream is handed to amqtt.
+We accept TCP ourselves and run the handshake here, so every attempt is timed, classified and
+counted before any MQTT byte is read. What the engine sends is gathered per loop iteration
+and leaves as one TLS write (one record up to 16 KiB) and one socket write.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from broker.acl import NO_RIGHTS, TopicRights, rights_for
@@ -38,24 +36,24 @@ from broker.packets import (
     ProtocolViolation,
     UnsupportedProtocol,
     connack,
-    packet_problem,
+    header_problem,
     parse_connect,
 )
+from broker.sessions import Session
 from fleet.errors import CertificateError
 from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
 
 if TYPE_CHECKING:
-    import ssl
-
     from broker.server import FleetBroker
 
 _READ_SIZE = 65536
 # Keep alive: a client silent for this many times its keep alive is disconnected [MQTT-3.1.2-24].
 _KEEP_ALIVE_GRACE = 1.5
-# Input is read only as fast as amqtt routes it: past these backlogs the socket is not read.
-_UNREAD_BYTES_LIMIT = 64 * 1024  # handed to amqtt, not yet parsed by it
-_UNROUTED_MESSAGES_LIMIT = 16  # parsed, waiting in the session's queue for routing
-_PAUSE_POLL_SECONDS = 0.005
+_RECORD_SIZE = 16384  # the largest TLS record's plaintext
+# A connection is read at most this much per event-loop iteration; then it waits its turn
+# (the event loop would otherwise read a flooding socket up to 32 times in a row, and a
+# handshake waiting behind 20 flooders took 4 s).
+_TURN_BYTES = 64 * 1024
 # After a refused handshake the alert is sent, then FIN, and the client's bytes are drained
 # this long: closing with unread bytes (a TLS 1.3 client already sent CONNECT) makes the
 # kernel send a reset, which can destroy the alert before the client reads it.
@@ -65,8 +63,8 @@ _LINGER_SECONDS = 1.0
 class PeerConnection(asyncio.Protocol):
     """A device's connection, from TCP accept to close.
 
-    It is also what amqtt sees as the session's ``ssl_object``: the broker's plugins read the
-    verified identity from it, and ``getpeercert`` keeps amqtt's own cert plugin working.
+    It is also the engine's :class:`broker.sessions.Link`: rights, output and accounting of
+    the connection in hand, whoever created the session it serves.
     """
 
     def __init__(self, broker: FleetBroker) -> None:
@@ -89,18 +87,15 @@ class PeerConnection(asyncio.Protocol):
         self.client_id: str | None = None  # the MQTT client id, once CONNECT was admitted
         self.connect_request: ConnectRequest | None = None  # the admitted CONNECT
         self.authorized = False
-        self.amqtt_session: Any = None  # amqtt's Session for this connection, once it has one
-        self.reader = asyncio.StreamReader(limit=_READ_SIZE)
-        self._counted_reader = _CountingReader(self.reader)
+        self.mqtt_session: Session | None = None  # the engine's session, while it serves this
         self._framer = PacketFramer(broker.settings.max_connect_bytes)
         self._timers: list[asyncio.TimerHandle] = []
-        self._serve_task: asyncio.Task[None] | None = None
         self._paused = False
-        self._input_paused = False  # we stopped reading the socket until amqtt catches up
         self._last_packet_at = 0.0
-        self._leaving = False  # a goodbye was seen: the rest goes through the teardown queue
-        self._ended = False  # the end of the stream was queued
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._leaving = False  # a DISCONNECT or the end of the stream was seen
+        self._output: list[bytes] = []  # plaintext packets for the next TLS write
+        self._read_this_turn = 0
+        self._waiting_turn = False
 
     # -- identity, for plugins and logs ----------------------------------------------------
 
@@ -122,14 +117,6 @@ class PeerConnection(asyncio.Protocol):
             return cast(x509.Certificate, self.leaf.to_cryptography())
         return None
 
-    def getpeercert(self, binary_form: bool = False) -> Any:
-        """What ``ssl.SSLObject.getpeercert`` returns, for amqtt's certificate plugin."""
-        if self.certificate is None:
-            return None
-        if binary_form:
-            return self.certificate.public_bytes(Encoding.DER)
-        return {}
-
     # -- asyncio protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,9 +136,14 @@ class PeerConnection(asyncio.Protocol):
         self.broker.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
-        assert self.tls is not None
+        assert self.tls is not None and self.transport is not None
         if self.refused:
             return
+        self._read_this_turn += len(data)
+        if self._read_this_turn >= _TURN_BYTES and not self._waiting_turn:
+            self._waiting_turn = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._next_turn)
         self.tls.bio_write(data)
         if not self.handshaken:
             self._continue_handshake()
@@ -162,24 +154,24 @@ class PeerConnection(asyncio.Protocol):
         self.closed = True
         for timer in self._timers:
             timer.cancel()
-        self._deliver_eof()
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._end_session(graceful=False)
         if self.outcome is None:
             stage = "the TLS handshake completed" if not self.handshaken else "MQTT CONNECT"
             self.broker.record(self, Outcome.PROTOCOL_ERROR, f"connection closed before {stage}")
         self.broker.connection_closed(self)
+
+    def _next_turn(self) -> None:
+        self._read_this_turn = 0
+        self._waiting_turn = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
+        self.broker.engine.writable(self)
 
     # -- TLS --------------------------------------------------------------------------------
 
@@ -290,8 +282,8 @@ class PeerConnection(asyncio.Protocol):
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:  # close_notify
-                self._deliver_eof()
-                break
+                self.close()
+                return
             except SSL.Error as exc:
                 self.broker.log_event(BrokerEvent.TLS_ERROR, self, detail=openssl_reason(exc))
                 self.abort()
@@ -302,13 +294,13 @@ class PeerConnection(asyncio.Protocol):
     # -- MQTT packets -----------------------------------------------------------------------
 
     def _on_plaintext(self, data: bytes) -> None:
-        """Frame and check the client's packets; hand the good ones to amqtt.
+        """Frame and check the client's packets; hand the good ones to the engine.
 
         The first packet must be a CONNECT the broker admits (see :meth:`_on_connect`); any
         malformed or protocol-violating packet closes the connection, counted and logged with
         what was wrong. Nothing after a DISCONNECT is read.
         """
-        if self._leaving or self._ended:
+        if self._leaving:
             return
         if self.connect_request is None and not self._framer.buffered and data[0] >> 4 != CONNECT:
             self._violation(f"first MQTT packet is type {data[0] >> 4}, not CONNECT")
@@ -318,29 +310,25 @@ class PeerConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self._violation(str(exc))
             return
-        forward: list[bytes] = []
-        for packet in packets:
+        if packets:
             self._last_packet_at = time.monotonic()
+        handle = self.broker.engine.handle
+        for packet in packets:
             if self.connect_request is None:
                 if not self._on_connect(packet):
                     return
-            elif (problem := packet_problem(packet)) is not None:
-                self._feed(forward)
+                continue
+            if (problem := header_problem(packet)) is not None:
                 self._violation(problem)
                 return
-            elif packet.kind == DISCONNECT:
-                self._feed(forward)
-                self._leave(packet.raw)
+            if packet.kind == DISCONNECT:
+                self._leave()
                 return
-            forward.append(packet.raw)
-        self._feed(forward)
-        self._pace_input()
-
-    def _feed(self, raw_packets: list[bytes]) -> None:
-        if raw_packets:
-            data = b"".join(raw_packets)
-            self._counted_reader.fed += len(data)
-            self.reader.feed_data(data)
+            try:
+                handle(self, packet)
+            except ProtocolViolation as exc:
+                self._violation(str(exc))
+                return
 
     def _on_connect(self, packet: Packet) -> bool:
         """The first packet: read the whole CONNECT and let the broker decide, before amqtt
@@ -361,7 +349,7 @@ class PeerConnection(asyncio.Protocol):
         self.connect_request = request
         self._framer.max_bytes = self.broker.settings.max_packet_bytes
         self._arm_keep_alive(request.keep_alive)
-        self._serve_task = asyncio.get_running_loop().create_task(self._serve())
+        self.broker.engine.connect(self, request)
         return True
 
     def _refuse_connect(self, detail: str, code: ConnackCode | None = None) -> bool:
@@ -397,7 +385,7 @@ class PeerConnection(asyncio.Protocol):
 
     def _arm_keep_alive(self, keep_alive: int) -> None:
         """Disconnect a client silent for 1.5 times its keep alive (0: never) [MQTT-3.1.2-24];
-        the end of the stream makes amqtt publish its will."""
+        its will is published."""
         if keep_alive <= 0:
             return
         limit = keep_alive * _KEEP_ALIVE_GRACE
@@ -407,9 +395,8 @@ class PeerConnection(asyncio.Protocol):
             if self.closed:
                 return
             silent = time.monotonic() - self._last_packet_at
-            if self._input_paused or silent < limit:  # a paused client cannot be heard
-                wait = limit if self._input_paused else limit - silent
-                self._timers.append(loop.call_later(wait, check))
+            if silent < limit:
+                self._timers.append(loop.call_later(limit - silent, check))
                 return
             self.close_by_broker(
                 SessionEnd.KEEPALIVE_TIMEOUT,
@@ -418,70 +405,58 @@ class PeerConnection(asyncio.Protocol):
 
         self._timers.append(loop.call_later(limit, check))
 
-    def _pace_input(self) -> None:
-        """Stop reading the socket while amqtt has not routed what this client sent."""
-        if self._input_paused or self.closed or self.transport is None:
-            return
-        if not self._routing_behind():
-            return
-        self._input_paused = True
-        self.transport.pause_reading()
-        loop = asyncio.get_running_loop()
-
-        def poll() -> None:
-            if self.closed or self.transport is None or self.transport.is_closing():
-                return
-            if self._routing_behind():
-                loop.call_later(_PAUSE_POLL_SECONDS, poll)
-                return
-            self._input_paused = False
-            self.transport.resume_reading()
-
-        loop.call_later(_PAUSE_POLL_SECONDS, poll)
-
-    def _routing_behind(self) -> bool:
-        if self._counted_reader.unread > _UNREAD_BYTES_LIMIT:
-            return True
-        session = self.amqtt_session
-        queued = session.delivered_message_queue.qsize() if session is not None else 0
-        return bool(queued > _UNROUTED_MESSAGES_LIMIT or self.broker.routing_backlogged())
-
-    def _leave(self, disconnect: bytes) -> None:
-        """A DISCONNECT: it goes through the broker's teardown pacer (tearing a session down
-        is the costliest thing amqtt does; when thousands leave at once, doing it all in one
-        loop iteration would stall every other client for a second)."""
+    def _leave(self) -> None:
+        """A DISCONNECT: the session lets go without its will, and the connection closes."""
         self._leaving = True
-        self._counted_reader.fed += len(disconnect)
-        self.broker.teardowns.add(functools.partial(self.reader.feed_data, disconnect))
+        self._end_session(graceful=True)
+        self.close()
 
-    def _deliver_eof(self) -> None:
-        """The end of the stream, through the teardown pacer like a DISCONNECT."""
-        if self._ended:
-            return
-        self._ended = True
+    def _end_session(self, *, graceful: bool) -> None:
         self._leaving = True
-        self.broker.teardowns.add(self.reader.feed_eof)
+        if self.mqtt_session is not None:
+            self.broker.engine.disconnected(self, graceful=graceful)
+
+    # -- the engine's link ------------------------------------------------------------------
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused or self.closed
+
+    def write(self, data: bytes) -> None:
+        """Queue a packet; everything queued in this loop iteration leaves in one TLS write."""
+        if not self._output:
+            asyncio.get_running_loop().call_soon(self._write_output)
+        self._output.append(data)
+
+    def denied(self, action: str, topic: str) -> None:
+        self.broker.acl_denied(self, action, topic)
+
+    def _write_output(self) -> None:
+        if self._output:
+            data = b"".join(self._output)
+            self._output.clear()
+            self.send(data)
 
     def send(self, data: bytes) -> None:
         """Encrypt and send application bytes."""
         if self.closed or self.tls is None:
             return
-        view = memoryview(data)
-        while view:
-            sent = self.tls.send(view[:16384].tobytes())
-            view = view[sent:]
+        if len(data) <= _RECORD_SIZE:
+            self.tls.send(data)
+        else:
+            view = memoryview(data)
+            while view:
+                sent = self.tls.send(view[:_RECORD_SIZE].tobytes())
+                view = view[sent:]
         self._flush()
 
-    async def drain(self) -> None:
-        if self._paused and not self.closed:
-            waiter = asyncio.get_running_loop().create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
-
     def close(self) -> None:
-        """Send close_notify and close the socket (what is queued is still sent)."""
+        """Send what is queued, close_notify, and close the socket; the session is released
+        at once (its will is published unless the client said DISCONNECT)."""
         if self.transport is None or self.transport.is_closing():
             return
+        self._end_session(graceful=False)
+        self._write_output()
         if self.tls is not None and self.handshaken:
             # A peer that already went away cannot take a close_notify: close anyway.
             with contextlib.suppress(SSL.Error):
@@ -490,6 +465,7 @@ class PeerConnection(asyncio.Protocol):
         self.transport.close()
 
     def abort(self) -> None:
+        self._end_session(graceful=False)
         if self.transport is not None:
             self.transport.abort()
 
@@ -501,60 +477,9 @@ class PeerConnection(asyncio.Protocol):
         self.broker.session_ended_by_broker(self, reason, detail)
         self.close()
 
-    # -- MQTT -------------------------------------------------------------------------------
-
-    async def _serve(self) -> None:
-        """amqtt serves the admitted session until it ends."""
-        await self.broker.serve_mqtt(self, self._counted_reader, _TlsWriter(self))
-        self.close()
-
 
 def _common_name(cert: x509.Certificate | None) -> str | None:
     if cert is None:
         return None
     names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
-
-
-class _CountingReader(ReaderAdapter):
-    """amqtt's reader over the checked packets, counting what amqtt has not read yet."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self._reader = reader
-        self.fed = 0
-        self.read_bytes = 0
-
-    @property
-    def unread(self) -> int:
-        return self.fed - self.read_bytes
-
-    async def read(self, n: int = -1) -> bytes:
-        data = await (self._reader.read(-1) if n == -1 else self._reader.readexactly(n))
-        self.read_bytes += len(data)
-        return data
-
-    def feed_eof(self) -> None:
-        self._reader.feed_eof()
-
-
-class _TlsWriter(WriterAdapter):
-    """amqtt's writer: plaintext in, TLS records out."""
-
-    def __init__(self, peer: PeerConnection) -> None:
-        self._peer = peer
-
-    def write(self, data: bytes) -> None:
-        self._peer.send(data)
-
-    async def drain(self) -> None:
-        await self._peer.drain()
-
-    def get_peer_info(self) -> tuple[str, int] | None:
-        return self._peer.peername
-
-    def get_ssl_info(self) -> ssl.SSLObject | None:
-        # amqtt stores this as session.ssl_object; our plugins read the identity from it.
-        return cast("ssl.SSLObject", self._peer)
-
-    async def close(self) -> None:
-        self._peer.close()

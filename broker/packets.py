@@ -1,4 +1,4 @@
-"""MQTT 3.1.1 framing and validation, before amqtt sees a byte.
+"""MQTT 3.1.1 framing, validation and encoding.
 
 The broker reads every client packet here first: :class:`PacketFramer` cuts the plaintext
 stream into whole packets (refusing a malformed remaining length or a packet over the size
@@ -6,7 +6,7 @@ limit as soon as its header arrives), :func:`parse_connect` reads a CONNECT in f
 broker can decide who the client is *before* any session is touched, and
 :func:`packet_problem` names what is wrong with any later packet (reserved types, bad flags,
 QoS 3, wildcards in a topic name, lengths that run past the packet …). A problem closes the
-connection; amqtt never has to guess.
+connection; the engine never has to guess.
 
 Everything here is pure and bounded: no I/O, no unbounded allocation (a packet is buffered
 only once its announced length passed the limit check).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 CONNECT = 1
@@ -284,8 +285,10 @@ def topic_filter_problem(topic_filter: str) -> str | None:
     return None
 
 
-def packet_problem(packet: Packet) -> str | None:
-    """What is wrong with a packet a connected client sent (None: nothing)."""
+def header_problem(packet: Packet) -> str | None:
+    """What is wrong with the type or fixed header of a packet a connected client sent (None:
+    nothing); the body of a PUBLISH, acknowledgement, SUBSCRIBE or UNSUBSCRIBE is checked as it
+    is parsed (:func:`parse_publish` …)."""
     kind = packet.kind
     if kind in (0, 15):
         return f"reserved packet type {kind}"
@@ -296,18 +299,25 @@ def packet_problem(packet: Packet) -> str | None:
     required = _REQUIRED_FLAGS.get(kind)
     if required is not None and packet.flags != required:
         return f"packet type {kind} with flags {packet.flags:#06b} (must be {required:#06b})"
+    if kind in (PINGREQ, DISCONNECT) and len(packet.raw) > packet.header_size:
+        return f"packet type {kind} with a {len(packet.body)}-byte body (must be empty)"
+    return None
+
+
+def packet_problem(packet: Packet) -> str | None:
+    """What is wrong with a packet a connected client sent, header and body (None: nothing)."""
+    problem = header_problem(packet)
+    if problem is not None:
+        return problem
     try:
-        if kind == PUBLISH:
-            _check_publish(packet)
-        elif kind in _ACK_TYPES:
-            body = _Body(packet.body, f"packet type {kind}")
-            body.packet_id()
-            body.end()
-        elif kind in (SUBSCRIBE, UNSUBSCRIBE):
-            what = "SUBSCRIBE" if kind == SUBSCRIBE else "UNSUBSCRIBE"
-            _check_filters(packet.body, what, with_qos=kind == SUBSCRIBE)
-        elif packet.body:  # PINGREQ, DISCONNECT
-            return f"packet type {kind} with a {len(packet.body)}-byte body (must be empty)"
+        if packet.kind == PUBLISH:
+            parse_publish(packet)
+        elif packet.kind in _ACK_TYPES:
+            parse_ack(packet)
+        elif packet.kind == SUBSCRIBE:
+            parse_subscribe(packet.body)
+        elif packet.kind == UNSUBSCRIBE:
+            parse_unsubscribe(packet.body)
     except ProtocolViolation as exc:
         return str(exc)
     return None
@@ -317,25 +327,65 @@ def publish_qos(packet: Packet) -> int:
     return (packet.flags >> 1) & 0x03
 
 
-def _check_publish(packet: Packet) -> None:
-    qos = publish_qos(packet)
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """A client's PUBLISH, read in full."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    packet_id: int  # 0 for QoS 0
+
+
+def parse_publish(packet: Packet) -> Publication:
+    """Read and check a PUBLISH (ProtocolViolation names what is wrong)."""
+    flags = packet.flags
+    qos = (flags >> 1) & 0x03
     if qos == 3:
         raise ProtocolViolation("PUBLISH with QoS 3")
-    if qos == 0 and packet.flags & 0x08:
+    if qos == 0 and flags & 0x08:
         raise ProtocolViolation("PUBLISH with QoS 0 and DUP set")
     body = _Body(packet.body, "PUBLISH")
     topic = body.string("topic name")
     problem = topic_name_problem(topic)
     if problem:
         raise ProtocolViolation(f"PUBLISH to {topic!r}: {problem}")
-    if qos:
-        body.packet_id()
+    packet_id = body.packet_id() if qos else 0
+    return Publication(topic, body.data[body.offset :], qos, bool(flags & 0x01), packet_id)
 
 
-def _check_filters(data: bytes, what: str, *, with_qos: bool) -> None:
-    """A SUBSCRIBE (filters, each with a requested QoS) or UNSUBSCRIBE (filters) body."""
-    body = _Body(data, what)
-    body.packet_id()
+def parse_ack(packet: Packet) -> int:
+    """The packet identifier of a PUBACK, PUBREC, PUBREL or PUBCOMP."""
+    body = _Body(packet.body, f"packet type {packet.kind}")
+    packet_id = body.packet_id()
+    body.end()
+    return packet_id
+
+
+def parse_subscribe(data: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """A SUBSCRIBE body: its packet identifier and (filter, requested QoS) pairs."""
+    body = _Body(data, "SUBSCRIBE")
+    packet_id = body.packet_id()
+    requests = [(f, body.byte("requested QoS")) for f in _filters(body, "SUBSCRIBE")]
+    for topic_filter, requested in requests:
+        if requested > 2:
+            raise ProtocolViolation(
+                f"SUBSCRIBE of {topic_filter!r}: requested QoS byte {requested:#04x}"
+            )
+    return packet_id, requests
+
+
+def parse_unsubscribe(data: bytes) -> tuple[int, list[str]]:
+    """An UNSUBSCRIBE body: its packet identifier and filters."""
+    body = _Body(data, "UNSUBSCRIBE")
+    packet_id = body.packet_id()
+    return packet_id, list(_filters(body, "UNSUBSCRIBE"))
+
+
+def _filters(body: _Body, what: str) -> Iterator[str]:
+    """The topic filters of a SUBSCRIBE (each followed by a QoS byte the caller reads) or an
+    UNSUBSCRIBE."""
     if not body.left:
         raise ProtocolViolation(f"{what} without a topic filter")
     while body.left:
@@ -343,12 +393,62 @@ def _check_filters(data: bytes, what: str, *, with_qos: bool) -> None:
         problem = topic_filter_problem(topic_filter)
         if problem:
             raise ProtocolViolation(f"{what} of {topic_filter!r}: {problem}")
-        if with_qos and (requested := body.byte("requested QoS")) > 2:
-            raise ProtocolViolation(
-                f"{what} of {topic_filter!r}: requested QoS byte {requested:#04x}"
-            )
+        yield topic_filter
 
 
 def connack(code: ConnackCode) -> bytes:
     """A CONNACK with session present 0 (every refusal's) [MQTT-3.2.2-4]."""
-    return bytes((CONNACK << 4, 2, 0, int(code)))
+    return encode_connack(code)
+
+
+# -- what the broker sends ---------------------------------------------------------------------
+
+PINGRESP_PACKET = bytes((PINGRESP << 4, 0))
+
+
+def encode_length(length: int) -> bytes:
+    """The remaining-length field [MQTT-2.2.3]."""
+    if length < 128:
+        return bytes((length,))
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def encode_topic(topic: str) -> bytes:
+    """A topic name as it appears in a PUBLISH: two length bytes, then UTF-8."""
+    encoded = topic.encode()
+    return len(encoded).to_bytes(2, "big") + encoded
+
+
+def encode_publish(
+    topic_field: bytes, payload: bytes, qos: int, packet_id: int, *, retain: bool, dup: bool
+) -> bytes:
+    """A PUBLISH; ``topic_field`` from :func:`encode_topic`."""
+    first = (PUBLISH << 4) | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    if qos:
+        length = len(topic_field) + 2 + len(payload)
+        return b"".join(
+            (bytes((first,)), encode_length(length), topic_field, packet_id.to_bytes(2, "big"),
+             payload)
+        )  # fmt: skip
+    return b"".join((bytes((first,)), encode_length(len(topic_field) + len(payload)), topic_field,
+                     payload))  # fmt: skip
+
+
+def encode_ack(kind: int, packet_id: int) -> bytes:
+    """PUBACK, PUBREC, PUBREL (flags 0b0010), PUBCOMP or UNSUBACK."""
+    flags = 0x02 if kind == PUBREL else 0
+    return bytes(((kind << 4) | flags, 2)) + packet_id.to_bytes(2, "big")
+
+
+def encode_suback(packet_id: int, codes: list[int]) -> bytes:
+    body = packet_id.to_bytes(2, "big") + bytes(codes)
+    return bytes((SUBACK << 4,)) + encode_length(len(body)) + body
+
+
+def encode_connack(code: ConnackCode, *, session_present: bool = False) -> bytes:
+    return bytes((CONNACK << 4, 2, 1 if session_present else 0, int(code)))

@@ -1,4 +1,5 @@
-"""FleetBroker: our accept loop and policy in front of an amqtt broker core."""
+"""FleetBroker: the accept loop, the admission policy and live revocation, around the MQTT
+engine (:mod:`broker.engine`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
@@ -20,11 +20,10 @@ from OpenSSL import SSL, crypto
 from broker.acl import ADMIN_RIGHTS, claim_rights
 from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
-from broker.core import IndexedBroker
+from broker.engine import MqttEngine
 from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
-from broker.pacing import Pacer
 from broker.packets import ConnackCode, ConnectRequest
 from broker.tls import (
     BrokerError,
@@ -44,22 +43,10 @@ from fleet.workspace import WorkspacePaths
 log = logging.getLogger("mtls_fleet.broker")
 events_log = logging.getLogger("mtls_fleet.broker.events")
 
-_LISTENER = "default"  # amqtt requires a listener of this name; ours is external
-_TEARDOWNS_PER_ITERATION = 64
 _INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE
 _REVOKED = 23  # X509_V_ERR_CERT_REVOKED
 _CRL_PAST_NEXT_UPDATE = (11, 12)  # X509_V_ERR_CRL_NOT_YET_VALID, X509_V_ERR_CRL_HAS_EXPIRED
 Event = dict[str, Any]
-
-
-def _amqtt_config() -> dict[str, Any]:
-    return {
-        "listeners": {_LISTENER: {"type": "external"}},
-        "plugins": {
-            "broker.plugins.CertificateIdentityPlugin": {},
-            "broker.plugins.TierTopicPlugin": {},
-        },
-    }
 
 
 class FleetBroker:
@@ -98,12 +85,10 @@ class FleetBroker:
         self._sessions: dict[str, PeerConnection] = {}
         self._event_listeners: list[Callable[[Event], None]] = []
         self._server: asyncio.Server | None = None
-        self._amqtt: IndexedBroker | None = None
+        self.engine = MqttEngine(settings.session_limits, on_drop=self.message_dropped)
         self._tasks: list[asyncio.Task[None]] = []
         self._stale_timer: asyncio.TimerHandle | None = None
         self._stopped = False
-        # Bursts spread over loop iterations (see broker.pacing).
-        self.teardowns = Pacer(_TEARDOWNS_PER_ITERATION)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -111,13 +96,6 @@ class FleetBroker:
         loop = asyncio.get_running_loop()
         if self.settings.crl_url:
             await self._first_crl_from_url(self.settings.crl_url)
-        self._amqtt = IndexedBroker(
-            _amqtt_config(),
-            loop=loop,
-            limits=self.settings.session_limits,
-            on_drop=self.message_dropped,
-        )
-        await self._amqtt.start()
         try:
             self._server = await loop.create_server(
                 lambda: PeerConnection(self),
@@ -127,7 +105,6 @@ class FleetBroker:
                 reuse_address=True,
             )
         except OSError as exc:
-            await self._amqtt.shutdown()
             raise BrokerError(
                 f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror}"
             ) from exc
@@ -139,7 +116,7 @@ class FleetBroker:
         self._tasks.append(loop.create_task(self._watch_crl()))
 
     async def stop(self) -> None:
-        """Close every connection and the amqtt core (a second call does nothing)."""
+        """Close every connection and forget every session (a second call does nothing)."""
         if self._stopped:
             return
         self._stopped = True
@@ -154,8 +131,7 @@ class FleetBroker:
             peer.close()
         if self._server is not None:
             await self._server.wait_closed()
-        if self._amqtt is not None:
-            await self._amqtt.shutdown()
+        self.engine.shutdown()
         self.metrics.close()
 
     async def __aenter__(self) -> FleetBroker:
@@ -399,17 +375,9 @@ class FleetBroker:
         self._by_serial.setdefault(serial, set()).add(peer)
         return True
 
-    async def serve_mqtt(
-        self, peer: PeerConnection, reader: ReaderAdapter, writer: WriterAdapter
-    ) -> None:
-        assert self._amqtt is not None
-        try:
-            await self._amqtt.external_connected(reader, writer, _LISTENER)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.log_event(BrokerEvent.MQTT_ERROR, peer, detail=f"{type(exc).__name__}: {exc}")
-
     def admit_connect(self, peer: PeerConnection, request: ConnectRequest) -> ConnackCode:
-        """Decide a CONNECT from the certificate of the connection in hand, before amqtt sees it.
+        """Decide a CONNECT from the certificate of the connection in hand, before any session
+        is touched.
 
         The client id must fit the certificate (see :func:`_client_id_problem`), a device's or
         claim's env the broker's, and the will topic the certificate's publish rights. A refusal
@@ -463,10 +431,6 @@ class FleetBroker:
         if self.settings.log_connections:
             self.log_event(BrokerEvent.CONNECTED, peer)
         return ConnackCode.ACCEPTED
-
-    def routing_backlogged(self) -> bool:
-        """Whether amqtt's broker-wide queue of messages to route is past its bound."""
-        return self._amqtt is not None and self._amqtt.routing_backlogged()
 
     def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:
         self.metrics.acl_denied.labels(action).inc()

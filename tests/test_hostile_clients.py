@@ -280,8 +280,7 @@ def test_a_will_outside_the_certificate_rights_is_refused_at_connect(
     _rejection(broker, "will_denied", "dev-00001")
     _gold_sends_command(clients, "dev-00002", b"marker")
     assert _next_publish(observer).payload == b"marker", "the marker, not the forged will"
-    amqtt = broker.broker._amqtt
-    assert amqtt is not None and will_topic not in amqtt._retained_messages
+    assert will_topic not in broker.broker.engine.retained
 
 
 def test_keep_alive_is_enforced_and_the_will_is_published(
