@@ -39,7 +39,7 @@ _PAYLOAD_BYTES = 64
 _TICK = 0.005  # publishers write a tick's quota of packets at once
 _WINDOW = 20  # unacknowledged QoS 1 PUBLISHes per publishing device (Mosquitto's inflight)
 _GAP_SECONDS = 1.0  # between steps: what is late still arrives, counted for its own step
-_P99_LIMIT = 0.050
+P99_LIMIT_MS = 50.0
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,20 @@ class Step:
 
 @dataclass
 class StepFigure:
-    offered: float | None
-    sent: int = 0
+    offered: float | None  # messages/s published
+    sent: int = 0  # deliveries expected (sent times subscribers)
     delivered: int = 0
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
     seconds: float = 0.0
     broker_cpu_us: float = float("nan")  # broker CPU per delivered message
     client_cpu_s: float = 0.0
+    subscribers: int = 1
+
+    @property
+    def offered_deliveries(self) -> float:
+        """Deliveries per second offered (the publish rate times the subscribers)."""
+        return (self.offered or 0.0) * self.subscribers
 
     @property
     def delivered_rate(self) -> float:
@@ -76,7 +82,7 @@ class TrafficFigure:
 
     def best_in_full(self) -> StepFigure | None:
         """The highest offered rate delivered in full with a p99 within 50 ms."""
-        good = [s for s in self.steps if s.offered and s.in_full and s.p99_ms <= _P99_LIMIT * 1e3]
+        good = [s for s in self.steps if s.offered and s.in_full and s.p99_ms <= P99_LIMIT_MS]
         return max(good, key=lambda s: s.offered or 0.0, default=None)
 
 
@@ -389,6 +395,7 @@ def measure(
                 p50_ms=p50 * 1000,
                 p99_ms=p99 * 1000,
                 seconds=step.seconds,
+                subscribers=len(subscribers),
             )
         )
     client_cpu = sum(r[1] for r in publisher_results) + sum(r[1] for r in subscriber_results)
@@ -401,13 +408,16 @@ def measure(
 # -- the whole run -----------------------------------------------------------------------------
 
 FAN_IN_STEPS = [Step(rate, 3.0) for rate in (1_000, 2_000, 4_000, 8_000, 16_000, 32_000)]
+# one publisher: each message is delivered to every subscriber
+FAN_OUT_STEPS = [Step(rate, 3.0) for rate in (5, 10, 20, 40, 80)]
 
 
 @dataclass
 class TrafficReport:
-    fan_in: list[TrafficFigure]
-    flood: list[TrafficFigure]
-    fan_out: list[TrafficFigure]
+    fan_in: list[TrafficFigure]  # paced steps
+    fan_in_flood: list[TrafficFigure]
+    fan_out: list[TrafficFigure]  # paced steps
+    fan_out_flood: list[TrafficFigure]
 
 
 def run(
@@ -433,30 +443,35 @@ def run(
     listeners = provision_devices(
         workspace, ProvisionSpec(count=fan_out_subscribers, prefix="listener")
     ).device_ids
-    telemetry = [f"devices/{d}/telemetry" for d in pub_ids]
     clients = max(2, (os.cpu_count() or 2))
-    report = TrafficReport(fan_in=[], flood=[], fan_out=[])
+    fan_in: dict[str, Any] = {
+        "publishers": pub_ids,
+        "publish_topics": [f"devices/{d}/telemetry" for d in pub_ids],
+        "subscribers": sub_id,
+        "topic_filter": "devices/+/telemetry",
+        "publisher_processes": clients,
+        "subscriber_processes": 1,
+    }
+    fan_out: dict[str, Any] = {
+        "publishers": gold,
+        "publish_topics": ["fleet/broadcast/bench"],
+        "subscribers": listeners,
+        "topic_filter": "fleet/broadcast/#",
+        "publisher_processes": 1,
+        "subscriber_processes": clients,
+    }
+    flood = [Step(None, flood_seconds)]
+    report = TrafficReport(fan_in=[], fan_in_flood=[], fan_out=[], fan_out_flood=[])
     for name in brokers:
         starter = ours(workspace) if name == "ours" else mosquitto(workspace, base)
         with starter as broker:
             if broker is None:
                 continue
-            common: dict[str, Any] = {"publisher_processes": clients, "subscriber_processes": 1}
-            report.fan_in.append(
-                measure(broker, str(root), kind="fan-in", publishers=pub_ids,
-                        publish_topics=telemetry, subscribers=sub_id,
-                        topic_filter="devices/+/telemetry", steps=FAN_IN_STEPS, **common)
-            )  # fmt: skip
-            report.flood.append(
-                measure(broker, str(root), kind="flood", publishers=pub_ids,
-                        publish_topics=telemetry, subscribers=sub_id,
-                        topic_filter="devices/+/telemetry",
-                        steps=[Step(None, flood_seconds)], **common)
-            )  # fmt: skip
+            at = str(root)
+            report.fan_in.append(measure(broker, at, kind="fan-in", steps=FAN_IN_STEPS, **fan_in))
+            report.fan_in_flood.append(measure(broker, at, kind="fan-in", steps=flood, **fan_in))
             report.fan_out.append(
-                measure(broker, str(root), kind="fan-out", publishers=gold,
-                        publish_topics=["fleet/broadcast/bench"], subscribers=listeners,
-                        topic_filter="fleet/broadcast/#", steps=[Step(None, flood_seconds)],
-                        publisher_processes=1, subscriber_processes=clients)
-            )  # fmt: skip
+                measure(broker, at, kind="fan-out", steps=FAN_OUT_STEPS, **fan_out)
+            )
+            report.fan_out_flood.append(measure(broker, at, kind="fan-out", steps=flood, **fan_out))
     return report

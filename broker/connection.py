@@ -54,6 +54,7 @@ _RECORD_SIZE = 16384  # the largest TLS record's plaintext
 # (the event loop would otherwise read a flooding socket up to 32 times in a row, and a
 # handshake waiting behind 20 flooders took 4 s).
 _TURN_BYTES = 64 * 1024
+_REMEMBERED_TOPICS = 64  # publish verdicts kept per connection (devices reuse a few topics)
 # After a refused handshake the alert is sent, then FIN, and the client's bytes are drained
 # this long: closing with unread bytes (a TLS 1.3 client already sent CONNECT) makes the
 # kernel send a reset, which can destroy the alert before the client reads it.
@@ -96,6 +97,8 @@ class PeerConnection(asyncio.Protocol):
         self._output: list[bytes] = []  # plaintext packets for the next TLS write
         self._read_this_turn = 0
         self._waiting_turn = False
+        self._loop = asyncio.get_running_loop()
+        self._publish_verdicts: dict[str, bool] = {}  # topic -> may publish (rights are fixed)
 
     # -- identity, for plugins and logs ----------------------------------------------------
 
@@ -143,7 +146,7 @@ class PeerConnection(asyncio.Protocol):
         if self._read_this_turn >= _TURN_BYTES and not self._waiting_turn:
             self._waiting_turn = True
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._next_turn)
+            self._loop.call_soon(self._next_turn)
         self.tls.bio_write(data)
         if not self.handshaken:
             self._continue_handshake()
@@ -425,8 +428,16 @@ class PeerConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """Queue a packet; everything queued in this loop iteration leaves in one TLS write."""
         if not self._output:
-            asyncio.get_running_loop().call_soon(self._write_output)
+            self._loop.call_soon(self._write_output)
         self._output.append(data)
+
+    def may_publish(self, topic: str) -> bool:
+        verdict = self._publish_verdicts.get(topic)
+        if verdict is None:
+            verdict = self.rights is not None and self.rights.may_publish(topic)
+            if len(self._publish_verdicts) < _REMEMBERED_TOPICS:
+                self._publish_verdicts[topic] = verdict
+        return verdict
 
     def denied(self, action: str, topic: str) -> None:
         self.broker.acl_denied(self, action, topic)

@@ -198,9 +198,8 @@ class MqttEngine:
                 link.write(encode_ack(PUBREC, packet_id))
                 return
             session.awaiting_pubrel.add(packet_id)
-        rights = link.rights
         topic = publication.topic
-        if rights is not None and rights.may_publish(topic):
+        if link.may_publish(topic):
             self.publish(topic, publication.payload, qos, retain=publication.retain)
         else:  # acknowledged all the same: MQTT 3.1.1 has no way to say no
             link.denied("publish", topic)

@@ -18,6 +18,7 @@ import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 CONNECT = 1
 CONNACK = 2
@@ -75,9 +76,9 @@ class UnsupportedProtocol(ProtocolViolation):
     """A well-formed CONNECT of another protocol version (MQTT 5, MQTT 3.1): CONNACK 0x01."""
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """One whole control packet: its type, fixed-header flags, body and the bytes as received."""
+class Packet(NamedTuple):
+    """One whole control packet: its type, fixed-header flags, body and the bytes as received
+    (a tuple: the framer makes one per packet, and a tuple is the cheapest to make)."""
 
     kind: int
     flags: int
@@ -327,8 +328,7 @@ def publish_qos(packet: Packet) -> int:
     return (packet.flags >> 1) & 0x03
 
 
-@dataclass(frozen=True, slots=True)
-class Publication:
+class Publication(NamedTuple):
     """A client's PUBLISH, read in full."""
 
     topic: str
@@ -339,7 +339,31 @@ class Publication:
 
 
 def parse_publish(packet: Packet) -> Publication:
-    """Read and check a PUBLISH (ProtocolViolation names what is wrong)."""
+    """Read and check a PUBLISH (ProtocolViolation names what is wrong).
+
+    The common case is read by slicing; anything unusual goes through the bounds-checked
+    reader, which names the problem.
+    """
+    raw, start, flags = packet.raw, packet.header_size, packet.flags
+    qos = (flags >> 1) & 0x03
+    topic_end = start + 2 + ((raw[start] << 8) | raw[start + 1]) if len(raw) >= start + 2 else 0
+    payload_start = topic_end + (2 if qos else 0)
+    if topic_end and payload_start <= len(raw) and qos != 3 and (qos or not flags & 0x08):
+        try:
+            topic = raw[start + 2 : topic_end].decode("utf-8")
+        except UnicodeDecodeError:
+            topic = ""
+        packet_id = (raw[topic_end] << 8) | raw[topic_end + 1] if qos else 0
+        if topic and (packet_id or not qos) and not _has_forbidden(topic):
+            return Publication(topic, raw[payload_start:], qos, bool(flags & 0x01), packet_id)
+    return _parse_publish_checked(packet)
+
+
+def _has_forbidden(topic: str) -> bool:
+    return "+" in topic or "#" in topic or "\x00" in topic
+
+
+def _parse_publish_checked(packet: Packet) -> Publication:
     flags = packet.flags
     qos = (flags >> 1) & 0x03
     if qos == 3:

@@ -24,6 +24,10 @@ class Link(Protocol):
         """The socket's send buffer is full: hold messages back until it drains."""
         ...
 
+    def may_publish(self, topic: str) -> bool:
+        """Whether the certificate's rights allow publishing to ``topic``."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Queue plaintext packets; they leave in one TLS record per loop iteration."""
         ...
