@@ -40,6 +40,7 @@ from broker.packets import (
     parse_connect,
 )
 from broker.sessions import Session
+from broker.tls import authority_key_id
 from fleet.errors import CertificateError
 from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
 
@@ -68,6 +69,42 @@ class PeerConnection(asyncio.Protocol):
     the connection in hand, whoever created the session it serves.
     """
 
+    __slots__ = (
+        "_framer",
+        "_last_packet_at",
+        "_leaving",
+        "_loop",
+        "_output",
+        "_paused",
+        "_publish_verdicts",
+        "_read_this_turn",
+        "_serial",
+        "_timers",
+        "_valid_until",
+        "_waiting_turn",
+        "accepted_at",
+        "authorized",
+        "broker",
+        "client_id",
+        "closed",
+        "connect_request",
+        "handshaken",
+        "identity",
+        "issuer",
+        "issuer_key_id",
+        "issuer_revoked",
+        "leaf",
+        "mqtt_session",
+        "outcome",
+        "peer_address",
+        "peername",
+        "refused",
+        "rights",
+        "tls",
+        "transport",
+        "verify_code",
+    )
+
     def __init__(self, broker: FleetBroker) -> None:
         self.broker = broker
         self.transport: asyncio.Transport | None = None
@@ -82,7 +119,10 @@ class PeerConnection(asyncio.Protocol):
         self.leaf: Any = None  # the client's leaf as the verify callback saw it (OpenSSL X509)
         self.verify_code: int | None = None
         self.issuer_revoked = False  # the chain's issuing CA is on the root's CRL
-        self.certificate: x509.Certificate | None = None
+        self.issuer: x509.Name | None = None  # of the accepted certificate (shared object)
+        self.issuer_key_id: bytes | None = None  # its Authority Key Identifier
+        self._serial: int | None = None
+        self._valid_until: dt.datetime | None = None
         self.identity: DeviceIdentity | None = None
         self.rights: TopicRights | None = None
         self.client_id: str | None = None  # the MQTT client id, once CONNECT was admitted
@@ -110,12 +150,13 @@ class PeerConnection(asyncio.Protocol):
 
     @property
     def serial(self) -> int | None:
+        if self._serial is not None:
+            return self._serial
         cert = self._presented_certificate()
         return cert.serial_number if cert is not None else None
 
     def _presented_certificate(self) -> x509.Certificate | None:
-        if self.certificate is not None:
-            return self.certificate
+        """The certificate of a handshake that failed (the verify callback's leaf)."""
         if self.leaf is not None:
             return cast(x509.Certificate, self.leaf.to_cryptography())
         return None
@@ -197,13 +238,20 @@ class PeerConnection(asyncio.Protocol):
         self._timers[0].cancel()
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=True)
         try:
-            self.certificate = self.tls.get_peer_certificate(as_cryptography=True)
-            assert self.certificate is not None
-            self.identity = identity_from_certificate(self.certificate)
+            certificate = self.tls.get_peer_certificate(as_cryptography=True)
+            assert certificate is not None
+            self.identity = identity_from_certificate(certificate)
         except CertificateError as exc:
             self.broker.record(self, Outcome.IDENTITY_MISMATCH, exc.reason)
             self.close()
             return
+        # What the session needs of its certificate for its whole life, and nothing more (the
+        # parsed certificate would cost ~7 KB per connection).
+        self._serial = certificate.serial_number
+        self.issuer = self.broker.shared_issuer(certificate.issuer)
+        self.issuer_key_id = authority_key_id(certificate)
+        self._valid_until = valid_until(certificate)
+        self.leaf = None
         self.rights = (  # a claim's or the admin's rights are set at CONNECT
             rights_for(self.identity.device_id, self.identity.tier)
             if self.identity.role == DEVICE
@@ -253,8 +301,8 @@ class PeerConnection(asyncio.Protocol):
         self.abort()
 
     def _seconds_left(self) -> float:
-        assert self.certificate is not None
-        return (valid_until(self.certificate) - dt.datetime.now(dt.UTC)).total_seconds()
+        assert self._valid_until is not None
+        return (self._valid_until - dt.datetime.now(dt.UTC)).total_seconds()
 
     def _schedule_expiry(self) -> None:
         """A session never outlives its certificate: close it when notAfter's second ends."""

@@ -120,16 +120,17 @@ class MqttEngine:
         if session.clean:
             self._discard(session)
             return
-        if any(qos == 0 for _, qos in session.queue):  # QoS 0 is not kept for later
-            kept = [(message, qos) for message, qos in session.queue if qos]
-            session.queue.clear()
-            session.queue.extend(kept)
+        queue = session.queue
+        if queue and any(qos == 0 for _, qos in queue):  # QoS 0 is not kept for later
+            kept = [(message, qos) for message, qos in queue if qos]
+            queue.clear()
+            queue.extend(kept)
 
     def _discard(self, session: Session) -> None:
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(topic_filter, session)
         session.subscriptions.clear()
-        session.queue.clear()
+        session.queue = None
         session.inflight.clear()
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
@@ -177,7 +178,7 @@ class MqttEngine:
             link.write(encode_ack(PUBREL, packet_id))
         elif kind == PUBREL:
             packet_id = parse_ack(packet)
-            session.awaiting_pubrel.discard(packet_id)
+            session.released(packet_id)
             link.write(encode_ack(PUBCOMP, packet_id))
         elif kind == SUBSCRIBE:
             self._on_subscribe(session, link, packet)
@@ -193,11 +194,9 @@ class MqttEngine:
     def _on_publish(self, session: Session, link: Link, packet: Packet) -> None:
         publication = parse_publish(packet)
         qos, packet_id = publication.qos, publication.packet_id
-        if qos == 2:
-            if packet_id in session.awaiting_pubrel:  # a resend: routed the first time
-                link.write(encode_ack(PUBREC, packet_id))
-                return
-            session.awaiting_pubrel.add(packet_id)
+        if qos == 2 and not session.first_arrival(packet_id):  # a resend: routed already
+            link.write(encode_ack(PUBREC, packet_id))
+            return
         topic = publication.topic
         if link.may_publish(topic):
             self.publish(topic, publication.payload, qos, retain=publication.retain)
@@ -245,26 +244,25 @@ class MqttEngine:
 
     def _deliver(self, session: Session, message: Message, qos: int) -> None:
         link = session.link
-        queue = session.queue
         if link is None:
             if session.clean or not qos:
                 return
-            if len(queue) >= self.limits.max_queued:
+            if session.queued() >= self.limits.max_queued:
                 self._on_drop(OFFLINE_QUEUE_FULL)
                 return
-            queue.append((message, qos))
+            session.enqueue(message, qos)
             return
-        if not queue and not link.writing_paused:
+        if not session.queue and not link.writing_paused:
             if not qos:
                 link.write(message.packet(0, 0))
                 return
             if len(session.inflight) < self.limits.max_inflight:
                 self._send(session, link, message, qos)
                 return
-        if len(queue) >= self.limits.max_queued:
+        if session.queued() >= self.limits.max_queued:
             self._on_drop(QUEUE_FULL)
             return
-        queue.append((message, qos))
+        session.enqueue(message, qos)
 
     def _send(self, session: Session, link: Link, message: Message, qos: int) -> None:
         packet_id = session.next_packet_id()
@@ -273,6 +271,8 @@ class MqttEngine:
 
     def _pump(self, session: Session, link: Link) -> None:
         queue = session.queue
+        if not queue:
+            return
         limit = self.limits.max_inflight
         while queue and not link.writing_paused:
             message, qos = queue[0]

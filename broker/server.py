@@ -30,7 +30,6 @@ from broker.tls import (
     CrlHistory,
     CrlState,
     build_server_context,
-    issued_by,
     load_crl,
     load_issuers,
     load_retired_key_ids,
@@ -83,6 +82,7 @@ class FleetBroker:
         self._connections: set[PeerConnection] = set()
         self._by_serial: dict[int, set[PeerConnection]] = {}
         self._sessions: dict[str, PeerConnection] = {}
+        self._issuer_names: dict[x509.Name, x509.Name] = {}
         self._event_listeners: list[Callable[[Event], None]] = []
         self._server: asyncio.Server | None = None
         self.engine = MqttEngine(settings.session_limits, on_drop=self.message_dropped)
@@ -267,11 +267,11 @@ class FleetBroker:
                 peer.close_by_broker(SessionEnd.REVOKED)
         for peers in list(self._by_serial.values()):
             for peer in list(peers):
-                if peer.certificate is None:
+                if peer.issuer is None:
                     continue
-                if peer.certificate.issuer not in crl.issuers:
+                if peer.issuer not in crl.issuers:
                     peer.close_by_broker(SessionEnd.ISSUER_RETIRED)
-                elif issued_by(peer.certificate, crl.revoked_issuer_keys):
+                elif peer.issuer_key_id in crl.revoked_issuer_keys:
                     peer.close_by_broker(SessionEnd.ISSUER_REVOKED)
 
     def _install_crl_metrics(self, crl: CrlState) -> None:
@@ -318,6 +318,10 @@ class FleetBroker:
 
     # -- connections (called by PeerConnection) ---------------------------------------------
 
+    def shared_issuer(self, issuer: x509.Name) -> x509.Name:
+        """One object per issuer name, however many connections hold it."""
+        return self._issuer_names.setdefault(issuer, issuer)
+
     def connection_opened(self, peer: PeerConnection) -> None:
         self._connections.add(peer)
 
@@ -341,10 +345,10 @@ class FleetBroker:
     def handshake_accepted(self, peer: PeerConnection) -> bool:
         """After a good handshake: the CRL in force now decides, and the stale-CRL policy."""
         serial = peer.serial
-        assert serial is not None and peer.certificate is not None
-        if peer.certificate.issuer not in self._crl.issuers:
+        assert serial is not None and peer.issuer is not None
+        if peer.issuer not in self._crl.issuers:
             # OpenSSL refuses such a chain while it checks CRLs; a fail-open broker must too.
-            issuer = peer.certificate.issuer.rfc4514_string()
+            issuer = peer.issuer.rfc4514_string()
             self.record(peer, Outcome.UNKNOWN_CA, f"issuing CA {issuer} is not trusted (retired?)")
             peer.close()
             return False

@@ -114,15 +114,13 @@ def _key_id(cert: x509.Certificate) -> bytes:
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
 
 
-def issued_by(cert: x509.Certificate, key_ids: frozenset[bytes]) -> bool:
-    """Whether ``cert`` names (in its Authority Key Identifier) one of ``key_ids``."""
-    if not key_ids:
-        return False
+def authority_key_id(cert: x509.Certificate) -> bytes | None:
+    """The key identifier ``cert`` names its issuer by (None without the extension)."""
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except x509.ExtensionNotFound:
-        return False
-    return aki.key_identifier in key_ids
+        return None
+    return aki.key_identifier
 
 
 class CrlHistory:
