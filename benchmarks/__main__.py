@@ -146,6 +146,12 @@ def bench_swarm(base: Path, devices: int, duration: float) -> None:
         f"connect churn against {churn.broker}: our device client {churn.ours:,.0f}/s "
         f"(TLS + CONNECT/CONNACK + DISCONNECT) vs openssl s_time -new {reference} (TLS only){ratio}"
     )
+    if churn.openssl_cpu_ms:
+        console.print(
+            f"client CPU per connect: our device {churn.ours_cpu_ms:.2f} ms vs openssl s_time "
+            f"-new {churn.openssl_cpu_ms:.2f} ms per handshake = "
+            f"{churn.ours_cpu_ms / churn.openssl_cpu_ms:.2f}x (target <= 1.3x)"
+        )
 
 
 def bench_handshake(base: Path, connections: int) -> None:

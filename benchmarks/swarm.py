@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.broker import _rss_bytes, mosquitto, ours
+from benchmarks.broker import _rss_bytes, _run, mosquitto, ours
 from benchmarks.mqtt_load import (
     device_context,
     open_session,
@@ -25,7 +25,7 @@ from benchmarks.mqtt_load import (
     subscribe_packet,
 )
 from device import Device, DeviceSettings, PahoDriver
-from device.handshake_bench import BenchSettings, Identity, openssl_s_time_rate
+from device.handshake_bench import BenchSettings, Identity, STimeResult, openssl_s_time
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm, split
 from fleet import (
@@ -163,7 +163,7 @@ def _churn_shard(
     seconds: float,
     results: Any,
 ) -> None:
-    async def main() -> int:
+    async def main() -> tuple[int, float]:
         paths = WorkspacePaths(Path(workspace_root))
         driver = PahoDriver()
         settings = [
@@ -171,6 +171,7 @@ def _churn_shard(
             for d in device_ids
         ]
         contexts = [Device(s, driver).context() for s in settings]  # prepared off the clock
+        cpu_started = time.process_time()
         deadline = time.perf_counter() + seconds
         done = 0
         next_index = 0
@@ -187,14 +188,16 @@ def _churn_shard(
                 await device.close(ack_grace=0)
 
         await asyncio.gather(*(worker() for _ in range(25)))
-        return done
+        return done, time.process_time() - cpu_started
 
-    results.put(asyncio.run(main()))
+    results.put(_run(main()))  # on uvloop, as the swarm's shards run
 
 
 def device_churn_rate(
     workspace: Workspace, device_ids: list[str], port: int, *, seconds: float, processes: int
-) -> float:
+) -> tuple[float, float]:
+    """Our devices' connects per second (TLS + CONNECT/CONNACK + DISCONNECT, each device's TLS
+    context prepared beforehand) and the shards' CPU per connect."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [
@@ -205,26 +208,29 @@ def device_churn_rate(
     ]
     for worker in workers:
         worker.start()
-    total: int = sum(results.get(timeout=seconds + 120) for _ in workers)
+    shards = [results.get(timeout=seconds + 120) for _ in workers]
     for worker in workers:
         worker.join(10)
-    return total / seconds
+    done = sum(connects for connects, _ in shards)
+    return done / seconds, sum(cpu for _, cpu in shards) / max(1, done)
 
 
-def _s_time_rate(
+def _s_time(
     workspace: Workspace, device_id: str, port: int, *, seconds: float, processes: int
-) -> float | None:
+) -> STimeResult | None:
     paths = workspace.paths
     settings = BenchSettings(host="127.0.0.1", port=port, trust_anchor=paths.root_cert)
     identity = Identity(device_id, paths.device_cert(device_id), paths.device_key(device_id))
-    return openssl_s_time_rate(settings, identity, seconds=seconds, processes=processes)
+    return openssl_s_time(settings, identity, seconds=seconds, processes=processes)
 
 
 @dataclass
 class ChurnComparison:
     broker: str
     ours: float
+    ours_cpu_ms: float  # client CPU per connect
     openssl: float | None
+    openssl_cpu_ms: float | None  # s_time's CPU per handshake
 
 
 def churn_against_mosquitto(
@@ -234,13 +240,19 @@ def churn_against_mosquitto(
     with mosquitto(workspace, scratch) as reference:
         if reference is None:
             return None
-        ours_rate = device_churn_rate(
+        ours_rate, ours_cpu = device_churn_rate(
             workspace, device_ids, reference.port, seconds=seconds, processes=processes
         )
-        openssl_rate = _s_time_rate(
+        s_time = _s_time(
             workspace, device_ids[0], reference.port, seconds=seconds, processes=processes
         )
-        return ChurnComparison(reference.name, ours_rate, openssl_rate)
+        return ChurnComparison(
+            reference.name,
+            ours_rate,
+            ours_cpu * 1000,
+            s_time.rate if s_time else None,
+            s_time.cpu_per_handshake * 1000 if s_time else None,
+        )
 
 
 @dataclass

@@ -292,7 +292,19 @@ class Device:
         self._driver.discard(client)
 
     def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._loop.add_writer(sock, client.loop_write)
+        # A fresh packet usually fits the socket's buffer: write it in the next loop turn and
+        # watch the socket only for what did not fit (no selector round trip per packet).
+        self._loop.call_soon(self._write_queued, client, sock)
+
+    def _write_queued(self, client: mqtt.Client, sock: Any) -> None:
+        def still_open() -> bool:  # not closed (or replaced) meanwhile
+            return client.socket() is sock
+
+        if not still_open():
+            return
+        client.loop_write()
+        if client.want_write() and still_open():  # the rest when there is room
+            self._loop.add_writer(sock, client.loop_write)
 
     def _unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._loop.remove_writer(sock)
@@ -315,12 +327,12 @@ class Device:
             # refused after the handshake: by a TLS alert, or closed without a word
             self._connack.set_result(("lost", self._tls_error or CLOSED_BY_BROKER))
         if self.connected:
-            detail = self._why_dropped(reason)
             self.connected = False
             self._reply_topics.clear()
             self._planned_drop = self._leaving
             self._leaving = False
-            if not self._planned_drop:
+            if not self._planned_drop:  # a drop: say why (a planned leave needs no reason)
+                detail = self._why_dropped(reason)
                 self.stats.disconnects.append(detail)
                 if self._on_drop is not None:
                     self._on_drop(detail)

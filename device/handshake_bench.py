@@ -344,6 +344,15 @@ def run_handshake_bench(
     return result
 
 
+@dataclass(frozen=True)
+class STimeResult:
+    """What ``openssl s_time -new`` achieved: handshakes per second, and its own CPU (user and
+    system, all processes) per handshake."""
+
+    rate: float
+    cpu_per_handshake: float
+
+
 def openssl_s_time_rate(
     settings: BenchSettings, identity: Identity, *, seconds: float, processes: int
 ) -> float | None:
@@ -352,6 +361,14 @@ def openssl_s_time_rate(
     s_time does the TLS handshake only (no MQTT): a ceiling for any client on this machine.
     None when openssl is missing or says something unexpected.
     """
+    result = openssl_s_time(settings, identity, seconds=seconds, processes=processes)
+    return result.rate if result is not None else None
+
+
+def openssl_s_time(
+    settings: BenchSettings, identity: Identity, *, seconds: float, processes: int
+) -> STimeResult | None:
+    """:func:`openssl_s_time_rate`, with the CPU the s_time processes used per handshake."""
     binary = shutil.which("openssl")
     if binary is None:
         return None
@@ -362,15 +379,19 @@ def openssl_s_time_rate(
     ]  # fmt: skip
     if settings.tls_version in ("1.2", "1.3"):
         command.append("-tls1_2" if settings.tls_version == "1.2" else "-tls1_3")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     runs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(processes)
     ]
-    total = 0.0
+    total, handshakes = 0.0, 0
     for run in runs:
         output, _ = run.communicate(timeout=seconds + 60)
         match = re.search(r"(\d+) connections in (\d+(?:\.\d+)?) real seconds", output)
         if match is None:
             return None
+        handshakes += int(match[1])
         total += int(match[1]) / float(match[2])
-    return total
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return STimeResult(total, cpu / max(1, handshakes))
