@@ -4,6 +4,7 @@ device client against Mosquitto beside ``openssl s_time -new`` in the same run."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from benchmarks.broker import _rss_bytes, _run, mosquitto, ours
 from benchmarks.mqtt_load import (
+    PINGREQ,
     device_context,
     open_session,
     percentile,
@@ -79,17 +81,24 @@ class _Probe(threading.Thread):
         writer.write(subscribe_packet("devices/+/telemetry"))
         await read_packet(reader)
         self.ready.set()
-        while not self._stop_requested.is_set():
-            try:
-                first, body = await asyncio.wait_for(read_packet(reader), 0.5)
-            except TimeoutError:
-                continue
-            if first >> 4 == 3:
-                qos = (first >> 1) & 0x03
-                if qos:
-                    writer.write(puback_for(body))  # a subscriber that never acks stalls the broker
-                sent = json.loads(publish_payload(body, qos))["ts"]
-                self.samples.append(time.time() - sent)
+
+        async def receive() -> None:  # never cancelled mid-packet: it runs until the end
+            while True:
+                first, body = await read_packet(reader)
+                if first >> 4 == 3:
+                    qos = (first >> 1) & 0x03
+                    if qos:  # a subscriber that never acks stalls the broker
+                        writer.write(puback_for(body))
+                    sent = json.loads(publish_payload(body, qos))["ts"]
+                    self.samples.append(time.time() - sent)
+
+        receiver = asyncio.create_task(receive())
+        while not self._stop_requested.is_set() and not receiver.done():
+            writer.write(PINGREQ)  # keep alive, whatever the traffic
+            await asyncio.sleep(0.5)
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver  # a failure of the probe is raised here, never swallowed
         writer.close()
 
     def stop(self) -> None:
@@ -255,10 +264,32 @@ def churn_against_mosquitto(
         )
 
 
+def ramp_against_mosquitto(
+    workspace: Workspace, device_ids: list[str], scratch: Path
+) -> tuple[str, float, int] | None:
+    """The swarm's ramp (100 handshakes in flight per shard, no rate cap) against Mosquitto:
+    (broker, connects per second, connected)."""
+    with mosquitto(workspace, scratch) as reference:
+        if reference is None:
+            return None
+        config = SwarmConfig(
+            workspace=workspace.paths.root,
+            device_ids=tuple(device_ids),
+            port=reference.port,
+            ramp_per_second=100_000.0,
+            publish_every=600.0,
+            duration=len(device_ids) / 150 + 10,  # time enough at half the target rate
+            max_in_flight=100,
+        )
+        summary = run_swarm(config).summary()
+        return reference.name, summary["ramp_rate"] or 0.0, summary["connected_at_deadline"]
+
+
 @dataclass
 class SwarmReport:
     held: HeldSwarmFigure
     churn: ChurnComparison | None
+    mosquitto_ramp: tuple[str, float, int] | None
 
 
 def run(
@@ -274,4 +305,5 @@ def run(
     ).device_ids[0]
     held = held_swarm(workspace, ids, probe, duration=duration)
     churn = churn_against_mosquitto(workspace, ids[:2000], base, seconds=churn_seconds)
-    return SwarmReport(held=held, churn=churn)
+    ramp = ramp_against_mosquitto(workspace, ids, base)
+    return SwarmReport(held=held, churn=churn, mosquitto_ramp=ramp)

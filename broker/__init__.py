@@ -1,4 +1,4 @@
-"""mtls-fleet's broker: an amqtt core behind our own mutual-TLS accept loop.
+"""mtls-fleet's broker: a mutual-TLS accept loop and an MQTT 3.1.1 session engine of its own.
 
 Every connection must present a client certificate from the fleet CA; its identity (CN and
 SPIFFE URI), tier and environment decide what it may do; revocations apply live.

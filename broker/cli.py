@@ -22,7 +22,6 @@ from fleet.workspace import Workspace
 def run_broker(settings: BrokerSettings, *, announce: Callable[[str], None]) -> None:
     """Serve until SIGINT or SIGTERM; ``announce`` gets ``listening on mqtts://HOST:PORT``."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("amqtt").setLevel(logging.ERROR)  # its per-connection chatter is ours now
     try:
         import uvloop  # less memory per TLS connection and a faster loop, where installed
 

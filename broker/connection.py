@@ -382,7 +382,7 @@ class PeerConnection(asyncio.Protocol):
                 return
 
     def _on_connect(self, packet: Packet) -> bool:
-        """The first packet: read the whole CONNECT and let the broker decide, before amqtt
+        """The first packet: read the whole CONNECT and let the broker decide, before the engine
         creates, resumes or deletes any session. False when the connection was refused."""
         if packet.kind != CONNECT:
             return self._refuse_connect(f"first MQTT packet is type {packet.kind}, not CONNECT")

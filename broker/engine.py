@@ -137,13 +137,22 @@ class MqttEngine:
 
     def _resume(self, session: Session, link: Link) -> None:
         """A stored session on a new connection: what the certificate in hand may no longer
-        read is unsubscribed, the unacknowledged deliveries go out again, then the queue."""
+        read is unsubscribed and dropped from what waits for it, the unacknowledged deliveries
+        go out again, then the queue."""
         rights = link.rights
         for topic_filter in list(session.subscriptions):
             if rights is None or not rights.may_subscribe(topic_filter):
                 log.info("%s: dropping subscription %r on resume", session.client_id, topic_filter)
                 del session.subscriptions[topic_filter]
                 self.subscriptions.remove(topic_filter, session)
+        readable = rights.may_receive if rights is not None else (lambda topic: False)
+        for packet_id, flight in list(session.inflight.items()):
+            if not readable(flight.message.topic):
+                del session.inflight[packet_id]
+        if session.queue:
+            kept = [(m, qos) for m, qos in session.queue if readable(m.topic)]
+            session.queue.clear()
+            session.queue.extend(kept)
         for flight in session.inflight.values():
             if flight.released:
                 link.write(encode_ack(PUBREL, flight.packet_id))

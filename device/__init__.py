@@ -1,6 +1,12 @@
 """mtls-fleet devices: simulated certificate-holding devices built on paho-mqtt and asyncio."""
 
-from device.connect import TlsSocket, open_tls_socket
+from device.connect import (
+    DeviceConnection,
+    TlsConnection,
+    TlsSocket,
+    open_device_tls,
+    open_tls_socket,
+)
 from device.device import Device, DeviceSettings, DeviceStats, PahoDriver
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.outcomes import (
@@ -12,7 +18,7 @@ from device.outcomes import (
     UntrustedReason,
     classify_tls_failure,
 )
-from device.tls import device_tls_context, spki_pin
+from device.tls import DeviceTls, device_tls, device_tls_context, spki_pin
 
 __all__ = [
     "DROPPED",
@@ -21,16 +27,21 @@ __all__ = [
     "ConnectAttempt",
     "ConnectOutcome",
     "Device",
+    "DeviceConnection",
     "DeviceSettings",
     "DeviceStats",
+    "DeviceTls",
     "DropReason",
     "EnrollmentResult",
     "PahoDriver",
+    "TlsConnection",
     "TlsSocket",
     "UntrustedReason",
     "classify_tls_failure",
+    "device_tls",
     "device_tls_context",
     "enroll",
+    "open_device_tls",
     "open_tls_socket",
     "spki_pin",
 ]

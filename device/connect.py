@@ -3,6 +3,14 @@
 paho's own ``connect`` performs a blocking handshake, which would serialise thousands of
 devices. Here the handshake is driven step by step on a non-blocking socket, so many devices
 handshake concurrently on one loop; the finished socket is then handed to paho.
+
+Simulated devices connect with :func:`open_device_tls` (pyOpenSSL, see :mod:`device.tls`);
+what it raises, and what its :class:`TlsConnection` raises to paho, is what Python's ``ssl``
+raises for the same event (a verify failure is an ``ssl.SSLCertVerificationError`` with
+OpenSSL's verify code, an alert an ``ssl.SSLError`` whose ``reason`` names it …), so the
+device's outcome classification (:func:`device.outcomes.classify_tls_failure`) is the same
+whichever library carried the handshake. :func:`open_tls_socket` (Python ``ssl``) serves the
+handshake bench.
 """
 
 from __future__ import annotations
@@ -14,6 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+from device.tls import DeviceTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +108,7 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> No
 
 
 async def wait_ready(
-    loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, *, readable: bool
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, readable: bool
 ) -> None:
     """Wait until ``sock`` is readable (or writable) without blocking the loop."""
     future: asyncio.Future[None] = loop.create_future()
@@ -114,3 +129,167 @@ async def wait_ready(
             loop.remove_reader(fd)
         else:
             loop.remove_writer(fd)
+
+
+# -- simulated devices: pyOpenSSL ------------------------------------------------------------
+
+
+class TlsConnection:
+    """A finished pyOpenSSL connection, as paho uses a socket: ``recv``/``send`` raise what an
+    ``ssl.SSLSocket`` raises (want-read, want-write, alerts), and the end of the stream reads
+    as ``b""``."""
+
+    __slots__ = ("_raw", "connection")
+
+    def __init__(self, connection: SSL.Connection, raw: socket.socket) -> None:
+        self.connection = connection
+        self._raw = raw
+
+    def recv(self, size: int) -> bytes:
+        try:
+            return self.connection.recv(size)
+
+        except SSL.ZeroReturnError:  # close_notify
+            return b""
+        except (SSL.WantReadError, SSL.WantWriteError, SSL.SysCallError, SSL.Error) as exc:
+            raise _as_ssl_error(exc, self.connection) from exc
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self.connection.send(data)
+        except (SSL.WantReadError, SSL.WantWriteError, SSL.SysCallError, SSL.Error) as exc:
+            raise _as_ssl_error(exc, self.connection) from exc
+
+    def pending(self) -> int:
+        return self.connection.pending()
+
+    def setblocking(self, flag: bool) -> None:
+        self._raw.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def peer_certificate_der(self) -> bytes:
+        cert = self.connection.get_peer_certificate(as_cryptography=True)
+        return cert.public_bytes(Encoding.DER) if cert is not None else b""
+
+    def local_address(self) -> str:
+        host, port = self._raw.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def close(self) -> None:
+        self._raw.close()  # as ssl.SSLSocket.close: no close_notify
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConnection:
+    tls: TlsConnection
+    tcp_seconds: float
+    tls_seconds: float
+
+
+async def open_device_tls(
+    host: str,
+    port: int,
+    credentials: DeviceTls,
+    *,
+    server_name: str | None = None,
+    timeout: float = 10.0,
+    source_ip: str | None = None,
+    on_connected: Callable[[str], None] | None = None,
+) -> DeviceConnection:
+    """:func:`open_tls_socket` for a simulated device: the same phases, timings and errors."""
+    loop = asyncio.get_running_loop()
+    family, address = await _resolve(loop, host, port)
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    try:
+        if source_ip:
+            raw.bind((source_ip, 0))
+        started = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(raw, address)
+            connected = time.perf_counter()
+            if on_connected is not None:
+                local = raw.getsockname()
+                on_connected(f"{local[0]}:{local[1]}")
+            connection = _client_connection(credentials, raw, server_name or host)
+            await _drive_handshake(loop, connection, raw)
+    except BaseException:
+        raw.close()
+        raise
+    done = time.perf_counter()
+    return DeviceConnection(TlsConnection(connection, raw), connected - started, done - connected)
+
+
+def _client_connection(credentials: DeviceTls, raw: socket.socket, name: str) -> SSL.Connection:
+    connection = SSL.Connection(credentials.context, raw)
+    if credentials.certificate is not None and credentials.key is not None:
+        connection.use_certificate(credentials.certificate)
+        connection.use_privatekey(credentials.key)
+    encoded = name.encode("idna")
+    if not _is_ip_address(name):
+        connection.set_tlsext_host_name(encoded)
+    if credentials.check_hostname:
+        # OpenSSL checks the name during verification, as Python's ssl does (pyOpenSSL has no
+        # public call for it): a mismatch is a verify failure, code 62.
+        param = _lib.SSL_get0_param(connection._ssl)
+        if _is_ip_address(name):
+            packed = socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+            _lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed))
+        else:
+            _lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded))
+    connection.set_connect_state()
+    return connection
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+    except OSError:
+        return False
+    return True
+
+
+async def _drive_handshake(
+    loop: asyncio.AbstractEventLoop, connection: SSL.Connection, raw: socket.socket
+) -> None:
+    while True:
+        try:
+            connection.do_handshake()
+            return
+        except SSL.WantReadError:
+            await wait_ready(loop, raw, readable=True)
+        except SSL.WantWriteError:
+            await wait_ready(loop, raw, readable=False)
+        except (SSL.SysCallError, SSL.Error) as exc:
+            raise _as_ssl_error(exc, connection) from exc
+
+
+def _as_ssl_error(exc: Exception, connection: SSL.Connection) -> OSError:
+    """What Python's ``ssl`` raises for the same event."""
+    if isinstance(exc, SSL.WantReadError):
+        return ssl.SSLWantReadError("The operation did not complete (read)")
+    if isinstance(exc, SSL.WantWriteError):
+        return ssl.SSLWantWriteError("The operation did not complete (write)")
+    if isinstance(exc, SSL.SysCallError):
+        code, message = (*exc.args, None, "")[:2]
+        if isinstance(code, int) and code > 0:
+            return OSError(code, message)  # ConnectionResetError, BrokenPipeError …
+        return ssl.SSLEOFError("EOF occurred in violation of protocol")
+    reasons = [str(r[2]) for r in (exc.args[0] if exc.args and isinstance(exc.args[0], list) else [])
+               if isinstance(r, tuple) and len(r) == 3]  # fmt: skip
+    verify_code = _lib.SSL_get_verify_result(connection._ssl)
+    if verify_code != 0 and any("certificate verify failed" in r for r in reasons):
+        message = _ffi.string(_lib.X509_verify_cert_error_string(verify_code)).decode()
+        failure = ssl.SSLCertVerificationError(
+            1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}"
+        )
+        failure.verify_code, failure.verify_message = verify_code, message
+        failure.reason = "CERTIFICATE_VERIFY_FAILED"
+        return failure
+    words = reasons[-1] if reasons else "unknown error"
+    reason = words.upper().replace(" ", "_").replace("/", "_")  # as Python's ssl spells it
+    error = ssl.SSLError(1, f"[SSL: {reason}] {words}")
+    error.reason = reason
+    return error

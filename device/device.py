@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from device.connect import open_tls_socket
+from device.connect import TlsConnection, open_device_tls
 from device.identity_files import install_identity
 from device.outcomes import (
     CLOSED_BY_BROKER,
@@ -41,7 +41,7 @@ from device.outcomes import (
     drop_reason,
 )
 from device.requests import prepare_renewal
-from device.tls import device_tls_context, spki_pin
+from device.tls import DeviceTls, device_tls, spki_pin
 from fleet.errors import CertificateError
 from fleet.identity import valid_until
 from fleet.mqtt_api import RENEW, ProtocolError, Reply, decode_reply, reply_topic, request_topic
@@ -95,7 +95,7 @@ class DeviceStats:
 class _ObservedSocket:
     """The TLS socket paho reads and writes, keeping the TLS error (alert) paho would hide."""
 
-    def __init__(self, sock: ssl.SSLSocket, on_error: Callable[[ssl.SSLError], None]) -> None:
+    def __init__(self, sock: TlsConnection, on_error: Callable[[ssl.SSLError], None]) -> None:
         self._sock = sock
         self._on_error = on_error
 
@@ -170,7 +170,7 @@ class Device:
         settings: DeviceSettings,
         driver: PahoDriver,
         *,
-        context: ssl.SSLContext | None = None,
+        context: DeviceTls | None = None,
         connect_gate: asyncio.Semaphore | None = None,
         on_attempt: Callable[[ConnectAttempt], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
@@ -207,11 +207,11 @@ class Device:
 
     # -- certificates -----------------------------------------------------------------------
 
-    def context(self) -> ssl.SSLContext:
-        """The TLS context, built on first use and reused across reconnects."""
+    def context(self) -> DeviceTls:
+        """The TLS credentials, loaded on first use and reused across reconnects."""
         if self._context is None:
             s = self.settings
-            self._context = device_tls_context(
+            self._context = device_tls(
                 s.trust_anchor,
                 s.cert,
                 s.key,
@@ -223,7 +223,7 @@ class Device:
     def swap_certificate(self, cert: Path, key: Path) -> None:
         """Use a renewed certificate for the next handshake; the live session is kept."""
         s = self.settings
-        self._context = device_tls_context(
+        self._context = device_tls(
             s.trust_anchor,
             cert,
             key,
@@ -292,19 +292,11 @@ class Device:
         self._driver.discard(client)
 
     def _register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # A fresh packet usually fits the socket's buffer: write it in the next loop turn and
-        # watch the socket only for what did not fit (no selector round trip per packet).
-        self._loop.call_soon(self._write_queued, client, sock)
-
-    def _write_queued(self, client: mqtt.Client, sock: Any) -> None:
-        def still_open() -> bool:  # not closed (or replaced) meanwhile
-            return client.socket() is sock
-
-        if not still_open():
-            return
-        client.loop_write()
-        if client.want_write() and still_open():  # the rest when there is room
-            self._loop.add_writer(sock, client.loop_write)
+        # Through the selector, not at once: a broker that refuses our certificate after a TLS
+        # 1.3 handshake sends its alert and closes; writing CONNECT before reading that alert
+        # makes the kernel answer the close with a reset that destroys it (Mosquitto: 20 of 28
+        # refusals then read as connection_closed instead of unknown_ca).
+        self._loop.add_writer(sock, client.loop_write)
 
     def _unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._loop.remove_writer(sock)
@@ -397,7 +389,7 @@ class Device:
                 )
             )
         try:
-            tls = await open_tls_socket(
+            tls = await open_device_tls(
                 s.host,
                 s.port,
                 context,
@@ -414,9 +406,9 @@ class Device:
                 )
             )
         if s.pins:
-            presented = spki_pin(tls.sock.getpeercert(binary_form=True) or b"")
+            presented = spki_pin(tls.tls.peer_certificate_der())
             if presented not in s.pins:
-                tls.sock.close()
+                tls.tls.close()
                 return self._record(
                     ConnectAttempt(
                         s.device_id,
@@ -430,7 +422,7 @@ class Device:
         self._tls_error = None
         self._disconnected.clear()
         self._connack = self._loop.create_future()
-        self._client.prepared = _ObservedSocket(tls.sock, self._note_tls_error)
+        self._client.prepared = _ObservedSocket(tls.tls, self._note_tls_error)
         started = time.perf_counter()
         self._client.reconnect()
         connack = self._connack

@@ -9,7 +9,6 @@ answer. The key never leaves the device: on success ``STORE/<id>/key.pem`` (0600
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from device.device import Device, DeviceSettings, PahoDriver
 from device.identity_files import install_identity
 from device.outcomes import TLS_ALERTS, ConnectOutcome
 from device.requests import prepare_enrollment
-from device.tls import device_tls_context
+from device.tls import DeviceTls, device_tls
 from fleet.errors import CertificateError
 from fleet.mqtt_api import PROVISION, enroll_client_id
 
@@ -41,11 +40,9 @@ class ClaimBundle:
     def trust_anchor(self) -> Path:
         return self.directory / "root.crt"
 
-    def context(self) -> ssl.SSLContext:
-        """One TLS context for every enrollment of this claim (loading one costs ~1 ms)."""
-        return device_tls_context(
-            self.trust_anchor, self.cert, self.key, device_id=self.directory.name
-        )
+    def context(self) -> DeviceTls:
+        """One set of TLS credentials for every enrollment of this claim."""
+        return device_tls(self.trust_anchor, self.cert, self.key, device_id=self.directory.name)
 
 
 # Why an enrollment got no answer (``failed``): the connection's outcome (with the TLS alert of
@@ -93,7 +90,7 @@ async def enroll(
     hardware_serial: str = "",
     timeout: float = 10.0,
     driver: PahoDriver | None = None,
-    context: ssl.SSLContext | None = None,
+    context: DeviceTls | None = None,
     connect_gate: asyncio.Semaphore | None = None,
 ) -> EnrollmentResult:
     """Enroll ``device_id`` through ``claim``; on success its key and chain are in

@@ -44,7 +44,14 @@ class ConnectAttempt:
 # What a device sees when a live session ends without it asking: a sighting of its own kind.
 DROPPED = "dropped"
 
-_ALERT_PREFIXES = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
+# OpenSSL 3.0 (Python's ssl here) says SSLV3_ALERT_…, OpenSSL 4.0 (pyOpenSSL) TLS_ALERT_…
+_ALERT_PREFIXES = (
+    "SSLV3_ALERT_",
+    "TLSV1_ALERT_",
+    "TLSV13_ALERT_",
+    "TLS_ALERT_",
+    "SSL_TLS_ALERT_",
+)
 # The TLS alerts a broker refuses a client certificate with, as :func:`alert_name` spells them.
 TLS_ALERTS = (
     "bad_certificate",

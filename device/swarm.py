@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any
 
 from device.device import Device, DeviceSettings, PahoDriver
 from device.stats import SwarmStats
-from device.tls import device_tls_context
+from device.tls import DeviceTls, device_tls
 from fleet.errors import CertificateError, FleetError
 from fleet.signals import stop_on_signals
 from fleet.workspace import WorkspacePaths
@@ -166,12 +165,12 @@ class Swarm:
             await asyncio.sleep(every)
 
 
-async def _prepare_context(settings: DeviceSettings) -> ssl.SSLContext | None:
-    """Load a device's certificate and key off the event loop (~1 ms of OpenSSL work that
-    releases the GIL). ``None`` when unusable: the device then reports why when it connects."""
+async def _prepare_context(settings: DeviceSettings) -> DeviceTls | None:
+    """Load a device's certificate and key off the event loop (file reads and parsing).
+    ``None`` when unusable: the device then reports why when it connects."""
     try:
         return await asyncio.to_thread(
-            device_tls_context,
+            device_tls,
             settings.trust_anchor,
             settings.cert,
             settings.key,

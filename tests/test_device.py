@@ -22,6 +22,7 @@ from device import (
     DeviceSettings,
     PahoDriver,
     UntrustedReason,
+    device_tls,
     device_tls_context,
 )
 from fleet import (
@@ -182,25 +183,60 @@ def test_a_target_that_is_not_listening_is_a_network_error(fleet: Workspace) -> 
     assert attempt.outcome is ConnectOutcome.NETWORK_ERROR
 
 
-def test_a_key_that_does_not_match_names_the_device(fleet: Workspace) -> None:
+@pytest.mark.parametrize("load", [device_tls_context, device_tls])
+def test_a_key_that_does_not_match_names_the_device(fleet: Workspace, load: Any) -> None:
+    """Both ways a device loads its credentials (Python's ssl for paho's own TLS, pyOpenSSL
+    for simulated devices) refuse the same things with the same words and codes."""
     paths = fleet.paths
     with pytest.raises(
         CertificateError,
         match=r"device 'dev-00001': unusable certificate or key \(the key does not match",
-    ):
-        device_tls_context(
+    ) as mismatch:
+        load(
             paths.root_cert,
             paths.device_cert("dev-00001"),
             paths.device_key("dev-00002"),
             device_id="dev-00001",
         )
-    with pytest.raises(CertificateError, match=r"device 'dev-00001': missing .*nope\.pem"):
-        device_tls_context(
+    assert mismatch.value.code == "key_mismatch"
+    with pytest.raises(CertificateError, match=r"device 'dev-00001': missing .*nope\.pem") as gone:
+        load(
             paths.root_cert,
             paths.device_cert("dev-00001"),
             paths.root / "nope.pem",
             device_id="dev-00001",
         )
+    assert gone.value.code == "missing_file"
+    with pytest.raises(CertificateError, match=r"cannot load trust anchor") as anchor:
+        load(
+            paths.root / "no-root.pem",
+            paths.device_cert("dev-00001"),
+            paths.device_key("dev-00001"),
+            device_id="dev-00001",
+        )
+    assert anchor.value.code == "bad_trust_anchor"
+
+
+def test_devices_of_one_issuing_ca_share_one_context_and_keep_their_own_identity(
+    fleet: Workspace,
+) -> None:
+    paths = fleet.paths
+    first, second = (
+        device_tls(paths.root_cert, paths.device_cert(d), paths.device_key(d), device_id=d)
+        for d in ("dev-00001", "dev-00002")
+    )
+    assert first.context is second.context  # the trust store and chain, parsed once
+    assert first.certificate is not None and second.certificate is not None
+    assert first.certificate.serial_number != second.certificate.serial_number
+    bare = device_tls(
+        paths.root_cert,
+        paths.device_cert("dev-00001"),
+        paths.device_key("dev-00001"),
+        device_id="dev-00001",
+        present_certificate=False,
+    )
+    assert (bare.certificate, bare.key) == (None, None)
+    assert bare.context is not first.context  # no issuing chain to send
 
 
 def test_a_renewed_certificate_is_used_from_the_next_handshake_on(

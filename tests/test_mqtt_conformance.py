@@ -1,16 +1,19 @@
-"""MQTT 3.1.1 delivery rules the broker once broke (amqtt's), each test naming the normative
-statement it checks, with a raw client that shows every flag on the wire."""
+"""MQTT 3.1.1 delivery rules the broker once broke (in amqtt 0.12, its former core), each test
+naming the normative statement it checks, with a raw client that shows every flag on the wire."""
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from fleet import ProvisionSpec, Workspace, provision_devices
+from fleet import DeviceIdentity, KeyType, ProvisionSpec, Workspace, provision_devices
+from fleet.keys import generate_private_key, private_key_pem
 from tests import mqtt_raw as mq
-from tests.broker_support import BrokerThread, settings_for_tests
+from tests.broker_support import BrokerThread, Credentials, settings_for_tests
 from tests.test_hostile_clients import Clients
 
 PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK = 3, 4, 5, 6, 7, 9
@@ -25,7 +28,7 @@ def conformance_fleet(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     init_workspace(root, config=FleetConfig())
     workspace = Workspace.open(root)
     provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
-    provision_devices(workspace, ProvisionSpec(count=1, prefix="watcher", tier="silver"))
+    provision_devices(workspace, ProvisionSpec(count=2, prefix="watcher", tier="silver"))
     return workspace
 
 
@@ -179,3 +182,61 @@ def test_a_message_kept_for_an_offline_session_arrives_once_with_retain_0(
     assert _subscribe(fresh, "devices/+/telemetry", 1) == 1
     retained = _next_publish(fresh)
     assert (retained.payload, _retain(retained)) == (b"while you were away", True)
+
+
+def test_overlapping_subscriptions_deliver_one_copy_at_the_highest_qos(clients: Clients) -> None:
+    """[MQTT-3.3.5-1] When a message matches several subscriptions of one client, the Server
+    MUST deliver it respecting the maximum QoS of all the matching subscriptions (one copy)."""
+    watcher = clients.connected("watcher-00001")
+    assert _subscribe(watcher, "devices/+/telemetry", 1, packet_id=1) == 1
+    assert _subscribe(watcher, TOPIC, 2, packet_id=2) == 2
+    _publish(clients, b"matches two filters", 2)
+    received = _next_publish(watcher)
+    assert (received.payload, _qos(received)) == (b"matches two filters", 2)
+    watcher.send(mq.packet(0x50, struct.pack("!H", received.packet_id)))  # PUBREC
+    pubrel = watcher.read()
+    assert pubrel is not None and pubrel.kind == PUBREL
+    watcher.send(mq.packet(0x70, struct.pack("!H", received.packet_id)))  # PUBCOMP
+    assert watcher.read(0.5) is None, "one copy, not one per matching filter"
+
+
+def test_a_resumed_session_keeps_only_what_the_certificate_in_hand_may_read(
+    clients: Clients, conformance_fleet: Workspace, tmp_path: Path
+) -> None:
+    """A stored session was granted under one certificate; resumed under another certificate of
+    the same device with fewer rights (a silver device re-issued as bronze), its subscriptions
+    beyond the new rights are dropped before anything is delivered, and the QoS 1 message kept
+    for it on such a filter is not handed over. A silver bystander still receives."""
+    watcher = clients.connected("watcher-00001", clean=False)
+    assert _subscribe(watcher, "devices/+/telemetry", 1) == 1  # silver's right
+    watcher.send(mq.DISCONNECT)
+    watcher.close()
+    bystander = clients.subscribed("watcher-00002", "devices/+/telemetry")
+    _publish(clients, b"kept while away", 1)
+    assert _next_publish(bystander).payload == b"kept while away"
+
+    bronze = _certificate_with_tier(conformance_fleet, "watcher-00001", "bronze", tmp_path)
+    back = clients.raw(bronze)
+    back.send(mq.connect("watcher-00001", clean=False))
+    assert back.connack() == (1, 0)  # its session, resumed
+    assert back.read(1) is None, "nothing a bronze certificate may not read"
+    _publish(clients, b"after the resume", 1)
+    assert back.read(1) is None
+    assert _next_publish(bystander).payload == b"after the resume"
+    assert _subscribe(back, "devices/+/telemetry", 1, packet_id=5) == 0x80
+
+
+def _certificate_with_tier(
+    workspace: Workspace, device_id: str, tier: str, directory: Path
+) -> Credentials:
+    now = dt.datetime.now(dt.UTC)
+    key = generate_private_key(KeyType.EC_P256)
+    identity = DeviceIdentity(
+        device_id=device_id, tier=tier, env="prod", trust_domain=workspace.config.trust_domain
+    )
+    cert = workspace.ca.issue_device(
+        identity, key.public_key(), not_before=now, not_after=now + dt.timedelta(hours=1)
+    )
+    (directory / "cert.pem").write_bytes(workspace.ca.chain_pem(cert))
+    (directory / "key.pem").write_bytes(private_key_pem(key))
+    return Credentials(device_id, directory / "cert.pem", directory / "key.pem")

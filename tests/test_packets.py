@@ -13,12 +13,18 @@ from hypothesis import strategies as st
 
 from broker import BrokerSettings
 from broker.packets import (
+    Packet,
     PacketFramer,
     PacketTooLarge,
     ProtocolViolation,
     UnsupportedProtocol,
+    _parse_publish_checked,
+    encode_length,
+    encode_publish,
+    encode_topic,
     packet_problem,
     parse_connect,
+    parse_publish,
     topic_filter_problem,
 )
 from fleet import ProvisionSpec, Workspace, provision_devices
@@ -120,6 +126,32 @@ def test_random_streams_frame_or_fail_by_name_and_never_buffer_past_the_limit(
     except ProtocolViolation as exc:
         assert str(exc)
     assert framer.buffered <= 64 + 5
+
+
+@given(st.integers(0, 15), st.binary(max_size=60))
+def test_the_fast_publish_reader_agrees_with_the_checked_one(flags: int, body: bytes) -> None:
+    """Whatever the bytes, the sliced read of a PUBLISH gives what the bounds-checked reader
+    gives, or both refuse it."""
+    raw = bytes((0x30 | flags,)) + encode_length(len(body)) + body
+    packet = Packet(3, flags, raw, len(raw) - len(body))
+    try:
+        expected = _parse_publish_checked(packet)
+    except ProtocolViolation:
+        with pytest.raises(ProtocolViolation):
+            parse_publish(packet)
+        return
+    assert parse_publish(packet) == expected
+
+
+@given(topics, st.binary(max_size=200), st.integers(0, 2), st.integers(1, 65535), st.booleans())
+def test_an_encoded_publish_reads_back(
+    topic: str, payload: bytes, qos: int, packet_id: int, retain: bool
+) -> None:
+    raw = encode_publish(encode_topic(topic), payload, qos, packet_id, retain=retain, dup=False)
+    (packet,) = PacketFramer(1 << 20).feed(raw)
+    read = parse_publish(packet)
+    assert (read.topic, read.payload, read.qos, read.retain) == (topic, payload, qos, retain)
+    assert read.packet_id == (packet_id if qos else 0)
 
 
 def test_a_huge_announced_length_is_refused_from_its_header() -> None:

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import random
 import shutil
-import ssl
 import tempfile
 import time
 import traceback
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.requests import new_request_id
+from device.tls import DeviceTls
 from fleet.ca_rotation import retire_previous_issuers, revoke_issuing_cas, rotate_issuing_ca
 from fleet.claims import ClaimRules, create_claim, revoke_claim
 from fleet.config import FleetConfig
@@ -667,7 +667,7 @@ class ScenarioRun:
         endpoint = self.endpoint()
         driver, gate = self.population.connection_resources()
         store = self.workspace.paths.devices_dir
-        claims: dict[str, tuple[ClaimBundle, ssl.SSLContext]] = {}
+        claims: dict[str, tuple[ClaimBundle, DeviceTls]] = {}
         for name in {m.group.enroll_with for m in members if m.group.enroll_with}:
             bundle = ClaimBundle(self.workspace.paths.claim_dir(name))
             claims[name] = (bundle, await asyncio.to_thread(bundle.context))
