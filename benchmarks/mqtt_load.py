@@ -12,14 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.packets import encode_length
 
-def remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
+remaining_length = encode_length  # MQTT's variable-length integer [MQTT-2.2.3]
 
 
 def connect_packet(client_id: str, *, keepalive: int = 60) -> bytes:

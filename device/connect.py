@@ -55,20 +55,13 @@ async def open_tls_socket(
     ``on_connected`` gets our own address ("IP:PORT", as the broker sees us) once TCP is up.
     """
     loop = asyncio.get_running_loop()
-    family, address = await _resolve(loop, host, port)
-    raw = socket.socket(family, socket.SOCK_STREAM)
-    raw.setblocking(False)
+    raw = await _new_socket(loop, host, port, source_ip)
     sock: socket.socket = raw
     try:
-        if source_ip:
-            raw.bind((source_ip, 0))
         started = time.perf_counter()
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(raw, address)
+            await _tcp_connect(loop, raw, host, port, on_connected)
             connected = time.perf_counter()
-            if on_connected is not None:
-                local = raw.getsockname()
-                on_connected(f"{local[0]}:{local[1]}")
             tls = sock = context.wrap_socket(  # takes the descriptor over from ``raw``
                 raw,
                 server_hostname=server_name or host,
@@ -81,6 +74,37 @@ async def open_tls_socket(
         raise
     done = time.perf_counter()
     return TlsSocket(tls, connected - started, done - connected)
+
+
+async def _new_socket(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, source_ip: str | None
+) -> socket.socket:
+    """A non-blocking TCP socket of the family ``host`` resolves to, bound to ``source_ip``."""
+    family, _ = await _resolve(loop, host, port)
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    try:
+        if source_ip:
+            raw.bind((source_ip, 0))
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+async def _tcp_connect(
+    loop: asyncio.AbstractEventLoop,
+    raw: socket.socket,
+    host: str,
+    port: int,
+    on_connected: Callable[[str], None] | None,
+) -> None:
+    """Connect ``raw``; ``on_connected`` gets our own address (as the broker sees us)."""
+    _, address = await _resolve(loop, host, port)
+    await loop.sock_connect(raw, address)
+    if on_connected is not None:
+        local = raw.getsockname()
+        on_connected(f"{local[0]}:{local[1]}")
 
 
 _resolved: dict[tuple[str, int], tuple[int, Any]] = {}
@@ -139,20 +163,25 @@ class TlsConnection:
     ``ssl.SSLSocket`` raises (want-read, want-write, alerts), and the end of the stream reads
     as ``b""``."""
 
-    __slots__ = ("_raw", "connection")
+    __slots__ = ("_raw", "connection", "on_error")
 
     def __init__(self, connection: SSL.Connection, raw: socket.socket) -> None:
         self.connection = connection
         self._raw = raw
+        # told of a TLS error that ends the connection (an alert), which paho would hide
+        self.on_error: Callable[[ssl.SSLError], None] | None = None
 
     def recv(self, size: int) -> bytes:
         try:
             return self.connection.recv(size)
-
         except SSL.ZeroReturnError:  # close_notify
             return b""
         except (SSL.WantReadError, SSL.WantWriteError, SSL.SysCallError, SSL.Error) as exc:
-            raise _as_ssl_error(exc, self.connection) from exc
+            error = _as_ssl_error(exc, self.connection)
+            wants = isinstance(error, ssl.SSLWantReadError | ssl.SSLWantWriteError)
+            if self.on_error is not None and isinstance(error, ssl.SSLError) and not wants:
+                self.on_error(error)
+            raise error from exc
 
     def send(self, data: bytes) -> int:
         try:
@@ -200,19 +229,12 @@ async def open_device_tls(
 ) -> DeviceConnection:
     """:func:`open_tls_socket` for a simulated device: the same phases, timings and errors."""
     loop = asyncio.get_running_loop()
-    family, address = await _resolve(loop, host, port)
-    raw = socket.socket(family, socket.SOCK_STREAM)
-    raw.setblocking(False)
+    raw = await _new_socket(loop, host, port, source_ip)
     try:
-        if source_ip:
-            raw.bind((source_ip, 0))
         started = time.perf_counter()
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(raw, address)
+            await _tcp_connect(loop, raw, host, port, on_connected)
             connected = time.perf_counter()
-            if on_connected is not None:
-                local = raw.getsockname()
-                on_connected(f"{local[0]}:{local[1]}")
             connection = _client_connection(credentials, raw, server_name or host)
             await _drive_handshake(loop, connection, raw)
     except BaseException:

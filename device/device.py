@@ -92,42 +92,10 @@ class DeviceStats:
     renewal_failures: Counter[str] = field(default_factory=Counter)
 
 
-class _ObservedSocket:
-    """The TLS socket paho reads and writes, keeping the TLS error (alert) paho would hide."""
-
-    def __init__(self, sock: TlsConnection, on_error: Callable[[ssl.SSLError], None]) -> None:
-        self._sock = sock
-        self._on_error = on_error
-
-    def recv(self, size: int) -> bytes:
-        try:
-            return self._sock.recv(size)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except ssl.SSLError as exc:
-            self._on_error(exc)
-            raise
-
-    def send(self, data: bytes) -> int:
-        return self._sock.send(data)
-
-    def pending(self) -> int:
-        return self._sock.pending()
-
-    def setblocking(self, flag: bool) -> None:
-        self._sock.setblocking(flag)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        self._sock.close()
-
-
 class _PreparedSocketClient(mqtt.Client):
     """A paho client that uses a socket we connected and handshook without blocking."""
 
-    prepared: _ObservedSocket | None = None
+    prepared: TlsConnection | None = None
 
     def _create_socket(self) -> Any:
         sock, self.prepared = self.prepared, None
@@ -281,7 +249,7 @@ class Device:
         self._loop.add_reader(sock, self._readable, sock)
         self._driver.add(client)
 
-    def _readable(self, sock: _ObservedSocket) -> None:
+    def _readable(self, sock: TlsConnection) -> None:
         # Bytes TLS has already decrypted do not wake the selector: drain them too.
         while self._client.loop_read() == mqtt.MQTT_ERR_SUCCESS and sock.pending():
             pass
@@ -422,7 +390,8 @@ class Device:
         self._tls_error = None
         self._disconnected.clear()
         self._connack = self._loop.create_future()
-        self._client.prepared = _ObservedSocket(tls.tls, self._note_tls_error)
+        tls.tls.on_error = self._note_tls_error
+        self._client.prepared = tls.tls
         started = time.perf_counter()
         self._client.reconnect()
         connack = self._connack
