@@ -21,9 +21,12 @@ venv: $(STAMP)
 tools:
 	@bash scripts/ensure-tools.sh
 
+# lint-imports: the layers in pyproject.toml; deptry: every import is a declared dependency
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/deptry .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -24,9 +24,9 @@ from benchmarks.mqtt_load import percentile
 from device.enrollment import ClaimBundle, enroll
 from device.requests import prepare_enrollment
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
-from fleet.claims import ClaimRules, create_claim
-from fleet.ocsp import OcspResponder
-from fleet.provisioning import provision_from_csr
+from fleet.controlplane.ocsp import OcspResponder
+from fleet.store.claims import ClaimRules, create_claim
+from fleet.store.provisioning import provision_from_csr
 
 
 @dataclass

@@ -9,15 +9,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.broker import mosquitto
-from device.bench_identities import bench_identities
 from device.handshake_bench import (
     BenchResult,
     BenchSettings,
     openssl_s_time_rate,
     run_handshake_bench,
 )
-from device.swarm_command import embedded_broker
 from fleet import FleetConfig, Workspace, init_workspace
+from fleet.cli.bench_identities import bench_identities
+from fleet.cli.swarm import embedded_broker
 
 
 @dataclass

@@ -8,7 +8,8 @@ from broker.acl import TopicRights, filter_covers, rights_for, topic_matches
 from broker.config import BrokerSettings, RevocationPolicy
 from broker.outcomes import Outcome
 from broker.server import FleetBroker
-from broker.tls import BrokerError, CrlState, load_crl
+from broker.tls import BrokerError
+from fleet.store.crls import CrlState, load_crl
 
 __all__ = [
     "BrokerError",

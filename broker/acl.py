@@ -10,7 +10,7 @@ Every device may publish and subscribe under ``devices/<own id>/#`` and subscrib
 Every device may also use its renewal topics (``$fleet/renew/<own id>/request`` to publish,
 ``.../reply`` to subscribe). A *claim* certificate gets its own enrollment request's two topics
 and nothing else; the *admin* (the control plane) gets every request topic to read and every
-reply topic to write (see :mod:`fleet.mqtt_api`).
+reply topic to write (see :mod:`fleet.kernel.mqtt_api`).
 
 A subscription is granted only when *every* topic its filter can match is readable, so
 ``devices/#`` from a bronze device is refused outright rather than silently narrowed.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet.mqtt_api import (
+from fleet.kernel.mqtt_api import (
     PROVISION,
     RENEW,
     REPLY_PUBLICATIONS,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from broker.config import BrokerSettings
 from broker.server import FleetBroker
-from broker.tls import issuer_files
-from fleet.files import replace_atomically
-from fleet.workspace import Workspace
+from fleet.kernel.files import replace_atomically
+from fleet.store.crls import issuer_files
+from fleet.store.workspace import Workspace
 
 
 def run_broker(settings: BrokerSettings, *, announce: Callable[[str], None]) -> None:

@@ -6,8 +6,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.errors import UsageError
-from fleet.identity import ENVIRONMENTS
+from fleet.kernel.errors import UsageError
+from fleet.kernel.identity import ENVIRONMENTS
 
 
 class RevocationPolicy(enum.StrEnum):

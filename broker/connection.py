@@ -40,9 +40,9 @@ from broker.packets import (
     parse_connect,
 )
 from broker.sessions import Session
-from broker.tls import authority_key_id
-from fleet.errors import CertificateError
-from fleet.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
+from fleet.kernel.errors import CertificateError
+from fleet.kernel.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
+from fleet.store.crls import authority_key_id
 
 if TYPE_CHECKING:
     from broker.server import FleetBroker

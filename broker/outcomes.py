@@ -5,7 +5,7 @@ from __future__ import annotations
 from OpenSSL import SSL
 
 # The broker's vocabulary lives with the controller, which reads it too (scenario files).
-from fleet.broker_reasons import DEVICE_REASONS, BrokerEvent, Outcome, SessionEnd
+from fleet.kernel.broker_reasons import DEVICE_REASONS, BrokerEvent, Outcome, SessionEnd
 
 __all__ = [
     "DEVICE_REASONS",

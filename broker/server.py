@@ -25,19 +25,18 @@ from broker.metrics import BrokerMetrics
 from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
-from broker.tls import (
-    BrokerError,
-    CrlHistory,
+from broker.tls import BrokerError, CrlHistory, build_server_context
+from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
+from fleet.kernel.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
+from fleet.store.crls import (
+    CrlError,
     CrlState,
-    build_server_context,
     load_crl,
     load_issuers,
     load_retired_key_ids,
     parse_crls,
 )
-from fleet.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
-from fleet.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
-from fleet.workspace import WorkspacePaths
+from fleet.store.workspace import WorkspacePaths
 
 log = logging.getLogger("mtls_fleet.broker")
 events_log = logging.getLogger("mtls_fleet.broker.events")
@@ -191,7 +190,7 @@ class FleetBroker:
                 crl = await asyncio.to_thread(
                     parse_crls, data, self._issuers, source=url or str(self.paths.crl)
                 )
-            except BrokerError as exc:
+            except CrlError as exc:
                 log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
                 self.log_event(BrokerEvent.CRL_REJECTED, None, detail=str(exc))
                 continue
@@ -209,7 +208,7 @@ class FleetBroker:
             return  # unreachable: start on the file's CRL, logged; the watcher keeps trying
         try:
             crl = await asyncio.to_thread(parse_crls, data, self._issuers, source=url)
-        except BrokerError as exc:
+        except CrlError as exc:
             log.error("CRL from %s rejected, starting on CRL #%s: %s", url, self._crl.number, exc)
             return
         if crl.number >= self._crl.number and self._crl_history.older_than_seen(crl) is None:

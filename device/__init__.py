@@ -18,7 +18,7 @@ from device.outcomes import (
     UntrustedReason,
     classify_tls_failure,
 )
-from device.tls import DeviceTls, device_tls, device_tls_context, spki_pin
+from fleet.kernel.tls import DeviceTls, device_tls, device_tls_context, spki_pin
 
 __all__ = [
     "DROPPED",

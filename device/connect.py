@@ -4,7 +4,7 @@ paho's own ``connect`` performs a blocking handshake, which would serialise thou
 devices. Here the handshake is driven step by step on a non-blocking socket, so many devices
 handshake concurrently on one loop; the finished socket is then handed to paho.
 
-Simulated devices connect with :func:`open_device_tls` (pyOpenSSL, see :mod:`device.tls`);
+Simulated devices connect with :func:`open_device_tls` (pyOpenSSL, see :mod:`fleet.kernel.tls`);
 what it raises, and what its :class:`TlsConnection` raises to paho, is what Python's ``ssl``
 raises for the same event (a verify failure is an ``ssl.SSLCertVerificationError`` with
 OpenSSL's verify code, an alert an ``ssl.SSLError`` whose ``reason`` names it …), so the
@@ -28,7 +28,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-from device.tls import DeviceTls
+from fleet.kernel.tls import DeviceTls
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,6 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from device.connect import TlsConnection, open_device_tls
-from device.identity_files import install_identity
 from device.outcomes import (
     CLOSED_BY_BROKER,
     NO_CONNACK,
@@ -41,10 +40,18 @@ from device.outcomes import (
     drop_reason,
 )
 from device.requests import prepare_renewal
-from device.tls import DeviceTls, device_tls, spki_pin
-from fleet.errors import CertificateError
-from fleet.identity import valid_until
-from fleet.mqtt_api import RENEW, ProtocolError, Reply, decode_reply, reply_topic, request_topic
+from fleet.kernel.errors import CertificateError
+from fleet.kernel.identity import valid_until
+from fleet.kernel.identity_files import install_identity
+from fleet.kernel.mqtt_api import (
+    RENEW,
+    ProtocolError,
+    Reply,
+    decode_reply,
+    reply_topic,
+    request_topic,
+)
+from fleet.kernel.tls import DeviceTls, device_tls, spki_pin
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +482,7 @@ class Device:
         self._subscriptions[mid] = waiter
         return await asyncio.wait_for(waiter, timeout)
 
-    # -- requests to the control plane (see fleet.mqtt_api) ---------------------------------
+    # -- requests to the control plane (see fleet.kernel.mqtt_api) ---------------------------------
 
     async def request(self, kind: str, subject: str, request_id: str, payload: bytes) -> Reply:
         """Publish a request and wait for the control plane's reply (QoS 1 both ways).

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.device import Device, DeviceSettings, PahoDriver
-from device.identity_files import install_identity
 from device.outcomes import TLS_ALERTS, ConnectOutcome
 from device.requests import prepare_enrollment
-from device.tls import DeviceTls, device_tls
-from fleet.errors import CertificateError
-from fleet.mqtt_api import PROVISION, enroll_client_id
+from fleet.kernel.errors import CertificateError
+from fleet.kernel.identity_files import install_identity
+from fleet.kernel.mqtt_api import PROVISION, enroll_client_id
+from fleet.kernel.tls import DeviceTls, device_tls
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from hdrh.histogram import HdrHistogram
 
 from device.connect import open_tls_socket, wait_ready
 from device.outcomes import CONNACK_V311_REASONS, classify_tls_failure
-from fleet.errors import FleetError
+from fleet.kernel.errors import FleetError
+from fleet.kernel.tls import device_tls_context
 
 PHASES = ("tcp", "tls", "mqtt", "total")
 _MAX_MICROSECONDS = 60_000_000
@@ -88,10 +89,9 @@ class ShardResult:
 
 
 def _context(settings: BenchSettings, identity: Identity) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cafile=str(settings.trust_anchor))
-    context.load_cert_chain(str(identity.cert), str(identity.key))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = device_tls_context(
+        settings.trust_anchor, identity.cert, identity.key, device_id=identity.device_id
+    )
     if settings.tls_version == "1.2":
         context.maximum_version = ssl.TLSVersion.TLSv1_2
     elif settings.tls_version == "1.3":

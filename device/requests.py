@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from fleet.errors import CertificateError
-from fleet.keys import (
+from fleet.kernel.errors import CertificateError
+from fleet.kernel.keys import (
     KeyType,
     PrivateKey,
     generate_private_key,
@@ -24,7 +24,7 @@ from fleet.keys import (
     private_key_pem,
     signature_hash,
 )
-from fleet.mqtt_api import EnrollRequest, RenewRequest, encode, request_timestamp, sign_proof
+from fleet.kernel.mqtt_api import EnrollRequest, RenewRequest, encode, request_timestamp, sign_proof
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,10 @@ from typing import Any
 
 from device.device import Device, DeviceSettings, PahoDriver
 from device.stats import SwarmStats
-from device.tls import DeviceTls, device_tls
-from fleet.errors import CertificateError, FleetError
-from fleet.signals import stop_on_signals
-from fleet.workspace import WorkspacePaths
+from fleet.kernel.errors import CertificateError, FleetError
+from fleet.kernel.signals import stop_on_signals
+from fleet.kernel.tls import DeviceTls, device_tls
+from fleet.store.workspace import WorkspacePaths
 
 ProgressCallback = Callable[[SwarmStats], None]
 

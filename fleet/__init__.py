@@ -1,16 +1,13 @@
 """mtls-fleet's fleet controller: certificate authority, registry, provisioning, revocation.
 
 The public API; the CLI (:mod:`fleet.cli`) is a thin layer over it. The control plane
-(:class:`fleet.control_plane.ControlPlane`, with its MQTT service and admin API) and the
+(:class:`fleet.controlplane.server.ControlPlane`, with its MQTT service and admin API) and the
 scenario engine (:mod:`fleet.scenario`) are imported from their modules.
 """
 
-from fleet.bundles import export_pkcs12
-from fleet.ca import CertificateAuthority, RevokedEntry, create_intermediate_ca, create_root_ca
-from fleet.claims import ClaimRules, create_claim, revoke_claim
-from fleet.config import FleetConfig
-from fleet.durations import parse_duration, parse_instant, parse_positive_duration
-from fleet.errors import (
+from fleet.kernel.config import FleetConfig
+from fleet.kernel.durations import parse_duration, parse_instant, parse_positive_duration
+from fleet.kernel.errors import (
     CertificateError,
     FleetError,
     ProvisioningInterrupted,
@@ -20,17 +17,30 @@ from fleet.errors import (
     UsageError,
     WorkspaceError,
 )
-from fleet.identity import DeviceIdentity, identity_from_certificate
-from fleet.keys import KeyType, generate_private_key
-from fleet.provisioning import (
+from fleet.kernel.identity import DeviceIdentity, identity_from_certificate
+from fleet.kernel.keys import KeyType, generate_private_key
+from fleet.store.bundles import export_pkcs12
+from fleet.store.ca import (
+    CertificateAuthority,
+    RevokedEntry,
+    create_intermediate_ca,
+    create_root_ca,
+)
+from fleet.store.claims import ClaimRules, create_claim, revoke_claim
+from fleet.store.provisioning import (
     ProvisionResult,
     ProvisionSpec,
     provision_devices,
     provision_from_csr,
 )
-from fleet.registry import ClaimRecord, DeviceRecord, Enrollment, Registry
-from fleet.revocation import RevocationResult, publish_crl, revoke_device, revoke_devices
-from fleet.workspace import Workspace, WorkspacePaths, init_workspace, issue_broker_certificate
+from fleet.store.registry import ClaimRecord, DeviceRecord, Enrollment, Registry
+from fleet.store.revocation import RevocationResult, publish_crl, revoke_device, revoke_devices
+from fleet.store.workspace import (
+    Workspace,
+    WorkspacePaths,
+    init_workspace,
+    issue_broker_certificate,
+)
 
 __all__ = [
     "CertificateAuthority",

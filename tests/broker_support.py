@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import BrokerSettings, FleetBroker
 from fleet import DeviceIdentity, KeyType, Workspace, generate_private_key
-from fleet.keys import private_key_pem
+from fleet.kernel.keys import private_key_pem
 from tests.conftest import fleet_command, require_tool
 
 T = TypeVar("T")

@@ -88,7 +88,7 @@ def shared_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 @pytest.fixture
 def api(workspace: Workspace) -> Iterator[str]:
     """The admin API of a control plane on ``workspace`` (HTTPS, mutual TLS): its base URL."""
-    from fleet.control_plane import ControlPlane
+    from fleet.controlplane.server import ControlPlane
 
     plane = ControlPlane(workspace, port=0)
     plane.start()

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import Result
 
 from fleet import ProvisionSpec, Workspace, provision_devices
-from fleet.admin_api import ROUTES
-from fleet.admin_client import AdminApiError, AdminClient
+from fleet.controlplane.admin_api import ROUTES
+from fleet.controlplane.admin_client import AdminApiError, AdminClient
 
 
 def _raw(url: str, context: ssl.SSLContext, method: str = "GET", body: Any = None) -> Any:

@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
-from fleet.admin_openapi import OPENAPI
-from fleet.control_plane import ControlPlane
+from fleet.controlplane.admin_openapi import OPENAPI
+from fleet.controlplane.server import ControlPlane
 
 schema = schemathesis.openapi.from_dict(OPENAPI)
 

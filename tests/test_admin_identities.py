@@ -9,7 +9,7 @@ from pathlib import Path
 
 from broker import BrokerSettings
 from fleet import Workspace
-from fleet.workspace import ADMIN_NAME
+from fleet.store.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, Credentials
 from tests.conftest import fleet_command

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from broker import BrokerError, CrlState, FleetBroker, tls
+from broker import BrokerError, CrlState, FleetBroker, load_crl
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
-from fleet.files import replace_atomically
-from fleet.revocation import publish_crl
+from fleet.kernel.files import replace_atomically
+from fleet.store.revocation import publish_crl
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, device_credentials, settings_for_tests
 
@@ -58,7 +58,7 @@ def test_a_crl_written_while_the_broker_starts_is_loaded(
     provision_devices(workspace, ProvisionSpec(count=2, prefix="dev"))
 
     def read_then_revoke(path: Path, issuers: list[x509.Certificate]) -> CrlState:
-        state = tls.load_crl(path, issuers)
+        state = load_crl(path, issuers)
         revoke_device(workspace, "dev-00001")  # a new CRL lands right after the broker read
         return state
 

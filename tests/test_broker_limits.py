@@ -23,7 +23,7 @@ import pytest
 from benchmarks.broker import ours
 from benchmarks.flood import measure_flood
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
-from fleet.claims import ClaimRules, create_claim
+from fleet.store.claims import ClaimRules, create_claim
 from tests import mqtt_raw as mq
 from tests.broker_support import Credentials, device_credentials
 from tests.conftest import fleet_command

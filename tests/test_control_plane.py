@@ -30,8 +30,8 @@ from fleet import (
     provision_devices,
     revoke_device,
 )
-from fleet.control_plane import ControlPlane
-from fleet.identity import DeviceIdentity
+from fleet.controlplane.server import ControlPlane
+from fleet.kernel.identity import DeviceIdentity
 from fleet.scenario.credentials import ScenarioCredentials
 from tests.broker_support import (
     BrokerThread,

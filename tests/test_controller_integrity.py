@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 from broker import BrokerSettings
 from device.requests import prepare_enrollment, prepare_renewal
 from fleet import ProvisionSpec, UsageError, Workspace, provision_devices
-from fleet.bounded_json import JsonRejected, loads_bounded
-from fleet.certificate_requests import CertificateRequests
-from fleet.claims import ClaimRules, create_claim
-from fleet.control_plane import ControlPlane
-from fleet.identity import validate_device_id
-from fleet.mqtt_api import is_request_id, parse_request_topic, request_timestamp
+from fleet.controlplane.server import ControlPlane
+from fleet.kernel.bounded_json import JsonRejected, loads_bounded
+from fleet.kernel.identity import validate_device_id
+from fleet.kernel.mqtt_api import is_request_id, parse_request_topic, request_timestamp
+from fleet.store.certificate_requests import CertificateRequests
+from fleet.store.claims import ClaimRules, create_claim
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, device_credentials
 from tests.conftest import fleet_command
@@ -177,7 +177,7 @@ def test_hostile_renewal_messages_are_refused_one_by_one_and_the_worker_lives(
 
 @pytest.fixture
 def plane(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlPlane]:
-    monkeypatch.setattr("fleet.control_plane._IDLE_SECONDS", 1)
+    monkeypatch.setattr("fleet.controlplane.server._IDLE_SECONDS", 1)
     provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
     served = ControlPlane(workspace, port=0)
     served.start()

@@ -245,12 +245,15 @@ def test_a_renewed_certificate_is_used_from_the_next_handshake_on(
     from cryptography import x509
 
     from fleet import DeviceIdentity, KeyType, generate_private_key
-    from fleet.keys import private_key_pem
+    from fleet.kernel.keys import private_key_pem
 
     now = dt.datetime.now(dt.UTC)
     key = generate_private_key(KeyType.EC_P256)
     identity = DeviceIdentity(
-        device_id="dev-00001", tier="bronze", env="prod", trust_domain=fleet.config.trust_domain
+        device_id="dev-00001",
+        tier="bronze",
+        env="prod",
+        trust_domain=fleet.config.trust_domain,
     )
     renewed = fleet.ca.issue_device(
         identity, key.public_key(), not_before=now, not_after=now + dt.timedelta(days=1)
@@ -397,7 +400,7 @@ def test_a_session_lost_right_after_its_connack_is_a_drop_not_a_live_session(
 def test_a_pin_is_a_sha256_digest_in_base64(digest: bytes) -> None:
     import base64
 
-    from device.tls import parse_pin
+    from fleet.kernel.tls import parse_pin
 
     encoded = base64.b64encode(digest).decode()
     assert parse_pin(f"sha256/{encoded}") == f"sha256/{encoded}"
@@ -406,7 +409,7 @@ def test_a_pin_is_a_sha256_digest_in_base64(digest: bytes) -> None:
 
 @given(st.text(max_size=80))
 def test_anything_else_is_refused_as_a_pin(text: str) -> None:
-    from device.tls import parse_pin
+    from fleet.kernel.tls import parse_pin
 
     try:
         pin = parse_pin(text)

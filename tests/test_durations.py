@@ -3,7 +3,7 @@ import datetime as dt
 import pytest
 
 from fleet import UsageError, parse_duration, parse_instant, parse_positive_duration
-from fleet.durations import format_duration
+from fleet.kernel.durations import format_duration
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 

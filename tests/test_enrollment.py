@@ -19,13 +19,13 @@ from cryptography import x509
 from broker import BrokerSettings, FleetBroker
 from device import ConnectOutcome, Device, DeviceSettings, PahoDriver
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
-from device.identity_files import recover_identity
 from device.requests import prepare_enrollment
 from fleet import ProvisionSpec, Workspace, provision_devices
-from fleet.certificate_requests import CertificateRequests
-from fleet.certificate_service import CertificateService
-from fleet.claims import ClaimRules, create_claim, revoke_claim
-from fleet.mqtt_api import PROVISION, decode_reply, reply_topic, request_topic
+from fleet.controlplane.mqtt_service import CertificateService
+from fleet.kernel.identity_files import recover_identity
+from fleet.kernel.mqtt_api import PROVISION, decode_reply, reply_topic, request_topic
+from fleet.store.certificate_requests import CertificateRequests
+from fleet.store.claims import ClaimRules, create_claim, revoke_claim
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.mqtt_load import remaining_length
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
-from fleet.workspace import ADMIN_NAME
+from fleet.store.workspace import ADMIN_NAME
 from tests import mqtt_raw as mq
 from tests.broker_support import (
     SERVER_AUTH_ONLY,

@@ -13,8 +13,8 @@ from cryptography import x509
 
 from device import ConnectOutcome, Device, DeviceSettings, PahoDriver
 from fleet import ProvisionSpec, Workspace, provision_devices
-from fleet.ca_rotation import rotate_issuing_ca
-from fleet.revocation import split_pem_crls
+from fleet.store.ca_rotation import rotate_issuing_ca
+from fleet.store.revocation import split_pem_crls
 from tests.broker_support import BrokerThread, settings_for_tests
 from tests.conftest import fleet_command, openssl
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleet import DeviceIdentity, KeyType, ProvisionSpec, Workspace, provision_devices
-from fleet.keys import generate_private_key, private_key_pem
+from fleet.kernel.keys import generate_private_key, private_key_pem
 from tests import mqtt_raw as mq
 from tests.broker_support import BrokerThread, Credentials, settings_for_tests
 from tests.test_hostile_clients import Clients

@@ -24,7 +24,7 @@ from fleet import (
     generate_private_key,
     init_workspace,
 )
-from fleet.keys import private_key_pem
+from fleet.kernel.keys import private_key_pem
 from tests.broker_support import BrokerThread, running_mosquitto, settings_for_tests
 
 SUITE = (

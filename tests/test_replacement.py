@@ -16,9 +16,9 @@ from cryptography import x509
 from broker import BrokerSettings, FleetBroker
 from device import ConnectOutcome, Device, DeviceSettings, PahoDriver
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
-from fleet.registry import Registry
-from fleet.replacement import replace_device
-from fleet.revocation import load_crl
+from fleet.store.registry import Registry
+from fleet.store.replacement import replace_device
+from fleet.store.revocation import load_crl
 from tests.conftest import fleet_command, fleet_killed_at
 from tests.test_revocation_durability import assert_registry_and_crl_agree
 

@@ -16,8 +16,8 @@ from fleet import (
     provision_devices,
     revoke_device,
 )
-from fleet.ca import parse_revocation_reason
-from fleet.revocation import load_crl, publish_crl
+from fleet.store.ca import parse_revocation_reason
+from fleet.store.revocation import load_crl, publish_crl
 from tests.conftest import fleet_command, openssl
 
 

@@ -9,8 +9,8 @@ from contextlib import closing
 import pytest
 
 from fleet import ProvisionSpec, Workspace, provision_devices, revoke_device
-from fleet.registry import Registry
-from fleet.revocation import load_crl
+from fleet.store.registry import Registry
+from fleet.store.revocation import load_crl
 from tests.conftest import fleet_command, fleet_killed_at
 
 # Every system call by which `fleet revoke` changes something on disk (SQLite writes its WAL

@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from typer.testing import Result
 
 from fleet import ProvisionSpec, RegistryError, Workspace, provision_devices, revoke_device
-from fleet.ca import create_intermediate_ca
-from fleet.ca_rotation import retire_previous_issuers, rotate_issuing_ca
-from fleet.files import write_public, write_secret
-from fleet.keys import load_private_key, private_key_pem
-from fleet.renewal import renew_device
-from fleet.revocation import revoke_superseded, split_pem_crls
+from fleet.kernel.files import write_public, write_secret
+from fleet.kernel.keys import load_private_key, private_key_pem
+from fleet.store.ca import create_intermediate_ca
+from fleet.store.ca_rotation import retire_previous_issuers, rotate_issuing_ca
+from fleet.store.renewal import renew_device
+from fleet.store.revocation import revoke_superseded, split_pem_crls
 from tests.conftest import openssl
 
 Cli = Callable[..., Result]
@@ -145,7 +145,7 @@ def test_a_rotation_interrupted_between_key_and_certificate_is_finished(
     staged = _stage_rotation(workspace)
     paths = workspace.paths
     # the crash came after the old issuer was kept and the new key moved in
-    from fleet.ca_rotation import _keep_previous
+    from fleet.store.ca_rotation import _keep_previous
 
     _keep_previous(paths, old)
     os.replace(paths.next_issuer_dir / "issuing.key", paths.issuing_key)

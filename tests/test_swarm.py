@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker import BrokerSettings
 from device.swarm import SwarmConfig, run_swarm, split
-from device.tls import spki_pin
 from fleet import ProvisionSpec, Workspace, provision_devices
+from fleet.kernel.tls import spki_pin
 from tests.broker_support import BrokerThread, free_port, settings_for_tests
 from tests.conftest import fleet_command, require_tool
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from fleet.errors import UsageError
+from fleet.kernel.errors import UsageError
 from fleet.scenario.loader import ScenarioError, load_scenario, load_scenarios
 from fleet.scenario.model import Scenario, WaitStep
 from fleet.scenario.runner import (

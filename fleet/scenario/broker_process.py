@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.errors import FleetError
+from fleet.kernel.errors import FleetError
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 20.0

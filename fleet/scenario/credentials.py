@@ -18,13 +18,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from device.tls import spki_pin
-from fleet.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
-from fleet.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
-from fleet.identity import DeviceIdentity
-from fleet.keys import generate_private_key, load_private_key, private_key_pem
+from fleet.kernel.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
+from fleet.kernel.identity import DeviceIdentity
+from fleet.kernel.keys import generate_private_key, load_private_key, private_key_pem
+from fleet.kernel.tls import spki_pin
 from fleet.scenario.model import BrokerCertificate, Eku, Group, Issuer
-from fleet.workspace import DEFAULT_HOSTS, Workspace, issue_broker_certificate
+from fleet.store.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
+from fleet.store.workspace import DEFAULT_HOSTS, Workspace, issue_broker_certificate
 
 _EKU = {
     Eku.CLIENT_AUTH: (ExtendedKeyUsageOID.CLIENT_AUTH,),

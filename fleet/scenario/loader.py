@@ -23,11 +23,10 @@ import yaml
 
 from device.enrollment import ENROLLMENT_FAILURES
 from device.outcomes import REASONS_BY_OUTCOME
-from fleet.broker_reasons import DEVICE_REASONS, BrokerEvent
-from fleet.certificate_requests import ENROLLMENT_REFUSALS
-from fleet.durations import parse_duration
-from fleet.errors import UsageError
-from fleet.identity import ENVIRONMENTS, TIERS, validate_device_id
+from fleet.kernel.broker_reasons import DEVICE_REASONS, BrokerEvent
+from fleet.kernel.durations import parse_duration
+from fleet.kernel.errors import UsageError
+from fleet.kernel.identity import ENVIRONMENTS, TIERS, validate_device_id
 from fleet.scenario.model import (
     DEVICE_SIGHTINGS,
     STEP_KINDS,
@@ -66,6 +65,7 @@ from fleet.scenario.model import (
     SubscribeStep,
     WaitStep,
 )
+from fleet.store.certificate_requests import ENROLLMENT_REFUSALS
 
 T = TypeVar("T")
 

@@ -24,17 +24,11 @@ from pathlib import Path
 
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.requests import new_request_id
-from device.tls import DeviceTls
-from fleet.ca_rotation import retire_previous_issuers, revoke_issuing_cas, rotate_issuing_ca
-from fleet.claims import ClaimRules, create_claim, revoke_claim
-from fleet.config import FleetConfig
-from fleet.control_plane import ControlPlane
-from fleet.errors import FleetError, UsageError
-from fleet.mqtt_api import enroll_client_id
-from fleet.provisioning import ProvisionSpec, provision_devices
-from fleet.renewal import renew_device
-from fleet.replacement import replace_device
-from fleet.revocation import publish_crl, revoke_devices, revoke_superseded
+from fleet.controlplane.server import ControlPlane
+from fleet.kernel.config import FleetConfig
+from fleet.kernel.errors import FleetError, UsageError
+from fleet.kernel.mqtt_api import enroll_client_id
+from fleet.kernel.tls import DeviceTls
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
 from fleet.scenario.credentials import DeviceFiles, ScenarioCredentials, broker_pin
 from fleet.scenario.expectations import Checker, Verdict, Window, await_expectation
@@ -69,7 +63,13 @@ from fleet.scenario.model import (
 )
 from fleet.scenario.population import Endpoint, Member, Population
 from fleet.scenario.witness import Witness
-from fleet.workspace import Workspace, WorkspacePaths, init_workspace
+from fleet.store.ca_rotation import retire_previous_issuers, revoke_issuing_cas, rotate_issuing_ca
+from fleet.store.claims import ClaimRules, create_claim, revoke_claim
+from fleet.store.provisioning import ProvisionSpec, provision_devices
+from fleet.store.renewal import renew_device
+from fleet.store.replacement import replace_device
+from fleet.store.revocation import publish_crl, revoke_devices, revoke_superseded
+from fleet.store.workspace import Workspace, WorkspacePaths, init_workspace
 
 # Steps that act on the embedded broker itself: against --target they cannot run.
 _EMBEDDED_ONLY = (RestartBrokerStep, BrokerCertificateStep, StopBrokerStep, StartBrokerStep)

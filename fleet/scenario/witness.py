@@ -15,10 +15,10 @@ import datetime as dt
 from collections import Counter
 
 from device import Device, DeviceSettings
-from fleet.provisioning import ProvisionSpec, provision_devices
-from fleet.renewal import renew_device
 from fleet.scenario.population import Endpoint, Population
-from fleet.workspace import Workspace
+from fleet.store.provisioning import ProvisionSpec, provision_devices
+from fleet.store.renewal import renew_device
+from fleet.store.workspace import Workspace
 
 TELEMETRY = "devices/+/telemetry"
 _NEVER = 10**9  # seconds between the witness's own telemetry: it publishes nothing

@@ -1,0 +1,255 @@
+"""``fleet swarm``: input validation, the embedded broker when no target is given, the views."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from device.report import progress_table, summary_table
+from device.stats import SwarmStats
+from device.swarm import SwarmConfig, run_swarm
+from fleet.kernel.durations import parse_positive_duration
+from fleet.kernel.errors import FleetError, UsageError
+from fleet.kernel.tls import parse_pin
+from fleet.store.workspace import Workspace
+
+_TARGET = re.compile(r"^mqtts://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?$")
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmRequest:
+    config: SwarmConfig
+    processes: int | None
+    embedded_broker: bool
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        workspace: Workspace,
+        devices: int,
+        ramp: str,
+        publish_every: str,
+        qos: int,
+        duration: str,
+        target: str | None,
+        server_name: str,
+        processes: str,
+        in_flight: int,
+        payload_size: int,
+        mqtt_version: str,
+        source_ips: str | None,
+        renew_at: str | None = None,
+        pins: Sequence[str] = (),
+    ) -> SwarmRequest:
+        if devices < 1:
+            raise UsageError(f"invalid --devices {devices}: give a positive number")
+        available = [
+            r.device_id
+            for r in workspace.registry.devices(status="active")
+            if r.key_source == "generated"
+        ]
+        if len(available) < devices:
+            raise UsageError(
+                f"only {len(available)} active devices with keys in {workspace.paths.root}; "
+                f"run 'fleet provision --count {devices - len(available)}' first"
+            )
+        if qos not in (0, 1):
+            raise UsageError(f"invalid --qos {qos}: use 0 or 1")
+        if mqtt_version not in ("3.1.1", "5"):
+            raise UsageError(f"invalid --mqtt {mqtt_version!r}: use 3.1.1 or 5")
+        if mqtt_version == "5" and target is None:
+            raise UsageError(
+                "--mqtt 5 needs --target: the embedded broker speaks MQTT 3.1.1 only (it answers "
+                "an MQTT 5 CONNECT with CONNACK 1, unacceptable protocol version); point the "
+                "swarm at an MQTT 5 broker with --target mqtts://HOST:PORT"
+            )
+        if in_flight < 1:
+            raise UsageError("--in-flight must be at least 1")
+        host, port = ("127.0.0.1", 0) if target is None else parse_target(target)
+        config = SwarmConfig(
+            workspace=workspace.paths.root,
+            device_ids=tuple(available[:devices]),
+            host=host,
+            port=port,
+            server_name=server_name,
+            ramp_per_second=_parse_rate(ramp),
+            max_in_flight=in_flight,
+            publish_every=parse_positive_duration(publish_every).total_seconds(),
+            qos=qos,
+            payload_size=max(0, payload_size),
+            duration=parse_positive_duration(duration).total_seconds(),
+            mqtt_version=5 if mqtt_version == "5" else 4,
+            source_ips=_parse_source_ips(source_ips) if source_ips else (),
+            renew_at=_parse_fraction(renew_at) if renew_at else None,
+            pins=tuple(_parse_pin(pin) for pin in pins),
+        )
+        return cls(
+            config=config, processes=parse_processes(processes), embedded_broker=target is None
+        )
+
+
+def _parse_pin(text: str) -> str:
+    try:
+        return parse_pin(text)
+    except ValueError as exc:
+        raise UsageError(f"--pin: {exc}") from None
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise UsageError(f"invalid --renew-at {text!r}: a fraction of the lifetime, e.g. 0.66")
+    return value
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    match = _TARGET.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(
+            f"invalid --target {text!r}: use mqtts://HOST:PORT, e.g. mqtts://127.0.0.1:8883"
+        )
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def _parse_rate(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/s)?\s*", text)
+    if match is None or float(match[1]) <= 0:
+        raise UsageError(f"invalid --ramp {text!r}: use connections per second, e.g. 300/s")
+    return float(match[1])
+
+
+def parse_processes(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"invalid --processes {text!r}: use auto or a positive number")
+    return int(text)
+
+
+def _parse_source_ips(text: str) -> tuple[str, ...]:
+    """``127.0.0.2-127.0.0.9`` or ``127.0.0.2,127.0.0.3``: loopback addresses only."""
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                first, last = (ipaddress.ip_address(x.strip()) for x in part.split("-", 1))
+                addresses += [ipaddress.ip_address(n) for n in range(int(first), int(last) + 1)]
+            else:
+                addresses.append(ipaddress.ip_address(part.strip()))
+    except ValueError as exc:
+        raise UsageError(f"invalid --source-ips {text!r}: {exc}") from None
+    outside = [str(a) for a in addresses if not a.is_loopback]
+    if outside:
+        raise UsageError(
+            f"--source-ips must be loopback addresses (127.0.0.0/8 or ::1), not {outside[0]}"
+        )
+    if not addresses or len(addresses) > 1024:
+        raise UsageError("--source-ips must name between 1 and 1024 addresses")
+    return tuple(str(a) for a in addresses)
+
+
+@contextmanager
+def embedded_broker(workspace: Path) -> Iterator[int]:
+    """Start ``fleet broker`` on a free port for the run; yields the port."""
+    command = [
+        sys.executable,
+        "-m",
+        "fleet",
+        "broker",
+        "--dir",
+        str(workspace),
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("listening on mqtts://"):
+            raise FleetError(
+                f"the embedded broker did not start (exit {process.poll()}); run 'fleet broker' to see why"
+            )
+        yield int(line.rsplit(":", 1)[1])
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def run_swarm_command(
+    request: SwarmRequest, *, console: Console, quiet: bool, json_out: Path | None
+) -> SwarmStats:
+    config = request.config
+    if request.embedded_broker:
+        with embedded_broker(config.workspace) as port:
+            console.print(f"embedded broker on mqtts://127.0.0.1:{port}")
+            request = replace(request, config=replace(config, port=port))
+            if config.renew_at is None:
+                return _run(request, console=console, quiet=quiet, json_out=json_out)
+            with _answering_renewals(config.workspace, port):
+                console.print("control plane answering renewals on the embedded broker")
+                return _run(request, console=console, quiet=quiet, json_out=json_out)
+    return _run(request, console=console, quiet=quiet, json_out=json_out)
+
+
+@contextmanager
+def _answering_renewals(workspace: Path, port: int) -> Iterator[None]:
+    """The control plane's MQTT service on the embedded broker, for the run (against a target,
+    run 'fleet serve --broker TARGET' instead)."""
+    from fleet.controlplane.mqtt_service import CertificateService
+    from fleet.store.certificate_requests import CertificateRequests
+
+    opened = Workspace.open(workspace)
+    service = CertificateService(opened, CertificateRequests(opened), host="127.0.0.1", port=port)
+    service.start()
+    try:
+        yield
+    finally:
+        service.stop()
+
+
+def _run(
+    request: SwarmRequest, *, console: Console, quiet: bool, json_out: Path | None
+) -> SwarmStats:
+    config = request.config
+    title = f"{len(config.device_ids):,} devices -> mqtts://{config.host}:{config.port}"
+    processes = request.processes or os.cpu_count() or 1
+    line = (
+        f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {processes} process(es), "
+        f"{config.duration:g} s"
+    )
+    if quiet or not console.is_terminal:
+        stats = run_swarm(config, processes=request.processes, on_start=lambda: console.print(line))
+    else:
+        console.print(line)
+        with Live(console=console, refresh_per_second=4, transient=True) as live:
+            stats = run_swarm(
+                config,
+                processes=request.processes,
+                on_progress=lambda s: live.update(progress_table(s, title=title)),
+            )
+    if stats.interrupted:
+        console.print("[yellow]interrupted: the summary covers what happened until Ctrl-C[/]")
+    console.print(summary_table(stats))
+    if json_out is not None:
+        json_out.write_text(json.dumps(stats.summary(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    return stats
