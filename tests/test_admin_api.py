@@ -8,15 +8,27 @@ import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from typer.testing import Result
 
 from fleet import ProvisionSpec, Workspace, provision_devices
-from fleet.controlplane.admin_api import ROUTES
+from fleet.controlplane.admin_api import ROUTES, _status_of
 from fleet.controlplane.admin_client import AdminApiError, AdminClient
+from fleet.kernel.errors import (
+    FleetError,
+    NameTakenError,
+    RegistryError,
+    UnknownClaimError,
+    UsageError,
+)
 
 
 def _raw(url: str, context: ssl.SSLContext, method: str = "GET", body: Any = None) -> Any:
@@ -27,6 +39,13 @@ def _raw(url: str, context: ssl.SSLContext, method: str = "GET", body: Any = Non
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _csr_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anything")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _context(
@@ -102,6 +121,21 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_change_nothing(
     assert code == 200
     code, answer = _raw(api + "/v1/claims", context, "POST", {"name": "dup"})
     assert (code, answer["field"]) == (409, "name")
+    code, answer = _raw(api + "/v1/claims/ghost/revoke", context, "POST", {})
+    assert code == 404 and "unknown claim 'ghost'" in answer["error"]
+    csr = _csr_pem()
+    code, answer = _raw(api + "/v1/devices", context, "POST", {"csr": csr, "id": "x-00001"})
+    assert (code, answer["field"]) == (409, "id")
+    assert [r.device_id for r in workspace.registry.devices()] == ["x-00001"]
+
+
+def test_the_status_comes_from_the_exception_type_not_its_words() -> None:
+    """A message that happens to say "already exists" or "unknown claim" decides nothing."""
+    assert _status_of(UsageError("x already exists")) == (HTTPStatus.BAD_REQUEST, None)
+    assert _status_of(RegistryError("unknown claim 'a'")) == (HTTPStatus.CONFLICT, None)
+    assert _status_of(UnknownClaimError("a")) == (HTTPStatus.NOT_FOUND, None)
+    assert _status_of(NameTakenError("taken", field="id")) == (HTTPStatus.CONFLICT, "id")
+    assert _status_of(FleetError("boom")) == (HTTPStatus.INTERNAL_SERVER_ERROR, None)
 
 
 def test_only_an_admin_certificate_gets_in(workspace: Workspace, api: str) -> None:

@@ -344,6 +344,43 @@ def test_a_defect_in_one_scenario_is_reported_and_the_next_still_runs(
     assert fine.status == "passed", fine.reason
 
 
+def test_a_device_task_that_raises_errors_the_scenario_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Before, a device's crash was swallowed and a scenario that only waited passed."""
+    from device import Device
+    from fleet.scenario import load_scenarios, run_scenarios
+
+    original = Device.run
+
+    async def crashing(self: Device, stop: Any) -> None:
+        if self.settings.device_id.endswith("00002"):
+            raise RuntimeError("simulated device defect")
+        await original(self, stop)
+
+    monkeypatch.setattr(Device, "run", crashing)
+    path = _write(
+        tmp_path,
+        """\
+        name: crash
+        fleet:
+          - name: fleet
+            count: 3
+        steps:
+          - provision: all
+          - connect: fleet
+          - wait: 0.5s
+        """,
+    )
+    (result,) = run_scenarios(load_scenarios([path]))
+    assert result.status == "error", result.reason
+    assert result.reason.startswith("device fleet#2 (")
+    assert (
+        "crashed at" in result.reason and "RuntimeError: simulated device defect" in result.reason
+    )
+    assert result.traceback is not None and "simulated device defect" in result.traceback
+
+
 # -- verdicts that cannot pass for the wrong reason ---------------------------------------------
 
 FIXTURES = Path(__file__).parent / "scenarios"

@@ -36,7 +36,9 @@ from fleet.kernel.durations import parse_positive_duration
 from fleet.kernel.errors import (
     CertificateError,
     FleetError,
+    NameTakenError,
     RegistryError,
+    UnknownClaimError,
     UnknownDeviceError,
     UsageError,
 )
@@ -238,12 +240,7 @@ class _Operations:
             env=fields.choice("env", ENVIRONMENTS, "prod"),
             device_valid_for=fields.duration("device_valid_for"),
         )
-        try:
-            claim = create_claim(self.workspace, rules)
-        except UsageError as exc:
-            taken = "already exists" in str(exc)
-            status = HTTPStatus.CONFLICT if taken else HTTPStatus.BAD_REQUEST
-            raise ApiError(status, str(exc), "name" if taken else None) from exc
+        claim = create_claim(self.workspace, rules)
         directory = self.workspace.paths.claim_dir(claim.name)
         view = claim_view(claim, dt.datetime.now(dt.UTC))
         view["bundle"] = {  # what the factory flashes on each device of the batch
@@ -273,13 +270,14 @@ ROUTES: tuple[_Route, ...] = (
 
 
 def _status_of(exc: FleetError) -> tuple[HTTPStatus, str | None]:
+    """The HTTP status and the request field at fault, decided by the exception's type."""
     if isinstance(exc, ApiError):
         return exc.status, exc.field
-    if isinstance(exc, UnknownDeviceError) or (
-        isinstance(exc, RegistryError) and str(exc).startswith("unknown claim")
-    ):
+    if isinstance(exc, UnknownDeviceError | UnknownClaimError):
         return HTTPStatus.NOT_FOUND, None
-    if isinstance(exc, RegistryError) or "already exists" in str(exc):
+    if isinstance(exc, NameTakenError):
+        return HTTPStatus.CONFLICT, exc.field
+    if isinstance(exc, RegistryError):
         return HTTPStatus.CONFLICT, None
     if isinstance(exc, UsageError | CertificateError):
         return HTTPStatus.BAD_REQUEST, None

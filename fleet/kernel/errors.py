@@ -38,6 +38,25 @@ class UnknownDeviceError(RegistryError):
         )
 
 
+class UnknownClaimError(RegistryError):
+    """A claim name that the registry does not hold."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"unknown claim {name!r}: 'fleet claim list' shows the claims")
+
+
+class NameTakenError(UsageError):
+    """A name already in use: a device id, a claim name, an output path.
+
+    ``field`` names the input that chose it (``id``, ``name``, ``out``), so an API can point at it.
+    """
+
+    def __init__(self, message: str, *, field: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 class RequestRefused(FleetError):
     """The control plane refused an enrollment or renewal; ``reason`` is a stable name
     (``id_taken``, ``claim_exhausted`` …) that devices and metrics use."""

@@ -9,7 +9,7 @@ last action.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from device import (
     DeviceStats,
     PahoDriver,
 )
+from fleet.kernel.errors import FleetError
 from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
 
 MAX_HANDSHAKES_IN_FLIGHT = 100
@@ -39,6 +40,24 @@ class Sighting:
 
     def text(self) -> str:
         return f"{self.outcome}: {self.detail}" if self.detail else self.outcome
+
+
+class DeviceCrashed(FleetError):
+    """A simulated device's task raised: a defect in the simulator, never a verdict."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCrash:
+    """A device task that ended with an exception: a defect, which the scenario must report."""
+
+    label: str
+    device_id: str
+    at: float
+    error: str  # "ValueError: ..."
+    traceback: str
+
+    def text(self) -> str:
+        return f"device {self.label} ({self.device_id}) crashed at {self.at:.1f} s: {self.error}"
 
 
 @dataclass
@@ -123,6 +142,7 @@ class Population:
         self._clock = clock
         self._driver: PahoDriver | None = None
         self._gate: asyncio.Semaphore | None = None  # caps handshakes in flight, like the swarm
+        self.crashes: list[DeviceCrash] = []  # device tasks that raised, in the order they did
 
     def add_group(self, members: list[Member]) -> None:
         self.groups[members[0].group.name] = members
@@ -190,6 +210,22 @@ class Population:
             ),
         )
         member.task = asyncio.create_task(member.device.run(member.stop))
+        member.task.add_done_callback(lambda task: self._ended(member, task))
+
+    def _ended(self, member: Member, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        self.crashes.append(
+            DeviceCrash(
+                member.label,
+                member.device_id,
+                self._clock(),
+                f"{type(exc).__name__}: {exc}",
+                "".join(traceback.format_exception(exc)),
+            )
+        )
 
     def _attempted(self, member: Member, attempt: ConnectAttempt) -> None:
         member.sightings.append(
@@ -197,16 +233,19 @@ class Population:
         )
 
     async def stop(self, members: Iterable[Member]) -> None:
-        """Disconnect cleanly (after outstanding QoS 1 acks) and wait for the devices to end."""
+        """Disconnect cleanly (after outstanding QoS 1 acks) and wait for the devices to end.
+
+        A device that does not end in time is cancelled; one that ended with an exception is
+        in :attr:`crashes` (recorded when its task ended).
+        """
         tasks = []
         for member in members:
             member.stop.set()
             if member.task is not None:
                 tasks.append(member.task)
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
+            _, pending = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT)
             for task in pending:
                 task.cancel()
-            for task in done:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    task.result()
+            if pending:
+                await asyncio.wait(pending)

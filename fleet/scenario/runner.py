@@ -61,7 +61,7 @@ from fleet.scenario.model import (
     SubscribeStep,
     WaitStep,
 )
-from fleet.scenario.population import Endpoint, Member, Population
+from fleet.scenario.population import DeviceCrashed, Endpoint, Member, Population
 from fleet.scenario.witness import Witness
 from fleet.store.ca_rotation import retire_previous_issuers, revoke_issuing_cas, rotate_issuing_ca
 from fleet.store.claims import ClaimRules, create_claim, revoke_claim
@@ -229,6 +229,11 @@ class ScenarioRun:
             )
         finally:
             await self._tear_down()
+        if self.result.status == "passed" and self.population.crashes:
+            try:  # a device that raised while being stopped
+                self._raise_on_crash()
+            except DeviceCrashed as exc:
+                self._error(str(exc))
         self.result.seconds = self.clock()
         if self.result.status == "passed" and not all(e.passed for e in self.result.expectations):
             failed = sum(not e.passed for e in self.result.expectations)
@@ -249,6 +254,16 @@ class ScenarioRun:
                     self.clock(), self.population, self._disrupted, self.witness
                 )
             await self._run_step(step)
+            self._raise_on_crash()
+
+    def _raise_on_crash(self) -> None:
+        """A device task that raised is a defect: the scenario errors, naming it."""
+        if self.population.crashes:
+            crash = self.population.crashes[0]
+            self.result.traceback = crash.traceback
+            more = len(self.population.crashes) - 1
+            also = f" (and {more} more)" if more else ""
+            raise DeviceCrashed(f"{crash.text()}{also} (traceback in the JSON report)")
 
     async def _set_up(self) -> None:
         directory = self._workspace_dir

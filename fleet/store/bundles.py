@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import (
     pkcs12,
 )
 
-from fleet.kernel.errors import CertificateError, UsageError
+from fleet.kernel.errors import CertificateError, NameTakenError
 from fleet.kernel.files import write_secret
 from fleet.kernel.keys import load_private_key
 from fleet.store.workspace import Workspace
@@ -30,7 +30,7 @@ def export_pkcs12(
             device_id=device_id,
         )
     if out.exists():
-        raise UsageError(f"{out}: already exists; choose another output path")
+        raise NameTakenError(f"{out}: already exists; choose another output path", field="out")
     chain = x509.load_pem_x509_certificates(workspace.paths.device_cert(device_id).read_bytes())
     key = load_private_key(key_path.read_bytes(), source=str(key_path))
     encryption = BestAvailableEncryption(password.encode()) if password else NoEncryption()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from fleet.kernel.errors import RegistryError, UsageError
+from fleet.kernel.errors import NameTakenError, UnknownClaimError, UsageError
 from fleet.kernel.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.kernel.identity import (
     CLAIM,
@@ -75,12 +75,13 @@ def create_claim(
     with workspace.lock("claims"):
         try:
             workspace.registry.claim(rules.name)
-        except RegistryError:
+        except UnknownClaimError:
             pass
         else:
-            raise UsageError(
+            raise NameTakenError(
                 f"claim {rules.name!r} already exists; choose another --name "
-                "('fleet claim list' shows them)"
+                "('fleet claim list' shows them)",
+                field="name",
             )
         shutil.rmtree(directory, ignore_errors=True)  # left by a crash: never recorded
         key = generate_private_key(key_type_of(workspace.ca.issuing_key))

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field, replace
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from fleet.kernel.errors import ProvisioningInterrupted, RequestRefused, UsageError
+from fleet.kernel.errors import (
+    NameTakenError,
+    ProvisioningInterrupted,
+    RequestRefused,
+    UsageError,
+)
 from fleet.kernel.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.kernel.identity import DeviceIdentity, validate_device_id, validate_env, validate_tier
 from fleet.kernel.keys import (
@@ -202,7 +207,9 @@ def provision_from_csr(
         if workspace.registry.taken_ids([device_id]):
             if enrollment is not None:
                 raise RequestRefused("id_taken", f"device id {device_id!r} is already enrolled")
-            raise UsageError(f"device {device_id!r} already exists; choose another --id")
+            raise NameTakenError(
+                f"device {device_id!r} already exists; choose another --id", field="id"
+            )
         batch_id = uuid.uuid4().hex
         record = NewDevice(
             device_id=device_id,

@@ -20,7 +20,14 @@ from typing import Any
 
 from cryptography import x509
 
-from fleet.kernel.errors import RegistryError, RequestRefused, UnknownDeviceError, WorkspaceError
+from fleet.kernel.errors import (
+    NameTakenError,
+    RegistryError,
+    RequestRefused,
+    UnknownClaimError,
+    UnknownDeviceError,
+    WorkspaceError,
+)
 from fleet.store.ca import RevokedEntry
 
 SCHEMA_VERSION = 4
@@ -754,9 +761,10 @@ class Registry:
         """Record a new claim; a name in use is refused (revoked claims keep their name)."""
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM claims WHERE name = ?", (claim.name,)).fetchone():
-                raise RegistryError(
+                raise NameTakenError(
                     f"claim {claim.name!r} already exists; choose another --name "
-                    "('fleet claim list' shows them)"
+                    "('fleet claim list' shows them)",
+                    field="name",
                 )
             db.execute(
                 "INSERT INTO claims(name, serial, tier, env, allow_ids, max_uses, uses, "
@@ -783,7 +791,7 @@ class Registry:
     def claim(self, name: str) -> ClaimRecord:
         rows = self._query(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE name = ?", (name,))
         if not rows:
-            raise RegistryError(f"unknown claim {name!r}: 'fleet claim list' shows the claims")
+            raise UnknownClaimError(name)
         return _claim(rows[0])
 
     def claim_by_serial(self, serial: int) -> ClaimRecord | None:
@@ -799,7 +807,7 @@ class Registry:
         """
         with self.transaction() as db:
             if not db.execute("SELECT 1 FROM claims WHERE name = ?", (name,)).fetchone():
-                raise RegistryError(f"unknown claim {name!r}: 'fleet claim list' shows the claims")
+                raise UnknownClaimError(name)
             cursor = db.execute(
                 "UPDATE claims SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
                 "WHERE name = ? AND status = 'active'",
