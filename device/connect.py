@@ -215,6 +215,9 @@ class DeviceConnection:
     tls: TlsConnection
     tcp_seconds: float
     tls_seconds: float
+    # the broker is known to have accepted our certificate (TLS 1.2's handshake, or TLS 1.3
+    # session tickets): an end of the connection after this is an MQTT-level refusal
+    certificate_accepted: bool = False
 
 
 async def open_device_tls(
@@ -237,12 +240,14 @@ async def open_device_tls(
             connected = time.perf_counter()
             connection = _client_connection(credentials, raw, server_name or host)
             await _drive_handshake(loop, connection, raw)
-            await _await_verdict(loop, connection, raw)
+            accepted = await _await_verdict(loop, connection, raw)
     except BaseException:
         raw.close()
         raise
     done = time.perf_counter()
-    return DeviceConnection(TlsConnection(connection, raw), connected - started, done - connected)
+    return DeviceConnection(
+        TlsConnection(connection, raw), connected - started, done - connected, accepted
+    )
 
 
 def _client_connection(credentials: DeviceTls, raw: socket.socket, name: str) -> SSL.Connection:
@@ -295,27 +300,33 @@ _VERDICT_GRACE_SECONDS = 0.2
 
 async def _await_verdict(
     loop: asyncio.AbstractEventLoop, connection: SSL.Connection, raw: socket.socket
-) -> None:
+) -> bool:
     """In TLS 1.3 the client's handshake ends before the broker has checked its certificate.
     A broker that refuses it sends an alert and closes; had the client already sent CONNECT,
     the broker's kernel answers the unread bytes with a reset that destroys the alert, and the
     refusal reads as ``connection_closed`` (Mosquitto: 1 in 2 refusals in a CI run). So the
     device first waits for the broker's first word: its session tickets (accepted: ~1 round
     trip) or its alert (raised here, as in the handshake). A broker that sends no tickets costs
-    the grace once per connection."""
+    the grace once per connection.
+
+    True when the broker is known to have accepted the certificate: TLS 1.2, or tickets read.
+    """
     if connection.get_protocol_version_name() != "TLSv1.3":
-        return  # TLS 1.2: the broker's Finished already came after its check
+        return True  # TLS 1.2: the broker's Finished already came after its check
     try:
         async with asyncio.timeout(_VERDICT_GRACE_SECONDS):
             await wait_ready(loop, raw, readable=True)
     except TimeoutError:
-        return
+        return False  # no word: what follows (CONNACK, or the end) tells
     try:
         connection.recv(1, socket.MSG_PEEK)  # processes tickets or the alert, consumes nothing
-    except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError, SSL.SysCallError):
-        return  # no alert: what follows (CONNACK, or the end) tells as before
+    except (SSL.WantReadError, SSL.WantWriteError):
+        return True  # what came was a ticket: the broker accepted the certificate
+    except (SSL.ZeroReturnError, SSL.SysCallError):
+        return False  # closed without an alert: what follows tells as before
     except SSL.Error as exc:
         raise _as_ssl_error(exc, connection) from exc
+    return True  # application data already (a broker that speaks first): accepted
 
 
 def _as_ssl_error(exc: Exception, connection: SSL.Connection) -> OSError:

@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from device.connect import TlsConnection, open_device_tls
 from device.outcomes import (
+    CLOSED_AT_CONNECT,
     CLOSED_BY_BROKER,
     NO_CONNACK,
     TLS_ALERTS,
@@ -425,6 +426,9 @@ class Device:
             outcome: ConnectOutcome = ConnectOutcome.CONNECTED
         elif result == "refused":
             outcome = ConnectOutcome.CONNACK_REFUSED
+        elif detail == CLOSED_BY_BROKER and tls.certificate_accepted:
+            # closed on our CONNECT after the broker had accepted the certificate
+            outcome, detail = ConnectOutcome.CONNACK_REFUSED, CLOSED_AT_CONNECT
         else:
             outcome = ConnectOutcome.REJECTED_BY_BROKER
         return self._record(

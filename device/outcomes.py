@@ -101,6 +101,9 @@ _VERIFY_CODES = {
 }
 
 CLOSED_BY_BROKER = "connection_closed"  # refused without an alert: the broker just closed
+# the broker accepted our certificate, then closed on our CONNECT without a CONNACK (RabbitMQ's
+# answer to an MQTT 5 CONNECT it cannot parse): a refusal at CONNECT, not at TLS
+CLOSED_AT_CONNECT = "closed_at_connect"
 HANDSHAKE_TIMEOUT = "handshake_timeout"
 NO_CONNACK = "no_connack"
 CONNECTION_REFUSED = "connection_refused"
@@ -161,7 +164,7 @@ REASONS_BY_OUTCOME: dict[str, tuple[str, ...]] = {
     ConnectOutcome.CONNECTED: (),
     ConnectOutcome.REJECTED_BY_BROKER: (*TLS_ALERTS, CLOSED_BY_BROKER, OTHER),
     ConnectOutcome.BROKER_UNTRUSTED: tuple(UntrustedReason),
-    ConnectOutcome.CONNACK_REFUSED: CONNACK_REASONS,
+    ConnectOutcome.CONNACK_REFUSED: (*CONNACK_REASONS, CLOSED_AT_CONNECT),
     ConnectOutcome.TIMEOUT: (HANDSHAKE_TIMEOUT, NO_CONNACK),
     ConnectOutcome.NETWORK_ERROR: (CONNECTION_REFUSED, TLS_ERROR, OTHER),
     ConnectOutcome.CREDENTIALS_ERROR: tuple(CredentialsReason),

@@ -56,9 +56,10 @@ class SwarmStats:
     def lost(self) -> int:
         return max(0, self.sent - self.acknowledged)
 
-    def percentile_ms(self, percentile: float) -> float:
+    def percentile_ms(self, percentile: float) -> float | None:
+        """Connect latency at ``percentile``; None when no device connected (JSON null)."""
         if self.handshake.get_total_count() == 0:
-            return float("nan")
+            return None
         return float(self.handshake.get_value_at_percentile(percentile)) / 1000
 
     def to_wire(self) -> dict[str, Any]:

@@ -396,6 +396,55 @@ def test_a_session_lost_right_after_its_connack_is_a_drop_not_a_live_session(
     assert sent <= 1
 
 
+@pytest.mark.parametrize(
+    ("version", "tickets", "outcome", "reason"),
+    [
+        ("TLSv1_2", 2, ConnectOutcome.CONNACK_REFUSED, "closed_at_connect"),
+        ("TLSv1_3", 2, ConnectOutcome.CONNACK_REFUSED, "closed_at_connect"),
+        # no tickets: nothing says the broker accepted the certificate, so it cannot be told
+        # from a TLS refusal without an alert
+        ("TLSv1_3", 0, ConnectOutcome.REJECTED_BY_BROKER, "connection_closed"),
+    ],
+)
+def test_a_broker_that_closes_on_an_mqtt5_connect_refused_it_at_connect(
+    fleet: Workspace, version: str, tickets: int, outcome: ConnectOutcome, reason: str
+) -> None:
+    """RabbitMQ before 3.13 accepts the TLS handshake (client certificate verified), cannot
+    parse an MQTT 5 CONNECT and closes without a CONNACK: a refusal at CONNECT, not at TLS."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(fleet.paths.server_cert, fleet.paths.server_key)
+    context.load_verify_locations(fleet.paths.root_cert)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = context.maximum_version = ssl.TLSVersion[version]
+    context.num_tickets = tickets
+    connects: list[bytes] = []
+
+    async def scenario() -> ConnectAttempt:
+        async def close_on_connect(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            connects.append(await reader.read(1024))
+            writer.close()  # "cannot parse frame": no CONNACK
+
+        server = await asyncio.start_server(close_on_connect, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            device = Device(
+                _settings(fleet, "dev-00001", port, reconnect=False, mqtt_version=5), PahoDriver()
+            )
+            await asyncio.wait_for(device.run(asyncio.Event()), 5)
+            return device.stats.attempts[0]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    attempt = run(scenario())
+    assert (attempt.outcome, attempt.detail) == (outcome, reason)
+    assert connects and connects[0][0] == 0x10 and connects[0][8] == 5  # an MQTT 5 CONNECT
+
+
 @given(st.binary(min_size=32, max_size=32))
 def test_a_pin_is_a_sha256_digest_in_base64(digest: bytes) -> None:
     import base64

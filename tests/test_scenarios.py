@@ -4,6 +4,7 @@ verdicts that can fail, JUnit and JSON that add up, and the same scenarios again
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -127,15 +128,44 @@ def test_every_file_is_checked_before_any_scenario_runs(tmp_path: Path) -> None:
     assert "running" not in result.stdout  # nothing was started
 
 
+def _listing(*paths: Path) -> list[str]:
+    """``fleet scenario list`` as an 80-column terminal shows it."""
+    env = {**os.environ, "COLUMNS": "80"}
+    listing = subprocess.run(
+        fleet_command("scenario", "list", *paths),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert listing.returncode == 0, listing.stderr
+    return listing.stdout.splitlines()
+
+
 def test_the_library_lists_every_scenario() -> None:
     names = {load_scenario(path).name for path in LIBRARY.glob("*.yaml")}
     assert names == _LIBRARY_NAMES
-    listing = subprocess.run(
-        fleet_command("scenario", "list"), capture_output=True, text=True, timeout=60
-    )
-    assert listing.returncode == 0, listing.stderr
-    for name in _LIBRARY_NAMES:
-        assert name in listing.stdout
+    lines = _listing()
+    first_cells = {line.split("│")[1].strip() for line in lines if line.startswith("│")}
+    assert first_cells >= _LIBRARY_NAMES
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    header = [cell.strip() for cell in lines[1].strip("┃").split("┃")]
+    assert header == ["scenario", "steps", "devices", "description"]  # no file: it is name.yaml
+    rows = [line for line in lines if line.startswith("│")]
+    assert len(rows) < 12 * len(_LIBRARY_NAMES)  # descriptions wrap by phrase, not by word
+
+
+def test_the_listing_shows_the_file_when_it_is_not_the_name(tmp_path: Path) -> None:
+    _write(tmp_path, _GOOD, "smoke.yaml")
+    lines = _listing(tmp_path)
+    header = [cell.strip() for cell in lines[1].strip("┃").split("┃")]
+    assert header == ["scenario", "file", "steps", "devices", "description"]
+    assert [cell.strip() for cell in lines[3].strip("│").split("│")][:4] == [
+        "tiny",
+        "smoke.yaml",
+        "3",
+        "3",
+    ]
 
 
 def test_every_step_and_field_is_documented() -> None:

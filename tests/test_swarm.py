@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from rich.console import Console
 
 from broker import BrokerSettings
+from device.report import progress_table, summary_table
 from device.swarm import SwarmConfig, run_swarm, split
 from fleet import ProvisionSpec, Workspace, provision_devices
 from fleet.kernel.tls import spki_pin
@@ -128,8 +131,17 @@ def test_faults_become_per_device_outcomes(
 
 def test_a_target_that_is_not_listening(fleet_200: Workspace) -> None:
     stats = run_swarm(_config(fleet_200, free_port(), count=10, duration=1.5), processes=1)
-    outcomes = stats.summary()["outcomes"]
+    summary = stats.summary()
+    outcomes = summary["outcomes"]
     assert set(outcomes) == {"network_error"} and outcomes["network_error"] >= 10
+    # nothing connected: no latency to report, said plainly (not "p50 nan ms", not JSON NaN)
+    assert summary["connect_latency_ms"] == {"p50": None, "p90": None, "p99": None, "max": None}
+    json.dumps(summary, allow_nan=False)
+    console = Console(width=100, record=True)
+    console.print(summary_table(stats), progress_table(stats, title="swarm"))
+    shown = console.export_text()
+    assert "nan" not in shown
+    assert re.search(r"connect latency \(TCP\+TLS\+CONNACK\)[\s│]+none connected", shown), shown
 
 
 def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_path: Path) -> None:

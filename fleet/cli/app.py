@@ -946,12 +946,15 @@ def scenario_list(
     from fleet.scenario import LIBRARY, load_scenarios
 
     scenarios = load_scenarios(paths or [LIBRARY])
+    # the file column only when a file is not simply <name>.yaml: it would repeat the name
+    files = any(s.path.name != f"{s.name}.yaml" for s in scenarios)
     table = Table(header_style="bold")
     table.add_column("scenario", no_wrap=True)
-    table.add_column("file", no_wrap=True)
-    table.add_column("steps", justify="right")
-    table.add_column("devices", justify="right")
-    table.add_column("description")
+    if files:
+        table.add_column("file", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("devices", justify="right", no_wrap=True)
+    table.add_column("description", ratio=1, min_width=24)
     for s in scenarios:
         devices = sum(g.count for g in s.groups if g.clone_of is None)
         needs = (
@@ -959,7 +962,8 @@ def scenario_list(
             if s.broker.needs_fleet_broker
             else ""
         )
-        table.add_row(s.name, s.path.name, str(len(s.steps)), str(devices), s.description + needs)
+        cells = [s.name, *([s.path.name] if files else []), str(len(s.steps)), str(devices)]
+        table.add_row(*cells, s.description + needs)
     out.print(table)
 
 
