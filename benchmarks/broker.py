@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from benchmarks.mqtt_load import (
     read_packet,
     subscribe_packet,
 )
+from broker import broker_command, listening_port
 from broker.cli import mosquitto_config
 from fleet import (
     FleetConfig,
@@ -100,15 +100,19 @@ def _wait_for_port(port: int, process: subprocess.Popen[str], name: str) -> None
 
 @contextlib.contextmanager
 def ours(workspace: Workspace) -> Iterator[BrokerProcess]:
-    port = _free_port()
-    command = [sys.executable, "-m", "fleet", "broker", "--dir", str(workspace.paths.root)]
-    command += ["--port", str(port), "--metrics-port", "-1"]
+    command = broker_command(workspace.paths.root)
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    broker = BrokerProcess("mtls-fleet broker", process, port)
     try:
-        _wait_for_port(port, process, broker.name)
+        assert process.stdout is not None
+        broker = BrokerProcess(
+            "mtls-fleet broker", process, listening_port(process.stdout.readline())
+        )
+    except BaseException:
+        process.kill()
+        raise
+    try:
         yield broker
     finally:
         broker.stop()

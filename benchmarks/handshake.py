@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.broker import mosquitto
+from broker import launched_broker
 from device.handshake_bench import (
     BenchResult,
     BenchSettings,
@@ -17,7 +18,6 @@ from device.handshake_bench import (
 )
 from fleet import FleetConfig, Workspace, init_workspace
 from fleet.cli.bench_identities import bench_identities
-from fleet.cli.swarm import embedded_broker
 
 
 @dataclass
@@ -63,8 +63,8 @@ def run(base: Path, *, connections: int = 5000, concurrency: int = 100) -> list[
     with bench_identities(workspace, connections, reject_mix=0.1):
         pass  # provision every identity (and publish the CRL) before either broker starts
     rows = []
-    with embedded_broker(workspace.paths.root) as port:
-        rows += _runs("mtls-fleet", replace(settings, port=port), workspace, connections)
+    with launched_broker(workspace.paths.root) as broker:
+        rows += _runs("mtls-fleet", replace(settings, port=broker.port), workspace, connections)
     with mosquitto(workspace, base) as reference:
         if reference is not None:
             rows += _runs(

@@ -6,6 +6,7 @@ SPIFFE URI), tier and environment decide what it may do; revocations apply live.
 
 from broker.acl import TopicRights, filter_covers, rights_for, topic_matches
 from broker.config import BrokerSettings, RevocationPolicy
+from broker.launcher import LaunchedBroker, broker_command, launched_broker, listening_port
 from broker.outcomes import Outcome
 from broker.server import FleetBroker
 from broker.tls import BrokerError
@@ -16,10 +17,14 @@ __all__ = [
     "BrokerSettings",
     "CrlState",
     "FleetBroker",
+    "LaunchedBroker",
     "Outcome",
     "RevocationPolicy",
     "TopicRights",
+    "broker_command",
     "filter_covers",
+    "launched_broker",
+    "listening_port",
     "load_crl",
     "rights_for",
     "topic_matches",

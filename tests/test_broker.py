@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import signal
 import socket
 import ssl
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from broker import RevocationPolicy
+from broker import BrokerError, RevocationPolicy, launched_broker, listening_port
 from device.outcomes import alert_name
 from fleet import (
     FleetConfig,
@@ -476,3 +479,31 @@ def test_fleet_broker_announces_and_stops_on_sigterm(fleet: Workspace) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(20)
     assert process.returncode == 0
+
+
+def test_the_launcher_reads_the_port_and_names_a_broker_that_did_not_start(
+    fleet: Workspace, tmp_path: Path
+) -> None:
+    with launched_broker(fleet.paths.root, metrics=True) as broker:
+        ok = mosquitto_pub(
+            broker.port,
+            fleet.paths.root_cert,
+            _creds(fleet, "dev-00001"),
+            "devices/dev-00001/t",
+            "x",
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert broker.metrics_url is not None and broker.metrics_url.endswith("/metrics")
+    assert broker.process.returncode == 0  # SIGTERM: a clean stop
+    with pytest.raises(BrokerError, match="the broker did not start"), launched_broker(tmp_path):
+        pass  # not a workspace: it says why on stderr and prints no 'listening on'
+
+
+@given(st.one_of(st.text(max_size=80), st.text(max_size=40).map("listening on mqtts://".__add__)))
+def test_only_a_listening_line_gives_a_port(line: str) -> None:
+    if re.fullmatch(r"listening on mqtts://.*:[0-9]+", line.strip(), re.DOTALL):
+        assert listening_port(line) == int(line.strip().rsplit(":", 1)[1])
+        return
+    with pytest.raises(BrokerError):
+        listening_port(line)
+    assert listening_port("listening on mqtts://127.0.0.1:8883\n") == 8883

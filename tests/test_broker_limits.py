@@ -22,6 +22,7 @@ import pytest
 
 from benchmarks.broker import ours
 from benchmarks.flood import measure_flood
+from broker import launched_broker
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
 from fleet.store.claims import ClaimRules, create_claim
 from tests import mqtt_raw as mq
@@ -47,23 +48,15 @@ def small_limits_broker(workspace: Workspace) -> Iterator[CliBroker]:
     provision_devices(workspace, ProvisionSpec(count=1, prefix="dev"))
     provision_devices(workspace, ProvisionSpec(count=1, prefix="gw", tier="gold"))
     create_claim(workspace, ClaimRules("batch-1"))
-    process = subprocess.Popen(
-        fleet_command(
-            "broker", "--dir", workspace.paths.root, "--port", "0", "--metrics-port", "0",
-            "--max-packet-size", "4096", "--max-queued-messages", "50",
-            "--max-inflight-messages", "5", "--max-claim-sessions", "2",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on mqtts://127.0.0.1:"), line
-        metrics_url = process.stdout.readline().split(" on ", 1)[1].strip()
-        yield CliBroker(int(line.rsplit(":", 1)[1]), metrics_url)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(20)
+    with launched_broker(
+        workspace.paths.root,
+        "--max-packet-size", "4096", "--max-queued-messages", "50",
+        "--max-inflight-messages", "5", "--max-claim-sessions", "2",
+        metrics=True,
+    ) as broker:  # fmt: skip
+        assert broker.metrics_url is not None
+        yield CliBroker(broker.port, broker.metrics_url)
+    process = broker.process
     assert process.returncode == 0
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 
-from broker import BrokerSettings
+from broker import BrokerSettings, launched_broker
 from fleet import (
     FleetConfig,
     KeyType,
@@ -193,28 +193,18 @@ def _seconds_until_the_broker_has_the_new_crl(
     """Start ``fleet broker --crl-url-every EVERY`` on a copy of the workspace, revoke a device
     in the original, and time how long the broker takes to enforce that CRL (None: 2 s passed)."""
     workspace, plane = served
-    process = subprocess.Popen(
-        fleet_command(
-            "broker", "--dir", broker_dir, "--port", "0", "--metrics-port", "0",
-            "--crl-url", f"{plane.url}/crl.pem", "--crl-url-every", every,
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().startswith("listening on mqtts://")
-        metrics_url = process.stdout.readline().split(" on ", 1)[1].strip()
-        before = _crl_number_seen(metrics_url)
+    with launched_broker(
+        broker_dir, "--crl-url", f"{plane.url}/crl.pem", "--crl-url-every", every, metrics=True
+    ) as broker:
+        assert broker.metrics_url is not None
+        before = _crl_number_seen(broker.metrics_url)
         revoke_device(workspace, device_id)
         started = time.monotonic()
         while time.monotonic() - started < 2.0:
-            if _crl_number_seen(metrics_url) > before:
+            if _crl_number_seen(broker.metrics_url) > before:
                 return time.monotonic() - started
             time.sleep(0.05)  # polling an HTTP endpoint of another process: nothing to await
         return None
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_crl_url_every_sets_how_soon_a_revocation_reaches_the_broker(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
-from broker import BrokerSettings, FleetBroker
+from broker import BrokerSettings, FleetBroker, launched_broker
 from device import ConnectOutcome, Device, DeviceSettings, PahoDriver
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.requests import prepare_enrollment
@@ -346,39 +346,34 @@ def test_the_commands_enroll_a_device_end_to_end(workspace: Workspace, tmp_path:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    broker = subprocess.Popen(
-        fleet_command("broker", "--dir", root, "--port", "0", "--metrics-port", "-1"),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
     serve = None
-    try:
-        assert broker.stdout is not None
-        target = broker.stdout.readline().split()[-1]  # listening on mqtts://HOST:PORT
-        serve = subprocess.Popen(
-            fleet_command("serve", "--dir", root, "--port", "0", "--broker", target),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        assert serve.stdout is not None
-        assert "answering certificate requests" in serve.stdout.readline()
-        claim = root / "claims" / "line-3"
-        enroll_args: list[str | Path] = [
-            "enroll", "--claim", claim, "--store", tmp_path / "dev", "--target", target,
-        ]  # fmt: skip
-        first = subprocess.run(
-            fleet_command(*enroll_args, "--id", "pump-1", "--hardware-serial", "SN-9"),
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        second = subprocess.run(
-            fleet_command(*enroll_args, "--id", "pump-2"),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        for process in (serve, broker):
-            if process is not None:
-                process.terminate()
-                process.wait(20)
+    with launched_broker(root) as broker:
+        target = broker.target
+        try:
+            serve = subprocess.Popen(
+                fleet_command("serve", "--dir", root, "--port", "0", "--broker", target),
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            assert serve.stdout is not None
+            assert "answering certificate requests" in serve.stdout.readline()
+            claim = root / "claims" / "line-3"
+            enroll_args: list[str | Path] = [
+                "enroll", "--claim", claim, "--store", tmp_path / "dev", "--target", target,
+            ]  # fmt: skip
+            first = subprocess.run(
+                fleet_command(*enroll_args, "--id", "pump-1", "--hardware-serial", "SN-9"),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            second = subprocess.run(
+                fleet_command(*enroll_args, "--id", "pump-2"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            if serve is not None:
+                serve.terminate()
+                serve.wait(20)
     assert first.returncode == 0, first.stderr
     assert "enrolled pump-1" in first.stdout
     assert (tmp_path / "dev" / "pump-1" / "key.pem").stat().st_mode & 0o777 == 0o600

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from broker import launched_broker
 from device.handshake_bench import (
     BenchResult,
     BenchSettings,
@@ -18,7 +19,7 @@ from device.handshake_bench import (
 )
 from fleet.cli.bench_identities import bench_identities
 from fleet.cli.bench_report import print_result, print_sweep, write_report
-from fleet.cli.swarm import embedded_broker, parse_processes, parse_target
+from fleet.cli.swarm import parse_processes, parse_target
 from fleet.kernel.errors import UsageError
 from fleet.kernel.keys import KeyType
 from fleet.store.workspace import Workspace
@@ -107,8 +108,8 @@ def _broker(workspace: Workspace, request: BenchRequest) -> Iterator[tuple[str, 
     if request.target is not None:
         yield request.target
         return
-    with embedded_broker(workspace.paths.root) as port:
-        yield ("127.0.0.1", port)
+    with launched_broker(workspace.paths.root) as broker:
+        yield ("127.0.0.1", broker.port)
 
 
 def run_bench_command(

@@ -6,8 +6,6 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -16,11 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.live import Live
 
+from broker import launched_broker
 from device.report import progress_table, summary_table
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm
 from fleet.kernel.durations import parse_positive_duration
-from fleet.kernel.errors import FleetError, UsageError
+from fleet.kernel.errors import UsageError
 from fleet.kernel.tls import parse_pin
 from fleet.store.workspace import Workspace
 
@@ -163,44 +162,14 @@ def _parse_source_ips(text: str) -> tuple[str, ...]:
     return tuple(str(a) for a in addresses)
 
 
-@contextmanager
-def embedded_broker(workspace: Path) -> Iterator[int]:
-    """Start ``fleet broker`` on a free port for the run; yields the port."""
-    command = [
-        sys.executable,
-        "-m",
-        "fleet",
-        "broker",
-        "--dir",
-        str(workspace),
-        "--port",
-        "0",
-        "--metrics-port",
-        "-1",
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("listening on mqtts://"):
-            raise FleetError(
-                f"the embedded broker did not start (exit {process.poll()}); run 'fleet broker' to see why"
-            )
-        yield int(line.rsplit(":", 1)[1])
-    finally:
-        process.terminate()
-        process.wait(20)
-
-
 def run_swarm_command(
     request: SwarmRequest, *, console: Console, quiet: bool, json_out: Path | None
 ) -> SwarmStats:
     config = request.config
     if request.embedded_broker:
-        with embedded_broker(config.workspace) as port:
-            console.print(f"embedded broker on mqtts://127.0.0.1:{port}")
+        with launched_broker(config.workspace) as broker:
+            port = broker.port
+            console.print(f"embedded broker on {broker.target}")
             request = replace(request, config=replace(config, port=port))
             if config.renew_at is None:
                 return _run(request, console=console, quiet=quiet, json_out=json_out)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.kernel.errors import FleetError
+from broker import BrokerError, broker_command, listening_port
 
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 20.0
@@ -54,26 +53,12 @@ class EmbeddedBroker:
         self._reader: asyncio.Task[None] | None = None
 
     def _command(self) -> list[str]:
-        command = [
-            sys.executable,
-            "-m",
-            "fleet",
-            "broker",
-            "--dir",
-            str(self.workspace),
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            "-1",
-            "--log-connections",
-            "--revocation-policy",
-            self.options.revocation_policy,
-        ]
+        options = ["--log-connections", "--revocation-policy", self.options.revocation_policy]
         if self.options.env is not None:
-            command += ["--env", self.options.env]
+            options += ["--env", self.options.env]
         if self.options.crl_url is not None:
-            command += ["--crl-url", self.options.crl_url, "--crl-url-every", "0.2s"]
-        return command
+            options += ["--crl-url", self.options.crl_url, "--crl-url-every", "0.2s"]
+        return broker_command(self.workspace, *options, port=self.port)
 
     async def start(self) -> None:
         process = await asyncio.create_subprocess_exec(
@@ -90,11 +75,12 @@ class EmbeddedBroker:
         except TimeoutError:
             line = b""
         text = line.decode().strip()
-        if not text.startswith("listening on mqtts://"):
+        try:
+            self.port = listening_port(text)
+        except BrokerError:
             await self.stop()
             said = "; ".join(line for _, line in self.log.lines[-5:]) or "nothing"
-            raise FleetError(f"the embedded broker did not start; it said: {said}")
-        self.port = int(text.rsplit(":", 1)[1])
+            raise BrokerError(f"the embedded broker did not start; it said: {said}") from None
         self.log.lines.append((self._clock(), text))
 
     async def stop(self) -> None:
