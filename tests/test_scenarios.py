@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fleet import FleetConfig, init_workspace
-from fleet.scenario import LIBRARY, ScenarioError, load_scenario
+from fleet.scenario import LIBRARY, STEPS, ScenarioError, load_scenario
 from tests.broker_support import running_mosquitto
 from tests.conftest import fleet_command
 
@@ -169,13 +169,41 @@ def test_the_listing_shows_the_file_when_it_is_not_the_name(tmp_path: Path) -> N
 
 
 def test_every_step_and_field_is_documented() -> None:
-    from fleet.scenario.loader import _STEP_FIELDS
-
     readme = (LIBRARY / "README.md").read_text()
-    for step, fields in _STEP_FIELDS.items():
-        assert f"### `{step}`" in readme, step
-        for field in fields:
-            assert f"`{field}`" in readme, (step, field)
+    assert len(STEPS) == 24
+    for kind, step in STEPS.items():
+        assert step.kind == kind
+        assert f"### `{kind}`" in readme, kind
+        for field in step.fields:
+            assert f"`{field}`" in readme, (kind, field)
+
+
+def test_a_step_kind_is_one_class_registered_by_its_name() -> None:
+    """A new kind registers itself; one without ``run`` cannot be built (mypy says so where
+    ``read`` builds it: the ignore below is an error if mypy stops seeing it); a name is unique."""
+    from dataclasses import dataclass
+
+    from fleet.scenario.steps import Step
+
+    @dataclass(frozen=True, slots=True)
+    class Incomplete(Step):  # no run()
+        kind = "test_incomplete"
+
+        @classmethod
+        def read(cls, reader: Any, fields: Any, line: int) -> Step:
+            return Incomplete(line)  # type: ignore[abstract]
+
+    try:
+        assert STEPS["test_incomplete"] is Incomplete
+        with pytest.raises(TypeError, match="abstract"):
+            Incomplete.read(None, None, 1)
+        with pytest.raises(TypeError, match="'connect' is defined twice"):
+
+            class Again(Step):
+                kind = "connect"
+    finally:
+        del STEPS["test_incomplete"]
+    assert STEPS["connect"].__name__ == "ConnectStep"
 
 
 # -- the library, replayed against the embedded broker ------------------------------------------
@@ -353,18 +381,19 @@ def test_a_defect_in_one_scenario_is_reported_and_the_next_still_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fleet.scenario import ScenarioRun, load_scenarios, run_scenarios
+    from fleet.scenario.steps import ConnectStep
 
-    original = ScenarioRun._step_connect
+    original = ConnectStep.run
     calls = 0
 
-    async def broken_once(self: ScenarioRun, step: Any) -> None:
+    async def broken_once(self: ConnectStep, run: ScenarioRun) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("simulated defect")
-        await original(self, step)
+        await original(self, run)
 
-    monkeypatch.setattr(ScenarioRun, "_step_connect", broken_once)
+    monkeypatch.setattr(ConnectStep, "run", broken_once)
     first = _write(tmp_path, _GOOD, "a.yaml")
     second = _write(tmp_path, _GOOD.replace("name: tiny", "name: tiny-2"), "b.yaml")
     broken, fine = run_scenarios(load_scenarios([first, second]))
@@ -495,7 +524,7 @@ def test_device_sightings_compare_outcome_and_reason_exactly() -> None:
 
 
 def test_every_error_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
-    from fleet.scenario.loader import ScenarioErrors
+    from fleet.scenario import ScenarioErrors
 
     path = _write(
         tmp_path,

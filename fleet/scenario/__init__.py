@@ -14,8 +14,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from fleet.kernel.errors import UsageError
-from fleet.scenario.loader import ScenarioError, load_scenario, load_scenarios
-from fleet.scenario.model import Scenario, WaitStep
+from fleet.scenario.fields import ScenarioError, ScenarioErrors
+from fleet.scenario.loader import load_scenario, load_scenarios
+from fleet.scenario.model import Scenario
 from fleet.scenario.runner import (
     ExpectationResult,
     Listener,
@@ -25,6 +26,7 @@ from fleet.scenario.runner import (
     TimelineEntry,
     skip_reason,
 )
+from fleet.scenario.steps import STEPS
 
 LIBRARY = Path(__file__).resolve().parents[2] / "scenarios"
 
@@ -101,15 +103,17 @@ def _run_in_processes(
 def _expected_seconds(scenario: Scenario) -> float:
     """A rough cost: its devices and its waits (to start the long ones first)."""
     devices = sum(group.count for group in scenario.groups)
-    waits = sum(step.seconds or 0.0 for step in scenario.steps if isinstance(step, WaitStep))
+    waits = sum(step.waits_seconds() for step in scenario.steps)
     return devices / 200 + waits
 
 
 __all__ = [
     "LIBRARY",
+    "STEPS",
     "ExpectationResult",
     "Scenario",
     "ScenarioError",
+    "ScenarioErrors",
     "ScenarioResult",
     "ScenarioRun",
     "Target",

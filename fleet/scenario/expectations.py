@@ -13,12 +13,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from device import ConnectOutcome
 from fleet.scenario.broker_process import BrokerLog
-from fleet.scenario.model import DeviceState, ExpectStep, sighting_matches
+from fleet.scenario.model import DeviceState, sighting_matches
 from fleet.scenario.population import Member, Population
 from fleet.scenario.witness import Witness
+
+if TYPE_CHECKING:
+    from fleet.scenario.steps import ExpectStep
 
 ACK_GRACE = 2.0  # a QoS 1 message unacknowledged for longer than this counts as lost
 _POLL = 0.025

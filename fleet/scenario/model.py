@@ -1,4 +1,5 @@
-"""What a scenario file says, as typed dataclasses (built and validated by :mod:`.loader`).
+"""What a scenario file says, as typed dataclasses (built and validated by :mod:`.loader`;
+the steps are in :mod:`.steps`, one class per kind).
 
 Durations are seconds (floats). Every step keeps the line it came from, so the report and
 the errors can point at the file.
@@ -9,8 +10,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device.outcomes import REASONS_BY_OUTCOME
+
+if TYPE_CHECKING:
+    from fleet.scenario.steps import Step
+
+REVOCATION_POLICIES = ("fail-closed", "fail-open")
+CRL_SOURCES = ("file", "control-plane")  # where the embedded broker reads its CRL
 
 
 class Issuer(enum.StrEnum):
@@ -103,210 +111,6 @@ class Selector:
 
     refs: tuple[tuple[str, int | None, int | None], ...]  # (group, first, last); None: all
     text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    line: int
-
-    @property
-    def kind(self) -> str:
-        return _STEP_NAMES[type(self)]
-
-
-@dataclass(frozen=True, slots=True)
-class ProvisionStep(Step):
-    groups: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectStep(Step):
-    devices: Selector
-    rate: float | None = None  # connections per second; None: all at once
-    reconnect: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class DisconnectStep(Step):
-    devices: Selector
-
-
-@dataclass(frozen=True, slots=True)
-class PublishStep(Step):
-    devices: Selector
-    topic: str  # "{id}" is replaced by each device's id
-    count: int = 1
-    qos: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeStep(Step):
-    devices: Selector
-    topic: str
-    qos: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class RevokeStep(Step):
-    devices: Selector
-    superseded_only: bool = False  # only the certificates a rotation replaced
-
-
-@dataclass(frozen=True, slots=True)
-class RotateStep(Step):
-    devices: Selector
-    valid_for: float | None = None
-    reconnect: bool = True  # move live sessions to the new certificate (drain acks first)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplaceStep(Step):
-    """Revoked devices get a new key and certificate under the same id (fleet provision
-    --replace); their running simulators use the new pair from their next handshake."""
-
-    devices: Selector
-    valid_for: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RestartBrokerStep(Step):
-    env: str | None = None
-    revocation_policy: str | None = None
-    clear_env: bool = False
-    down_for: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerCertificateStep(Step):
-    certificate: BrokerCertificate
-
-
-@dataclass(frozen=True, slots=True)
-class StaleCrlStep(Step):
-    after: float  # publish a CRL whose nextUpdate is this far ahead
-
-
-@dataclass(frozen=True, slots=True)
-class PublishCrlStep(Step):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StopBrokerStep(Step):
-    """The embedded broker goes down (its devices lose their sessions) until ``start_broker``."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartBrokerStep(Step):
-    """The embedded broker comes back on the same port, reading the workspace as it is now."""
-
-
-@dataclass(frozen=True, slots=True)
-class StopControlPlaneStep(Step):
-    """The control plane (fleet serve) goes away: no CRL, no OCSP, no refresh."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartControlPlaneStep(Step):
-    """The control plane comes back (on the same port)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CreateClaimStep(Step):
-    name: str
-    max_uses: int = 1000
-    allow_ids: str = "*"
-    valid_for: float = 86400.0
-    tier: str = "bronze"
-    env: str = "prod"
-    device_valid_for: float = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class EnrollStep(Step):
-    """The members enroll through their group's claim (``enroll_with``)."""
-
-    devices: Selector
-
-
-@dataclass(frozen=True, slots=True)
-class RevokeClaimStep(Step):
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class RotateCaStep(Step):
-    """A new issuing intermediate signs from now on; the old one stays trusted."""
-
-
-@dataclass(frozen=True, slots=True)
-class RetireCaStep(Step):
-    """Stop trusting the issuing intermediates a rotation replaced."""
-
-
-@dataclass(frozen=True, slots=True)
-class RevokeIssuingCaStep(Step):
-    """Revoke the issuing intermediates a rotation replaced, in the root's CRL (compromised)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ExpectStep(Step):
-    devices: Selector | None = None
-    state: DeviceState | None = None
-    broker: str | None = None  # the broker's classification (rejection or session-close reason)
-    device: str | None = None  # what the device saw: one of DEVICE_SIGHTINGS
-    lost: int | None = None  # at most this many QoS 1 messages unacknowledged
-    drops: int | None = None  # at most this many sessions dropped per device since the last action
-    refusals: int | None = None  # at most this many failed connection attempts per device
-    delivered_at_least: int | None = None  # received by the witness per device since then
-    acknowledged_at_least: int | None = None  # QoS 1 PUBACKs per device since the last action
-    received: int | None = None  # messages received on subscriptions since the last action
-    received_at_least: int | None = None
-    subscription: str | None = None  # granted / refused: the latest SUBACK
-    others_unaffected: bool = False
-    broker_event: str | None = None
-    enrollment: str | None = None  # enrolled, or the refusal / failure the latest try got
-    # exact counts of those outcomes over the devices named: (("enrolled", 3), ("refused …", 2))
-    enrollment_counts: tuple[tuple[str, int], ...] | None = None
-    renewed_at_least: int | None = None  # renewals over MQTT per device (and in the registry)
-    renewal_failures: int | None = None  # at most this many failed renewals per device
-    within: float = 5.0
-    text: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class WaitStep(Step):
-    seconds: float | None = None
-    until: ExpectStep | None = None
-
-
-_STEP_NAMES: dict[type[Step], str] = {
-    ProvisionStep: "provision",
-    ConnectStep: "connect",
-    DisconnectStep: "disconnect",
-    PublishStep: "publish",
-    SubscribeStep: "subscribe",
-    RevokeStep: "revoke",
-    RotateStep: "rotate",
-    ReplaceStep: "replace",
-    RestartBrokerStep: "restart_broker",
-    BrokerCertificateStep: "broker_certificate",
-    StaleCrlStep: "stale_crl",
-    PublishCrlStep: "publish_crl",
-    StopBrokerStep: "stop_broker",
-    StartBrokerStep: "start_broker",
-    StopControlPlaneStep: "stop_control_plane",
-    StartControlPlaneStep: "start_control_plane",
-    CreateClaimStep: "create_claim",
-    EnrollStep: "enroll",
-    RevokeClaimStep: "revoke_claim",
-    RotateCaStep: "rotate_ca",
-    RetireCaStep: "retire_ca",
-    RevokeIssuingCaStep: "revoke_issuing_ca",
-    ExpectStep: "expect",
-    WaitStep: "wait",
-}
-STEP_KINDS = tuple(_STEP_NAMES.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,320 @@
+"""The pieces a scenario file is read with: YAML that keeps line numbers, errors that name
+file, line and field, and field converters (durations, counts, choices …).
+
+Every error of a file is reported at once: :func:`note_error` keeps an error for the file's
+report while :func:`load_scenario <fleet.scenario.loader.load_scenario>` collects them, and
+:func:`reading_on` notes the error of one block (a group, a step) and goes on after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import difflib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from fleet.kernel.durations import parse_duration
+from fleet.kernel.errors import UsageError
+from fleet.kernel.identity import validate_device_id
+
+T = TypeVar("T")
+
+
+class ScenarioError(UsageError):
+    """A scenario file that cannot run as written; the message says where and why."""
+
+    def __init__(self, path: Path, line: int, where: str, problem: str) -> None:
+        self.path = path
+        self.line = line
+        self.where = where
+        super().__init__(f"{path}:{line}: {where}: {problem}")
+
+
+class ScenarioErrors(ScenarioError):
+    """Several errors, of one file or several, all reported at once (in file and line order);
+    ``path``, ``line`` and ``where`` are the first one's."""
+
+    def __init__(self, errors: Iterable[ScenarioError]) -> None:
+        self.errors = sorted(errors, key=lambda e: (str(e.path), e.line))
+        first = self.errors[0]
+        self.path, self.line, self.where = first.path, first.line, first.where
+        UsageError.__init__(
+            self, "\n".join(str(e) for e in self.errors) + f"\n({len(self.errors)} errors)"
+        )
+
+
+def one_or_all(errors: list[ScenarioError]) -> ScenarioError:
+    return errors[0] if len(errors) == 1 else ScenarioErrors(errors)
+
+
+# The errors of the file being read, while one is (see :func:`load_scenario`).
+_noted: contextvars.ContextVar[list[ScenarioError] | None] = contextvars.ContextVar(
+    "scenario_errors", default=None
+)
+
+
+def note_error(error: ScenarioError) -> None:
+    """Keep ``error`` to report with the file's others, or raise it when nothing collects."""
+    noted = _noted.get()
+    if noted is None:
+        raise error
+    noted.append(error)
+
+
+class AlreadyReported(Exception):
+    """A step names a group whose own error is already noted: nothing more to say."""
+
+
+@contextlib.contextmanager
+def reading_on() -> Iterator[None]:
+    """Note an error raised inside and go on after the block (one group, one step …)."""
+    try:
+        yield
+    except ScenarioError as error:
+        note_error(error)
+    except AlreadyReported:
+        pass
+
+
+# -- YAML with line numbers -------------------------------------------------------------------
+
+
+class YamlMap(dict[str, Any]):
+    """A YAML mapping that remembers its line and the line of every key."""
+
+    line: int
+    lines: dict[str, int]
+
+    @classmethod
+    def of(cls, line: int, values: dict[str, Any] | None = None) -> YamlMap:
+        """A mapping written at ``line`` (its keys too), e.g. for a step's shorthand value."""
+        mapping = cls(values or {})
+        mapping.line, mapping.lines = line, dict.fromkeys(mapping, line)
+        return mapping
+
+
+class YamlSeq(list[Any]):
+    line: int
+    lines: list[int]
+
+
+def _line(node: yaml.Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: Path) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        mapping = YamlMap()
+        mapping.line, mapping.lines = _line(node), {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node)
+            if not isinstance(key, str):
+                raise ScenarioError(path, _line(key_node), str(key), "field names must be text")
+            if key in mapping:
+                raise ScenarioError(path, _line(key_node), key, "given twice")
+            mapping[key] = _convert(value_node, loader, path)
+            mapping.lines[key] = _line(key_node)
+        return mapping
+    if isinstance(node, yaml.SequenceNode):
+        sequence = YamlSeq(_convert(item, loader, path) for item in node.value)
+        sequence.line, sequence.lines = _line(node), [_line(item) for item in node.value]
+        return sequence
+    return loader.construct_object(node)
+
+
+def parse_yaml(path: Path, text: str) -> YamlMap:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = int(mark.line) + 1 if mark is not None else 1
+        raise ScenarioError(path, line, "YAML", str(exc.problem or exc)) from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise ScenarioError(path, 1, "file", "empty: a scenario needs name, fleet and steps")
+    document = _convert(node, yaml.SafeLoader(""), path)
+    if not isinstance(document, YamlMap):
+        raise ScenarioError(path, 1, "file", "a scenario is a mapping of name, fleet, steps ...")
+    return document
+
+
+# -- field access with errors that point at the file -----------------------------------------
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """The nearest valid name: one that holds the word whole (``revoked`` in
+    ``certificate_revoked``), else the closest spelling."""
+    options = [str(c) for c in choices]
+    word = word.strip().replace(" ", "_")  # 'not authorized' was meant as not_authorized
+    holding = sorted((c for c in options if word and word in c), key=len)
+    close = holding[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Fields:
+    """One mapping of the file, read field by field; unknown fields are errors."""
+
+    def __init__(self, path: Path, mapping: YamlMap, where: str, allowed: Iterable[str]) -> None:
+        self.path, self.mapping, self.where = path, mapping, where
+        allowed = tuple(allowed)
+        for key in mapping:
+            if key not in allowed:
+                note_error(
+                    ScenarioError(
+                        path,
+                        mapping.lines[key],
+                        where,
+                        f"unknown field {key!r}{suggest(key, allowed)}; "
+                        f"valid fields: {', '.join(allowed)}",
+                    )
+                )
+
+    def line(self, key: str | None = None) -> int:
+        return self.mapping.lines.get(key, self.mapping.line) if key else self.mapping.line
+
+    def error(self, key: str, problem: str) -> ScenarioError:
+        return ScenarioError(self.path, self.line(key), f"{self.where}.{key}", problem)
+
+    def has(self, key: str) -> bool:
+        return key in self.mapping
+
+    def get(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+        """The field's value, or ``default`` when it is absent (or wrong: the error is noted)."""
+        if key not in self.mapping:
+            return default
+        try:
+            return self.required(key, convert)
+        except ScenarioError as error:
+            note_error(error)
+            return default
+
+    def required(self, key: str, convert: Callable[[Any], T]) -> T:
+        if key not in self.mapping:
+            raise ScenarioError(self.path, self.line(), self.where, f"missing field {key!r}")
+        try:
+            return convert(self.mapping[key])
+        except (ValueError, TypeError, UsageError) as exc:
+            raise self.error(key, str(exc)) from None
+
+
+def as_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected text")
+    return value.strip()
+
+
+def as_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def as_positive_count(value: Any) -> int:
+    if as_count(value) < 1:
+        raise ValueError("expected a whole number >= 1")
+    return int(value)
+
+
+def as_flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, *, allow_negative: bool = False) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_duration(value, allow_negative=allow_negative).total_seconds()
+    else:
+        raise ValueError(f"expected a duration such as 500ms, 2s or 1m, got {value!r}")
+    if seconds < 0 and not allow_negative:
+        raise ValueError("a duration here must not be negative")
+    return seconds
+
+
+def as_duration(value: Any) -> float:
+    if isinstance(value, str) and value.strip().endswith("ms"):
+        try:
+            return float(value.strip()[:-2]) / 1000
+        except ValueError:
+            raise ValueError(f"invalid duration {value!r}") from None
+    return _seconds(value)
+
+
+def as_positive_duration(value: Any) -> float:
+    seconds = as_duration(value)
+    if seconds <= 0:
+        raise ValueError("the duration must be longer than zero")
+    return seconds
+
+
+def as_signed_duration(value: Any) -> float:
+    return _seconds(value, allow_negative=True)
+
+
+def as_rate(value: Any) -> float:
+    text = str(value).strip()
+    number = text[:-2] if text.endswith("/s") else text
+    try:
+        rate = float(number)
+    except ValueError:
+        raise ValueError(f"expected a rate such as 200/s, got {value!r}") from None
+    if rate <= 0:
+        raise ValueError("the rate must be positive")
+    return rate
+
+
+def one_of(choices: Iterable[str]) -> Callable[[Any], str]:
+    options = tuple(str(choice) for choice in choices)
+
+    def convert(value: Any) -> str:
+        text = str(value).strip()
+        if text not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}{suggest(text, options)}")
+        return text
+
+    return convert
+
+
+def as_qos(value: Any) -> int:
+    if value not in (0, 1):
+        raise ValueError("expected 0 or 1")
+    return int(value)
+
+
+def as_sequence(value: Any) -> YamlSeq:
+    if not isinstance(value, YamlSeq):
+        raise ValueError("expected a list")
+    return value
+
+
+def as_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ValueError("expected a fraction of the lifetime between 0 and 1, e.g. 0.66")
+    return float(value)
+
+
+def as_group_name(value: Any) -> str:
+    name = as_text(value)
+    validate_device_id(f"{name}-1")
+    if "#" in name:
+        raise ValueError("a group name cannot contain '#'")
+    return name
+
+
+@contextlib.contextmanager
+def collecting_errors() -> Iterator[list[ScenarioError]]:
+    """Collect what :func:`note_error` is given inside the block (one file's errors)."""
+    errors: list[ScenarioError] = []
+    token = _noted.set(errors)
+    try:
+        yield errors
+    finally:
+        _noted.reset(token)
