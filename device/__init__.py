@@ -7,7 +7,7 @@ from device.connect import (
     open_device_tls,
     open_tls_socket,
 )
-from device.device import Device, DeviceSettings, DeviceStats, PahoDriver
+from device.device import Device
 from device.enrollment import ClaimBundle, EnrollmentResult, enroll
 from device.outcomes import (
     DROPPED,
@@ -18,6 +18,8 @@ from device.outcomes import (
     UntrustedReason,
     classify_tls_failure,
 )
+from device.paho_driver import PahoDriver
+from device.settings import DeviceSettings, DeviceStats
 from fleet.kernel.tls import DeviceTls, device_tls, device_tls_context, spki_pin
 
 __all__ = [

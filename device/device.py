@@ -15,9 +15,7 @@ import json
 import random
 import ssl
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,9 @@ from device.outcomes import (
     connack_reason,
     drop_reason,
 )
+from device.paho_driver import PahoDriver, PreparedSocketClient
 from device.requests import prepare_renewal
+from device.settings import DeviceSettings, DeviceStats
 from fleet.kernel.errors import CertificateError
 from fleet.kernel.identity import valid_until
 from fleet.kernel.identity_files import install_identity
@@ -53,86 +53,6 @@ from fleet.kernel.mqtt_api import (
     request_topic,
 )
 from fleet.kernel.tls import DeviceTls, device_tls, spki_pin
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSettings:
-    """How one simulated device behaves."""
-
-    device_id: str
-    cert: Path
-    key: Path
-    trust_anchor: Path
-    host: str = "127.0.0.1"
-    port: int = 8883
-    server_name: str | None = "localhost"
-    qos: int = 1
-    publish_every: float = 10.0
-    payload_size: int = 64
-    keepalive: int = 60
-    mqtt_version: int = 4  # 4: MQTT 3.1.1, 5: MQTT 5
-    connect_timeout: float = 10.0
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    source_ip: str | None = None
-    client_id: str | None = None  # default: the device id (a different one tests spoofing)
-    reconnect: bool = True  # False: one session at most, no retry after a refusal or a drop
-    subscribe_commands: bool = True  # to devices/<id>/commands at every connect
-    also_subscribe: tuple[str, ...] = ()  # more topic filters subscribed at every connect (QoS 1)
-    renew_at: float | None = None  # renew over MQTT at this fraction of the lifetime (e.g. 2/3)
-    request_timeout: float = 10.0  # wait this long for the control plane's reply
-    # "sha256/BASE64" pins of the broker's public key (its SubjectPublicKeyInfo, as HPKP and
-    # curl --pinnedpubkey spell them): when given, a valid chain must also carry one of them
-    pins: tuple[str, ...] = ()
-    present_certificate: bool = True  # False: show the broker no client certificate at all
-
-
-@dataclass
-class DeviceStats:
-    attempts: list[ConnectAttempt] = field(default_factory=list)
-    sent: int = 0
-    acknowledged: int = 0
-    received: int = 0
-    received_topics: Counter[str] = field(default_factory=Counter)
-    disconnects: list[str] = field(default_factory=list)
-    planned_reconnects: int = 0
-    renewals: int = 0
-    renewal_failures: Counter[str] = field(default_factory=Counter)
-
-
-class _PreparedSocketClient(mqtt.Client):
-    """A paho client that uses a socket we connected and handshook without blocking."""
-
-    prepared: TlsConnection | None = None
-
-    def _create_socket(self) -> Any:
-        sock, self.prepared = self.prepared, None
-        if sock is None:
-            raise ConnectionError("no prepared TLS socket")
-        return sock
-
-
-class PahoDriver:
-    """Runs paho's periodic work (keepalive, retries) for every device of one loop."""
-
-    def __init__(self) -> None:
-        self._clients: set[mqtt.Client] = set()
-        self._handle: asyncio.TimerHandle | None = None
-
-    def add(self, client: mqtt.Client) -> None:
-        self._clients.add(client)
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(1.0, self._tick)
-
-    def discard(self, client: mqtt.Client) -> None:
-        self._clients.discard(client)
-
-    def _tick(self) -> None:
-        for client in list(self._clients):
-            client.loop_misc()
-        self._handle = (
-            asyncio.get_running_loop().call_later(1.0, self._tick) if self._clients else None
-        )
 
 
 class Device:
@@ -230,12 +150,12 @@ class Device:
 
     # -- paho wiring ------------------------------------------------------------------------
 
-    def _new_client(self) -> _PreparedSocketClient:
+    def _new_client(self) -> PreparedSocketClient:
         s = self.settings
         protocol = (
             MQTTProtocolVersion.MQTTv5 if s.mqtt_version == 5 else MQTTProtocolVersion.MQTTv311
         )
-        client = _PreparedSocketClient(
+        client = PreparedSocketClient(
             CallbackAPIVersion.VERSION2,
             client_id=s.client_id or s.device_id,
             protocol=protocol,

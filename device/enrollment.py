@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.device import Device, DeviceSettings, PahoDriver
+from device.device import Device
 from device.outcomes import TLS_ALERTS, ConnectOutcome
+from device.paho_driver import PahoDriver
 from device.requests import prepare_enrollment
+from device.settings import DeviceSettings
 from fleet.kernel.errors import CertificateError
 from fleet.kernel.identity_files import install_identity
 from fleet.kernel.mqtt_api import PROVISION, enroll_client_id

@@ -23,7 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from device.device import Device, DeviceSettings, PahoDriver
+from device.device import Device
+from device.paho_driver import PahoDriver
+from device.settings import DeviceSettings
 from device.stats import SwarmStats
 from fleet.kernel.errors import CertificateError, FleetError
 from fleet.kernel.signals import stop_on_signals

@@ -578,7 +578,7 @@ def test_errors_of_several_files_are_reported_together(tmp_path: Path) -> None:
 def test_an_expectation_only_our_broker_can_see_is_skipped_on_another_broker(
     tmp_path: Path,
 ) -> None:
-    from fleet.scenario.runner import Target, skip_reason
+    from fleet.scenario import Target, skip_reason
 
     only_broker = _write(
         tmp_path, _GOOD.replace("state: connected}", "broker: ok}"), "only-broker.yaml"

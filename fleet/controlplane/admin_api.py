@@ -23,7 +23,6 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 from cryptography import x509
 
 from fleet.controlplane.admin_openapi import OPENAPI
-from fleet.kernel.bounded_json import JsonRejected, loads_bounded
+from fleet.controlplane.admin_requests import MAX_BODY, ApiError, RequestBody, parse_field
 from fleet.kernel.durations import parse_positive_duration
 from fleet.kernel.errors import (
     CertificateError,
@@ -47,7 +46,6 @@ from fleet.kernel.identity import (
     ENVIRONMENTS,
     TIERS,
     identity_from_certificate,
-    validate_device_id,
 )
 from fleet.kernel.keys import KeyType
 from fleet.kernel.tls import ServerFiles, mtls_server_context
@@ -61,93 +59,8 @@ from fleet.store.workspace import Workspace
 
 log = logging.getLogger("mtls_fleet.admin_api")
 
-_MAX_BODY = 256 * 1024
 MAX_DEVICES_PER_REQUEST = 1000  # larger batches: 'fleet provision' on the control plane's host
 _HANDSHAKE_TIMEOUT = 10.0
-
-
-class ApiError(FleetError):
-    """A request the API refuses: HTTP ``status``, and the request ``field`` at fault."""
-
-    def __init__(self, status: HTTPStatus, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.field = field
-
-
-# -- request bodies ----------------------------------------------------------------------------
-
-
-class _Body:
-    """A JSON object's fields, each read once with its type checked; leftovers are errors."""
-
-    def __init__(self, raw: bytes, allowed: tuple[str, ...]) -> None:
-        try:
-            value = loads_bounded(raw or b"{}", max_bytes=_MAX_BODY)
-        except JsonRejected as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body was rejected: {exc}") from None
-        if not isinstance(value, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST,
-                f"unknown field {unknown[0]!r}; valid fields: {', '.join(allowed)}",
-                unknown[0],
-            )
-        self.values: dict[str, Any] = value
-
-    def text(self, name: str, default: str | None = None) -> str | None:
-        value = self.values.get(name, default)
-        if value is not None and not isinstance(value, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be a string", name)
-        return value
-
-    def required_text(self, name: str) -> str:
-        value = self.text(name)
-        if value is None:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} is required", name)
-        return value
-
-    def integer(self, name: str, default: int, *, maximum: int = 1_000_000) -> int:
-        value = self.values.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be an integer", name)
-        if not 1 <= value <= maximum:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"field {name!r} must be from 1 to {maximum}", name
-            )
-        return value
-
-    def identifier(self, name: str) -> str:
-        """A required device id or claim name, validated whole."""
-        return str(_field(name, validate_device_id, self.required_text(name)))
-
-    def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
-        value = self.text(name, default) or default
-        if value not in allowed:
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, f"field {name!r} must be one of {', '.join(allowed)}", name
-            )
-        return value
-
-    def flag(self, name: str) -> bool:
-        value = self.values.get(name, False)
-        if not isinstance(value, bool):
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r} must be true or false", name)
-        return value
-
-    def duration(self, name: str) -> dt.timedelta | None:
-        text = self.text(name)
-        return _field(name, parse_positive_duration, text) if text is not None else None
-
-
-def _field(name: str, parse: Callable[[str], Any], text: str) -> Any:
-    """``parse(text)``, with its UsageError turned into a 400 naming ``name``."""
-    try:
-        return parse(text)
-    except UsageError as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"field {name!r}: {exc}", name) from exc
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -164,7 +77,7 @@ class _Operations:
         return {
             "devices": inventory(
                 self.workspace,
-                expiring_within=_field("expiring_within", parse_positive_duration, within)
+                expiring_within=parse_field("expiring_within", parse_positive_duration, within)
                 if within
                 else None,
                 status=query.get("status"),
@@ -175,7 +88,7 @@ class _Operations:
         return device_details(self.workspace, device_id)
 
     def provision(self, query: dict[str, str], body: bytes) -> Any:
-        fields = _Body(
+        fields = RequestBody(
             body, ("count", "prefix", "tier", "env", "valid_for", "key_type", "id", "csr")
         )
         tier, env = (
@@ -203,17 +116,17 @@ class _Operations:
             tier=tier,
             env=env,
             valid_for=valid_for,
-            key_type=_field("key_type", KeyType.parse, key_type) if key_type else None,
+            key_type=parse_field("key_type", KeyType.parse, key_type) if key_type else None,
         )
         spec.validate()
         result = provision_devices(self.workspace, spec)
         return {"devices": result.device_ids}
 
     def revoke_device(self, device_id: str, body: bytes) -> Any:
-        fields = _Body(body, ("reason", "superseded_only"))
+        fields = RequestBody(body, ("reason", "superseded_only"))
         superseded_only = fields.flag("superseded_only")
         reason_text = fields.text("reason") or ("superseded" if superseded_only else "unspecified")
-        reason = _field("reason", parse_revocation_reason, reason_text)
+        reason = parse_field("reason", parse_revocation_reason, reason_text)
         revoke = revoke_superseded if superseded_only else revoke_device
         result = revoke(self.workspace, device_id, reason=reason)
         return {
@@ -227,7 +140,7 @@ class _Operations:
         return {"claims": [claim_view(c, now) for c in self.workspace.registry.claims()]}
 
     def create_claim(self, query: dict[str, str], body: bytes) -> Any:
-        fields = _Body(
+        fields = RequestBody(
             body,
             ("name", "max_uses", "valid_for", "allow_ids", "tier", "env", "device_valid_for"),
         )
@@ -251,7 +164,7 @@ class _Operations:
         return view
 
     def revoke_claim(self, name: str, body: bytes) -> Any:
-        _Body(body, ())
+        RequestBody(body, ())
         self.workspace.registry.claim(name)  # 404 for an unknown claim
         changed = revoke_claim(self.workspace, name)
         return {"name": name, "revoked": changed}
@@ -401,7 +314,7 @@ def _handler(operations: _Operations) -> type[BaseHTTPRequestHandler]:
             if length is None:
                 self._error(HTTPStatus.BAD_REQUEST, "Content-Length must be a decimal number")
                 return
-            if length > _MAX_BODY:
+            if length > MAX_BODY:
                 self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the body is over 256 KiB")
                 return
             body = self.rfile.read(length) if length else b""

@@ -17,15 +17,14 @@ from fleet.kernel.errors import UsageError
 from fleet.scenario.fields import ScenarioError, ScenarioErrors
 from fleet.scenario.loader import load_scenario, load_scenarios
 from fleet.scenario.model import Scenario
-from fleet.scenario.runner import (
+from fleet.scenario.results import (
     ExpectationResult,
     Listener,
     ScenarioResult,
-    ScenarioRun,
     Target,
     TimelineEntry,
-    skip_reason,
 )
+from fleet.scenario.runner import ScenarioRun, skip_reason
 from fleet.scenario.steps import STEPS
 
 LIBRARY = Path(__file__).resolve().parents[2] / "scenarios"

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from fleet.scenario.runner import ExpectationResult, ScenarioResult, TimelineEntry
+from fleet.scenario.results import ExpectationResult, ScenarioResult, TimelineEntry
 
 _STATUS_STYLE = {"passed": "green", "failed": "red", "error": "red", "skipped": "yellow"}
 _BARS = " ▁▂▃▄▅▆▇█"

@@ -18,8 +18,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from device.enrollment import ClaimBundle
@@ -33,64 +32,18 @@ from fleet.scenario.credentials import ScenarioCredentials
 from fleet.scenario.expectations import Checker, Verdict, Window, await_expectation
 from fleet.scenario.model import Group, Scenario
 from fleet.scenario.population import DeviceCrashed, Endpoint, Member, Population
+from fleet.scenario.results import (
+    ExpectationResult,
+    Listener,
+    ScenarioResult,
+    Target,
+    TimelineEntry,
+)
 from fleet.scenario.steps import ExpectStep
 from fleet.scenario.witness import Witness
 from fleet.store.workspace import Workspace, WorkspacePaths, init_workspace
 
 _EVIDENCE_LINES = 12
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A broker that is not ours to start: ``--target mqtts://HOST:PORT``."""
-
-    host: str
-    port: int
-    server_name: str | None = "localhost"
-
-
-@dataclass
-class TimelineEntry:
-    at_ms: int
-    line: int
-    kind: str
-    text: str
-
-
-@dataclass
-class ExpectationResult:
-    line: int
-    kind: str
-    text: str
-    passed: bool
-    observed: str
-    at_ms: int
-    failures: list[str] = field(default_factory=list)
-    unchecked: list[str] = field(default_factory=list)
-    evidence: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ScenarioResult:
-    name: str
-    path: str
-    status: str  # passed, failed, skipped, error
-    reason: str = ""
-    seconds: float = 0.0
-    timeline: list[TimelineEntry] = field(default_factory=list)
-    expectations: list[ExpectationResult] = field(default_factory=list)
-    messages: dict[str, dict[str, int]] = field(default_factory=dict)  # per group
-    connections_per_second: list[int] = field(default_factory=list)
-    workspace: str | None = None
-    traceback: str | None = None  # when the run itself failed (a defect, not a verdict)
-
-    @property
-    def passed(self) -> bool:
-        return self.status in ("passed", "skipped")
-
-
-# ("step", TimelineEntry), ("expectation", ExpectationResult), ("status", text or None: cleared)
-Listener = Callable[[str, object], None]
 
 
 def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
