@@ -7,14 +7,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 
 from broker.acl import ADMIN_RIGHTS, claim_rights
@@ -22,28 +19,20 @@ from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
 from broker.engine import MqttEngine
 from broker.metrics import BrokerMetrics
-from broker.outcomes import UNABLE_TO_GET_CRL as _UNABLE_TO_GET_CRL
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
-from broker.tls import BrokerError, CrlHistory, build_server_context
+from broker.revocation import LiveRevocation
+from broker.tls import BrokerError
 from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
 from fleet.kernel.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
 from fleet.store.crls import (
-    CrlError,
     CrlState,
-    load_crl,
-    load_issuers,
-    load_retired_key_ids,
-    parse_crls,
 )
 from fleet.store.workspace import WorkspacePaths
 
 log = logging.getLogger("mtls_fleet.broker")
 events_log = logging.getLogger("mtls_fleet.broker.events")
 
-_INVALID_PURPOSE = 26  # X509_V_ERR_INVALID_PURPOSE
-_REVOKED = 23  # X509_V_ERR_CERT_REVOKED
-_CRL_PAST_NEXT_UPDATE = (11, 12)  # X509_V_ERR_CRL_NOT_YET_VALID, X509_V_ERR_CRL_HAS_EXPIRED
 Event = dict[str, Any]
 
 
@@ -61,23 +50,13 @@ class FleetBroker:
         self.events: deque[Event] = deque(maxlen=10_000)
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._issuers = load_issuers(self.paths)
-        self._retired_key_ids = load_retired_key_ids(self.paths)
-        self._crl_history = CrlHistory(self.paths.broker_dir / "crl-seen.json")
-        # The file's identity is taken *before* it is read: a CRL written between the two is
-        # seen as a change by the watcher and loaded, never missed.
-        self._crl_signature: tuple[int, int, int] | None = self._stat_crl()
-        self._crl: CrlState = load_crl(self.paths.crl, self._issuers)
-        problem = self._crl_history.older_than_seen(self._crl)
-        if problem is not None:
-            raise BrokerError(
-                f"{self.paths.crl}: {problem}; refusing to start on an older CRL (an old backup "
-                "restored?): run 'fleet crl publish' to publish a current one"
-            )
-        self._crl_history.record(self._crl)
-        self._crl_fetched: bytes | None = None  # the last CRL fetched from settings.crl_url
-        self._crl_url_reachable = True
-        self.tls_context: SSL.Context = self._build_context(self._crl)
+        self.revocation = LiveRevocation(
+            settings,
+            self.paths,
+            self.metrics,
+            log_event=lambda event, detail: self.log_event(event, None, detail=detail),
+            on_installed=self._close_sessions_revoked_by,
+        )
         self._connections: set[PeerConnection] = set()
         self._by_serial: dict[int, set[PeerConnection]] = {}
         self._sessions: dict[str, PeerConnection] = {}
@@ -85,16 +64,13 @@ class FleetBroker:
         self._event_listeners: list[Callable[[Event], None]] = []
         self._server: asyncio.Server | None = None
         self.engine = MqttEngine(settings.session_limits, on_drop=self.message_dropped)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stale_timer: asyncio.TimerHandle | None = None
         self._stopped = False
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.settings.crl_url:
-            await self._first_crl_from_url(self.settings.crl_url)
+        await self.revocation.prefer_served_crl()
         try:
             self._server = await loop.create_server(
                 lambda: PeerConnection(self),
@@ -110,20 +86,14 @@ class FleetBroker:
         self.port = self._server.sockets[0].getsockname()[1]
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        self._install_crl_metrics(self._crl)
-        self._schedule_staleness(self._crl)
-        self._tasks.append(loop.create_task(self._watch_crl()))
+        self.revocation.begin()
 
     async def stop(self) -> None:
         """Close every connection and forget every session (a second call does nothing)."""
         if self._stopped:
             return
         self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._stale_timer is not None:
-            self._stale_timer.cancel()
+        await self.revocation.stop()
         if self._server is not None:
             self._server.close()
         for peer in list(self._connections):
@@ -156,111 +126,25 @@ class FleetBroker:
         """Connected device id -> the serial of the certificate its session was opened with."""
         return {device_id: peer.serial for device_id, peer in self._sessions.items()}
 
-    # -- TLS context and CRL ----------------------------------------------------------------
+    # -- TLS context and CRL (kept by LiveRevocation) -----------------------------------------
 
-    def _build_context(self, crl: CrlState) -> SSL.Context:
-        """The CRL is always checked; under fail-open the verify callback forgives only its
-        being past nextUpdate, so a known revocation still ends the handshake with the
-        ``certificate_revoked`` alert the device can report."""
-        return build_server_context(self.paths, crl=crl, check_crl=True, verify_callback=_verify)
+    @property
+    def tls_context(self) -> SSL.Context:
+        """The context of new handshakes: rebuilt with each new CRL."""
+        return self.revocation.context
 
     @property
     def forgives_stale_crl(self) -> bool:
-        return self.settings.revocation_policy is RevocationPolicy.FAIL_OPEN
+        return self.revocation.forgives_stale_crl
 
-    def _stat_crl(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.paths.crl)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    async def _watch_crl(self) -> None:
-        """Pick up every new CRL within one poll interval, without a restart."""
-        url = self.settings.crl_url
-        interval = self.settings.crl_url_interval if url else self.settings.crl_poll_interval
-        while True:
-            await asyncio.sleep(interval)
-            data = await (self._fetch_new_crl(url) if url else self._read_new_crl())
-            if data is None:
-                continue
-            try:
-                self._issuers = await asyncio.to_thread(load_issuers, self.paths)  # CA rotation
-                self._retired_key_ids = await asyncio.to_thread(load_retired_key_ids, self.paths)
-                crl = await asyncio.to_thread(
-                    parse_crls, data, self._issuers, source=url or str(self.paths.crl)
-                )
-            except CrlError as exc:
-                log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, exc)
-                self.log_event(BrokerEvent.CRL_REJECTED, None, detail=str(exc))
-                continue
-            problem = self._crl_history.older_than_seen(crl)
-            if problem is not None:
-                log.error("CRL update rejected, keeping CRL #%s: %s", self._crl.number, problem)
-                self.log_event(BrokerEvent.CRL_REJECTED, None, detail=problem)
-                continue
-            await self.install_crl(crl)
-
-    async def _first_crl_from_url(self, url: str) -> None:
-        """Before listening, prefer the served CRL to the workspace file (it may be newer)."""
-        data = await self._fetch_new_crl(url)
-        if data is None:
-            return  # unreachable: start on the file's CRL, logged; the watcher keeps trying
-        try:
-            crl = await asyncio.to_thread(parse_crls, data, self._issuers, source=url)
-        except CrlError as exc:
-            log.error("CRL from %s rejected, starting on CRL #%s: %s", url, self._crl.number, exc)
-            return
-        if crl.number >= self._crl.number and self._crl_history.older_than_seen(crl) is None:
-            self._crl = crl
-            self._crl_history.record(crl)
-            self.tls_context = await asyncio.to_thread(self._build_context, crl)
-
-    async def _read_new_crl(self) -> bytes | None:
-        """The CRL file's content when it changed since the last look, else None."""
-        signature = self._stat_crl()
-        if signature is None or signature == self._crl_signature:
-            return None
-        self._crl_signature = signature
-        try:
-            return await asyncio.to_thread(self.paths.crl.read_bytes)
-        except FileNotFoundError:
-            return None
-
-    async def _fetch_new_crl(self, url: str) -> bytes | None:
-        """The CRL served at ``url`` when it changed since the last fetch, else None.
-
-        An unreachable URL keeps the CRL in force (logged once per outage); its nextUpdate and
-        the revocation policy decide what happens when the outage lasts.
-        """
-        try:
-            data = await asyncio.to_thread(_fetch, url, self.settings.crl_url_interval + 5)
-        except OSError as exc:
-            if self._crl_url_reachable:
-                log.error(
-                    "cannot fetch the CRL from %s (%s); keeping CRL #%s", url, exc, self._crl.number
-                )
-                self.log_event(BrokerEvent.CRL_FETCH_FAILED, None, detail=f"{url}: {exc}")
-            self._crl_url_reachable = False
-            return None
-        if not self._crl_url_reachable:
-            self.log_event(BrokerEvent.CRL_FETCH_RECOVERED, None, detail=url)
-        self._crl_url_reachable = True
-        if data == self._crl_fetched:
-            return None
-        self._crl_fetched = data
-        return data
+    def issued_by_retired_ca(self, leaf: crypto.X509) -> bool:
+        return self.revocation.issued_by_retired_ca(leaf)
 
     async def install_crl(self, crl: CrlState) -> None:
         """Use ``crl`` for new handshakes and close every live session it revokes."""
-        self.tls_context = await asyncio.to_thread(self._build_context, crl)
-        self._crl = crl
-        await asyncio.to_thread(self._crl_history.record, crl)
-        self._install_crl_metrics(crl)
-        self._schedule_staleness(crl)
-        self.log_event(
-            BrokerEvent.CRL_INSTALLED, None, detail=f"CRL #{crl.number}, {len(crl.revoked)} revoked"
-        )
+        await self.revocation.install(crl)
+
+    def _close_sessions_revoked_by(self, crl: CrlState) -> None:
         for serial in crl.revoked & self._by_serial.keys():
             for peer in list(self._by_serial.get(serial, ())):
                 peer.close_by_broker(SessionEnd.REVOKED)
@@ -272,48 +156,6 @@ class FleetBroker:
                     peer.close_by_broker(SessionEnd.ISSUER_RETIRED)
                 elif peer.issuer_key_id in crl.revoked_issuer_keys:
                     peer.close_by_broker(SessionEnd.ISSUER_REVOKED)
-
-    def _install_crl_metrics(self, crl: CrlState) -> None:
-        self.metrics.crl_number.set(crl.number)
-        self.metrics.crl_next_update.set(crl.next_update.timestamp())
-        self.metrics.crl_stale.set(1 if crl.is_stale(dt.datetime.now(dt.UTC)) else 0)
-
-    def _schedule_staleness(self, crl: CrlState) -> None:
-        if self._stale_timer is not None:
-            self._stale_timer.cancel()
-        delay = (crl.next_update - dt.datetime.now(dt.UTC)).total_seconds()
-        loop = asyncio.get_running_loop()
-        self._stale_timer = loop.call_later(max(0.0, delay), self._crl_went_stale, crl)
-
-    def _crl_went_stale(self, crl: CrlState) -> None:
-        if crl is not self._crl:
-            return
-        self.metrics.crl_stale.set(1)
-        policy = self.settings.revocation_policy
-        consequence = (
-            "refusing every new handshake until a fresh CRL is published"
-            if policy is RevocationPolicy.FAIL_CLOSED
-            else "admitting handshakes on the stale CRL (its revocations still refused in the "
-            "handshake)"
-        )
-        log.error(
-            "CRL #%s passed its nextUpdate %s: %s (--revocation-policy %s); run 'fleet crl publish'",
-            crl.number,
-            crl.next_update.isoformat(),
-            consequence,
-            policy.value,
-        )
-        self.log_event(BrokerEvent.CRL_STALE, None, detail=f"policy {policy.value}: {consequence}")
-
-    def issued_by_retired_ca(self, leaf: crypto.X509) -> bool:
-        """Whether ``leaf`` names a retired issuing CA as its issuer (authority key id)."""
-        try:
-            aki = leaf.to_cryptography().extensions.get_extension_for_class(
-                x509.AuthorityKeyIdentifier
-            )
-        except x509.ExtensionNotFound:
-            return False
-        return aki.value.key_identifier in self._retired_key_ids
 
     # -- connections (called by PeerConnection) ---------------------------------------------
 
@@ -343,27 +185,27 @@ class FleetBroker:
 
     def handshake_accepted(self, peer: PeerConnection) -> bool:
         """After a good handshake: the CRL in force now decides, and the stale-CRL policy."""
-        serial = peer.serial
+        serial, crl = peer.serial, self.revocation.crl
         assert serial is not None and peer.issuer is not None
-        if peer.issuer not in self._crl.issuers:
+        if peer.issuer not in crl.issuers:
             # OpenSSL refuses such a chain while it checks CRLs; a fail-open broker must too.
             issuer = peer.issuer.rfc4514_string()
             self.record(peer, Outcome.UNKNOWN_CA, f"issuing CA {issuer} is not trusted (retired?)")
             peer.close()
             return False
-        if serial in self._crl.revoked:
+        if serial in crl.revoked:
             # The handshake began on the context of an older CRL and ended after a newer one
             # was installed: the newer one decides.
-            self.record(peer, Outcome.REVOKED, f"revoked in CRL #{self._crl.number}")
+            self.record(peer, Outcome.REVOKED, f"revoked in CRL #{crl.number}")
             peer.close()
             return False
-        if self._crl.is_stale(dt.datetime.now(dt.UTC)):
+        if crl.is_stale(dt.datetime.now(dt.UTC)):
             if self.settings.revocation_policy is RevocationPolicy.FAIL_CLOSED:
                 # OpenSSL refuses a stale CRL from the next whole second on; we do it exactly.
-                self.record(peer, Outcome.CRL_STALE, f"CRL #{self._crl.number} is past nextUpdate")
+                self.record(peer, Outcome.CRL_STALE, f"CRL #{crl.number} is past nextUpdate")
                 peer.close()
                 return False
-            if serial in self._crl.revoked:
+            if serial in crl.revoked:
                 self.record(
                     peer, Outcome.REVOKED, "revoked in the last known CRL (stale, fail-open)"
                 )
@@ -373,7 +215,7 @@ class FleetBroker:
             self.log_event(
                 BrokerEvent.ADMITTED_STALE_CRL,
                 peer,
-                detail=f"CRL #{self._crl.number} is past nextUpdate",
+                detail=f"CRL #{crl.number} is past nextUpdate",
             )
         self._by_serial.setdefault(serial, set()).add(peer)
         return True
@@ -520,64 +362,3 @@ def _client_id_problem(identity: DeviceIdentity, client_id: str | None) -> str |
     if client_id != expected:
         return f"client id {client_id!r} is not the certificate's {identity.role} id {expected!r}"
     return None
-
-
-def _fetch(url: str, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # settings allow http(s) only
-        data: bytes = response.read(16 * 1024 * 1024)
-        return data
-
-
-def _allows_client_auth(cert: crypto.X509) -> bool:
-    """Whether the leaf has an EKU extension that lists clientAuth (required, not implied)."""
-    try:
-        usage = cert.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage)
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    return ExtendedKeyUsageOID.CLIENT_AUTH in usage.value
-
-
-def _verify(
-    connection: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
-) -> bool:
-    """Remember the leaf and the first error for the logs; the verdict stays a failure.
-
-    OpenSSL stops at the first error it is told about, often at the intermediate (an unknown
-    CA), before the leaf is ever shown. So an error above the leaf is noted and verification
-    allowed to reach the leaf, where the failure is returned. The connection also refuses any
-    handshake that noted an error, should OpenSSL finish without asking about the leaf.
-    """
-    peer = connection.get_app_data()
-    if not isinstance(peer, PeerConnection):
-        return bool(ok)
-    if not ok and errnum in _CRL_PAST_NEXT_UPDATE and peer.broker.forgives_stale_crl:
-        return True  # fail-open: the stale CRL still revokes what it lists
-    if not ok and errnum == _REVOKED and depth > 0:
-        # its issuing CA is on the root's CRL: refused at once, with the certificate_revoked alert
-        peer.verify_code, peer.issuer_revoked = errnum, True
-        return False
-    if depth == 0:
-        peer.leaf = cert
-        if ok and peer.verify_code is None and not _allows_client_auth(cert):
-            # OpenSSL's purpose check lets a leaf without any EKU pass as every purpose.
-            peer.verify_code = _INVALID_PURPOSE
-            return False
-    only_crl_missing = peer.verify_code == _UNABLE_TO_GET_CRL
-    if not ok and (peer.verify_code is None or only_crl_missing):
-        peer.verify_code = errnum
-    if (
-        not ok
-        and errnum == _UNABLE_TO_GET_CRL
-        and depth == 0
-        and peer.verify_code == errnum
-        and not peer.broker.issued_by_retired_ca(cert)
-    ):
-        # OpenSSL checks revocation before signatures and dates: look on, so that a leaf from
-        # an expired intermediate is refused as expired, not as "no CRL for its issuer".
-        # (A retired issuer is refused at once: looking on would end in an internal_error alert.)
-        return True
-    if depth > 0:
-        if not ok and only_crl_missing:
-            return False  # the better reason, with its own alert
-        return True if peer.verify_code is not None else bool(ok)
-    return peer.verify_code is None and bool(ok)

@@ -62,7 +62,7 @@ def test_a_crl_written_while_the_broker_starts_is_loaded(
         revoke_device(workspace, "dev-00001")  # a new CRL lands right after the broker read
         return state
 
-    monkeypatch.setattr("broker.server.load_crl", read_then_revoke)
+    monkeypatch.setattr("broker.revocation.load_crl", read_then_revoke)
     running = BrokerThread(settings_for_tests(workspace))
     try:
         running.wait_for_event(lambda e: e.get("event") == "crl_installed")
