@@ -33,7 +33,8 @@ from fleet.store.provisioning import (
     provision_devices,
     provision_from_csr,
 )
-from fleet.store.registry import ClaimRecord, DeviceRecord, Enrollment, Registry
+from fleet.store.records import ClaimRecord, DeviceRecord, Enrollment
+from fleet.store.registry import Registry
 from fleet.store.revocation import RevocationResult, publish_crl, revoke_device, revoke_devices
 from fleet.store.workspace import (
     Workspace,

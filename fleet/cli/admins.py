@@ -12,7 +12,7 @@ from rich.table import Table
 
 from fleet.cli.support import DirOption, friendly_errors, out
 from fleet.store.admins import create_admin, list_admins, revoke_admin
-from fleet.store.registry import serial_hex
+from fleet.store.records import serial_hex
 from fleet.store.workspace import DEFAULT_DIR, Workspace
 
 admin_app = typer.Typer(

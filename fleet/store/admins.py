@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from fleet.kernel.identity import validate_device_id
-from fleet.store.registry import AdminRecord
+from fleet.store.records import AdminRecord
 from fleet.store.revocation import publish_crl
 from fleet.store.workspace import Workspace, admin_record, issue_admin_bundle
 

@@ -57,7 +57,7 @@ from fleet.kernel.mqtt_api import (
 )
 from fleet.store.claims import allows_id
 from fleet.store.provisioning import provision_from_csr
-from fleet.store.registry import Enrollment, NewDevice
+from fleet.store.records import Enrollment, NewDevice
 from fleet.store.workspace import Workspace
 
 log = logging.getLogger("mtls_fleet.control_plane.requests")

@@ -29,7 +29,7 @@ from fleet.kernel.identity import (
     validate_tier,
 )
 from fleet.kernel.keys import generate_private_key, key_type_of, private_key_pem
-from fleet.store.registry import ClaimRecord
+from fleet.store.records import ClaimRecord
 from fleet.store.revocation import publish_crl
 from fleet.store.workspace import Workspace
 

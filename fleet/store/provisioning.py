@@ -46,7 +46,7 @@ from fleet.kernel.keys import (
 )
 from fleet.kernel.signals import StopRequest, stop_on_signals
 from fleet.store.ca import CertificateAuthority
-from fleet.store.registry import Enrollment, NewDevice
+from fleet.store.records import Enrollment, NewDevice
 from fleet.store.workspace import Workspace
 
 ProgressCallback = Callable[[int, int], None]

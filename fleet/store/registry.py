@@ -14,7 +14,6 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,247 +28,22 @@ from fleet.kernel.errors import (
     WorkspaceError,
 )
 from fleet.store.ca import RevokedEntry
-
-SCHEMA_VERSION = 4
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    id          TEXT PRIMARY KEY,
-    tier        TEXT NOT NULL,
-    env         TEXT NOT NULL,
-    status      TEXT NOT NULL CHECK (status IN ('pending', 'active', 'revoked')),
-    key_source  TEXT NOT NULL CHECK (key_source IN ('generated', 'csr')),
-    serial      TEXT NOT NULL,
-    batch_id    TEXT,
-    created_at  TEXT NOT NULL,
-    updated_at  TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS devices_batch ON devices(batch_id) WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS certificates (
-    serial            TEXT PRIMARY KEY,
-    device_id         TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
-    key_type          TEXT NOT NULL,
-    not_before        TEXT NOT NULL,
-    not_after         TEXT NOT NULL,
-    status            TEXT NOT NULL
-                      CHECK (status IN ('pending', 'active', 'superseded', 'revoked')),
-    issued_at         TEXT NOT NULL,
-    revoked_at        TEXT,
-    revocation_reason TEXT
-);
-CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
-CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates(status) WHERE status = 'revoked';
-CREATE TABLE IF NOT EXISTS claims (
-    name              TEXT PRIMARY KEY,
-    serial            TEXT NOT NULL UNIQUE,
-    tier              TEXT NOT NULL,
-    env               TEXT NOT NULL,
-    allow_ids         TEXT NOT NULL,
-    max_uses          INTEGER NOT NULL CHECK (max_uses > 0),
-    uses              INTEGER NOT NULL DEFAULT 0 CHECK (uses <= max_uses),
-    device_valid_for  REAL NOT NULL,
-    not_after         TEXT NOT NULL,
-    created_at        TEXT NOT NULL,
-    status            TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    revoked_at        TEXT,
-    revocation_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS enrollments (
-    device_id       TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
-    claim           TEXT NOT NULL REFERENCES claims(name),
-    hardware_serial TEXT NOT NULL,
-    request_id      TEXT NOT NULL,
-    enrolled_at     TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS renewal_requests (
-    request_id  TEXT PRIMARY KEY,
-    device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
-    serial      TEXT NOT NULL,
-    answered_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS issuer_revocations (
-    serial            TEXT PRIMARY KEY,
-    subject           TEXT NOT NULL,
-    revoked_at        TEXT NOT NULL,
-    revocation_reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS admins (
-    serial            TEXT PRIMARY KEY,
-    name              TEXT NOT NULL,
-    issued_at         TEXT NOT NULL,
-    not_after         TEXT NOT NULL,
-    status            TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
-    revoked_at        TEXT,
-    revocation_reason TEXT
-);
-"""
-
-
-def format_time(value: dt.datetime) -> str:
-    """Registry timestamps: UTC, second precision, fixed width, so text order is time order."""
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-
-
-def _reason(name: str) -> x509.ReasonFlags:
-    return x509.ReasonFlags[name.replace("-", "_")]
-
-
-def serial_hex(serial: int) -> str:
-    return format(serial, "x")
-
-
-@dataclass(frozen=True, slots=True)
-class NewDevice:
-    """A device about to be recorded, with the certificate it is being issued."""
-
-    device_id: str
-    serial: int
-    tier: str
-    env: str
-    key_type: str
-    key_source: str
-    not_before: dt.datetime
-    not_after: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRecord:
-    """A device as the registry holds it, with its current certificate."""
-
-    device_id: str
-    serial: int
-    tier: str
-    env: str
-    status: str
-    key_source: str
-    key_type: str
-    not_before: dt.datetime
-    not_after: dt.datetime
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    revoked_at: dt.datetime | None
-    revocation_reason: str | None
-
-    def is_expired(self, now: dt.datetime) -> bool:
-        return self.not_after <= now
-
-    def effective_status(self, now: dt.datetime) -> str:
-        """``revoked`` wins over ``expired``, which wins over ``not-yet-valid`` and ``active``."""
-        if self.status == "revoked":
-            return "revoked"
-        if self.is_expired(now):
-            return "expired"
-        if self.not_before > now:
-            return "not-yet-valid"
-        return self.status
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRecord:
-    """A claim: a certificate shared by a batch of new devices, good for enrollment only."""
-
-    name: str
-    serial: int
-    tier: str  # what the devices it enrolls get
-    env: str
-    allow_ids: str  # shell pattern the requested device ids must match, e.g. 'sensor-*'
-    max_uses: int
-    uses: int
-    device_valid_for: dt.timedelta  # lifetime of the certificates it leads to
-    not_after: dt.datetime
-    created_at: dt.datetime
-    status: str = "active"
-    revoked_at: dt.datetime | None = None
-
-    def refusal(self, now: dt.datetime) -> tuple[str, str] | None:
-        """Why this claim cannot enroll anyone now: (reason, message), or None."""
-        if self.status == "revoked":
-            return "claim_revoked", f"claim {self.name!r} was revoked"
-        if self.not_after <= now:
-            return "claim_expired", f"claim {self.name!r} expired at {format_time(self.not_after)}"
-        if self.uses >= self.max_uses:
-            return (
-                "claim_exhausted",
-                f"claim {self.name!r} has used all {self.max_uses} enrollments",
-            )
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class AdminRecord:
-    """One admin certificate: an operator's or the control plane's (``fleet admin``)."""
-
-    name: str
-    serial: int
-    issued_at: dt.datetime
-    not_after: dt.datetime
-    status: str = "active"
-
-
-@dataclass(frozen=True, slots=True)
-class Enrollment:
-    """How a device joined through a claim."""
-
-    device_id: str
-    claim: str
-    hardware_serial: str
-    request_id: str
-    enrolled_at: dt.datetime
-
-
-_CLAIM_COLUMNS = """
-    name, serial, tier, env, allow_ids, max_uses, uses, device_valid_for, not_after, created_at,
-    status, revoked_at
-"""
-
-
-def _claim(row: sqlite3.Row) -> ClaimRecord:
-    return ClaimRecord(
-        name=row[0],
-        serial=int(row[1], 16),
-        tier=row[2],
-        env=row[3],
-        allow_ids=row[4],
-        max_uses=int(row[5]),
-        uses=int(row[6]),
-        device_valid_for=dt.timedelta(seconds=float(row[7])),
-        not_after=parse_time(row[8]),
-        created_at=parse_time(row[9]),
-        status=row[10],
-        revoked_at=parse_time(row[11]) if row[11] else None,
-    )
-
-
-_DEVICE_COLUMNS = """
-    d.id, c.serial, d.tier, d.env, d.status, d.key_source, c.key_type, c.not_before, c.not_after,
-    d.created_at, d.updated_at, c.revoked_at, c.revocation_reason
-"""
-
-
-def _record(row: sqlite3.Row) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row[0],
-        serial=int(row[1], 16),
-        tier=row[2],
-        env=row[3],
-        status=row[4],
-        key_source=row[5],
-        key_type=row[6],
-        not_before=parse_time(row[7]),
-        not_after=parse_time(row[8]),
-        created_at=parse_time(row[9]),
-        updated_at=parse_time(row[10]),
-        revoked_at=parse_time(row[11]) if row[11] else None,
-        revocation_reason=row[12],
-    )
+from fleet.store.records import (
+    CLAIM_COLUMNS,
+    DEVICE_COLUMNS,
+    AdminRecord,
+    ClaimRecord,
+    DeviceRecord,
+    Enrollment,
+    NewDevice,
+    claim_from_row,
+    device_from_row,
+    format_time,
+    parse_time,
+    reason_flag,
+    serial_hex,
+)
+from fleet.store.registry_schema import SCHEMA, SCHEMA_VERSION
 
 
 class Registry:
@@ -302,7 +76,7 @@ class Registry:
         written by an older version, gains the newer tables in one transaction."""
         with self.transaction():
             # executescript() would COMMIT first: run the statements one by one instead.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            for statement in filter(str.strip, SCHEMA.split(";")):
                 self._db.execute(statement)
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
@@ -359,7 +133,7 @@ class Registry:
         with self.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'revocations'").fetchone()
             issuers = [
-                RevokedEntry(int(serial, 16), parse_time(at), _reason(reason))
+                RevokedEntry(int(serial, 16), parse_time(at), reason_flag(reason))
                 for serial, at, reason in db.execute(
                     "SELECT serial, revoked_at, revocation_reason FROM issuer_revocations "
                     "ORDER BY revoked_at, serial"
@@ -497,13 +271,13 @@ class Registry:
 
     def get(self, device_id: str) -> DeviceRecord:
         rows = self._query(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
+            f"SELECT {DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
             "WHERE d.id = ? AND d.status != 'pending'",
             (device_id,),
         )
         if not rows:
             raise UnknownDeviceError(device_id)
-        return _record(rows[0])
+        return device_from_row(rows[0])
 
     def devices(
         self,
@@ -521,11 +295,11 @@ class Registry:
             clauses.append("c.not_after <= ?")
             params.append(format_time(not_after_before))
         rows = self._query(
-            f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
+            f"SELECT {DEVICE_COLUMNS} FROM devices d JOIN certificates c ON c.serial = d.serial "
             f"WHERE {' AND '.join(clauses)} ORDER BY d.id",
             params,
         )
-        return [_record(row) for row in rows]
+        return [device_from_row(row) for row in rows]
 
     def count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM devices WHERE status != 'pending'")[0][0])
@@ -750,7 +524,9 @@ class Registry:
         ).fetchall()
         return [
             RevokedEntry(
-                serial=int(serial, 16), revoked_at=parse_time(revoked_at), reason=_reason(reason)
+                serial=int(serial, 16),
+                revoked_at=parse_time(revoked_at),
+                reason=reason_flag(reason),
             )
             for serial, revoked_at, reason in rows
         ]
@@ -785,20 +561,21 @@ class Registry:
 
     def claims(self) -> list[ClaimRecord]:
         return [
-            _claim(row) for row in self._query(f"SELECT {_CLAIM_COLUMNS} FROM claims ORDER BY name")
+            claim_from_row(row)
+            for row in self._query(f"SELECT {CLAIM_COLUMNS} FROM claims ORDER BY name")
         ]
 
     def claim(self, name: str) -> ClaimRecord:
-        rows = self._query(f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE name = ?", (name,))
+        rows = self._query(f"SELECT {CLAIM_COLUMNS} FROM claims WHERE name = ?", (name,))
         if not rows:
             raise UnknownClaimError(name)
-        return _claim(rows[0])
+        return claim_from_row(rows[0])
 
     def claim_by_serial(self, serial: int) -> ClaimRecord | None:
         rows = self._query(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE serial = ?", (serial_hex(serial),)
+            f"SELECT {CLAIM_COLUMNS} FROM claims WHERE serial = ?", (serial_hex(serial),)
         )
-        return _claim(rows[0]) if rows else None
+        return claim_from_row(rows[0]) if rows else None
 
     def revoke_claim(self, name: str, reason: x509.ReasonFlags, *, now: dt.datetime) -> bool:
         """Revoke a claim (no more enrollments; its certificate goes on the CRL).

@@ -16,7 +16,7 @@ from cryptography import x509
 from fleet.kernel.errors import CertificateError
 from fleet.kernel.files import replace_atomically
 from fleet.kernel.keys import PublicKey, key_type_of
-from fleet.store.registry import NewDevice
+from fleet.store.records import NewDevice
 from fleet.store.workspace import Workspace
 
 

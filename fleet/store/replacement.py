@@ -19,7 +19,7 @@ from cryptography import x509
 from fleet.kernel.identity import validate_device_id
 from fleet.kernel.identity_files import install_identity, recover_identity
 from fleet.kernel.keys import KeyType, generate_private_key, private_key_pem
-from fleet.store.registry import NewDevice
+from fleet.store.records import NewDevice
 from fleet.store.workspace import Workspace
 
 

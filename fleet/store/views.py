@@ -10,7 +10,7 @@ from cryptography import x509
 
 from fleet.kernel.errors import UsageError
 from fleet.store.inspect import describe_certificate
-from fleet.store.registry import ClaimRecord, DeviceRecord
+from fleet.store.records import ClaimRecord, DeviceRecord
 from fleet.store.workspace import Workspace
 
 STATUSES = ("active", "revoked", "expired", "not-yet-valid")

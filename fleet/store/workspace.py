@@ -43,7 +43,8 @@ from fleet.kernel.keys import (
     private_key_pem,
 )
 from fleet.store.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
-from fleet.store.registry import AdminRecord, DeviceRecord, Registry
+from fleet.store.records import AdminRecord, DeviceRecord
+from fleet.store.registry import Registry
 
 DEFAULT_DIR = Path("fleet-data")
 ROOT_VALIDITY = dt.timedelta(days=3650)
