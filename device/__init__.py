@@ -19,7 +19,7 @@ from device.outcomes import (
     classify_tls_failure,
 )
 from device.paho_driver import PahoDriver
-from device.settings import DeviceSettings, DeviceStats
+from device.settings import DeviceBehaviour, DeviceSettings, DeviceStats
 from fleet.kernel.tls import DeviceTls, device_tls, device_tls_context, spki_pin
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "ConnectAttempt",
     "ConnectOutcome",
     "Device",
+    "DeviceBehaviour",
     "DeviceConnection",
     "DeviceSettings",
     "DeviceStats",

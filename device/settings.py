@@ -1,18 +1,42 @@
 """What one simulated device is told (:class:`DeviceSettings`) and what it counts
-(:class:`DeviceStats`)."""
+(:class:`DeviceStats`).
+
+How a device behaves once connected, and how it retries, is declared once
+(:class:`DeviceBehaviour`): a device's settings, a swarm's configuration and a scenario's
+``devices:`` defaults all are one (with their own defaults where they differ).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from device.outcomes import ConnectAttempt
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceBehaviour:
+    """How a device talks once connected, and how it retries (keyword arguments only)."""
+
+    qos: int = 1
+    publish_every: float = 10.0  # seconds between telemetry messages
+    payload_size: int = 64  # bytes of each telemetry message, padded
+    keepalive: int = 60
+    mqtt_version: int = 4  # 4: MQTT 3.1.1, 5: MQTT 5
+    connect_timeout: float = 10.0  # TCP, TLS and CONNACK, each attempt
+    backoff_base: float = 0.5  # exponential backoff with full jitter between attempts
+    backoff_cap: float = 30.0
+
+    def behaviour(self) -> dict[str, Any]:
+        """These fields alone, as keyword arguments (``DeviceSettings(..., **b.behaviour())``)."""
+        return {f.name: getattr(self, f.name) for f in fields(DeviceBehaviour)}
+
+
 @dataclass(frozen=True, slots=True)
-class DeviceSettings:
-    """How one simulated device behaves."""
+class DeviceSettings(DeviceBehaviour):
+    """Who one simulated device is, where it connects, and how it behaves."""
 
     device_id: str
     cert: Path
@@ -21,14 +45,6 @@ class DeviceSettings:
     host: str = "127.0.0.1"
     port: int = 8883
     server_name: str | None = "localhost"
-    qos: int = 1
-    publish_every: float = 10.0
-    payload_size: int = 64
-    keepalive: int = 60
-    mqtt_version: int = 4  # 4: MQTT 3.1.1, 5: MQTT 5
-    connect_timeout: float = 10.0
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
     source_ip: str | None = None
     client_id: str | None = None  # default: the device id (a different one tests spoofing)
     reconnect: bool = True  # False: one session at most, no retry after a refusal or a drop

@@ -25,7 +25,7 @@ from typing import Any
 
 from device.device import Device
 from device.paho_driver import PahoDriver
-from device.settings import DeviceSettings
+from device.settings import DeviceBehaviour, DeviceSettings
 from device.stats import SwarmStats
 from fleet.kernel.errors import CertificateError, FleetError
 from fleet.kernel.signals import stop_on_signals
@@ -36,7 +36,7 @@ ProgressCallback = Callable[[SwarmStats], None]
 
 
 @dataclass(frozen=True, slots=True)
-class SwarmConfig:
+class SwarmConfig(DeviceBehaviour):
     """One shard's work. Paths follow the fleet workspace layout (``devices/<id>/...``)."""
 
     workspace: Path
@@ -46,12 +46,7 @@ class SwarmConfig:
     server_name: str | None = "localhost"
     ramp_per_second: float = 300.0
     max_in_flight: int = 100
-    publish_every: float = 10.0
-    qos: int = 1
-    payload_size: int = 64
     duration: float = 60.0
-    mqtt_version: int = 4
-    connect_timeout: float = 10.0
     source_ips: tuple[str, ...] = ()
     renew_at: float | None = None  # renew over MQTT at this fraction of each lifetime
     pins: tuple[str, ...] = ()  # sha256/BASE64 pins of the broker's key (none: no pinning)
@@ -77,14 +72,10 @@ class Swarm:
             host=c.host,
             port=c.port,
             server_name=c.server_name,
-            qos=c.qos,
-            publish_every=c.publish_every,
-            payload_size=c.payload_size,
-            mqtt_version=c.mqtt_version,
-            connect_timeout=c.connect_timeout,
             source_ip=c.source_ips[index % len(c.source_ips)] if c.source_ips else None,
             renew_at=c.renew_at,
             pins=c.pins,
+            **c.behaviour(),
         )
 
     def snapshot(self) -> SwarmStats:

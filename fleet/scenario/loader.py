@@ -14,8 +14,10 @@ field helpers of :mod:`.fields`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
+from device.settings import DeviceBehaviour
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS
 from fleet.scenario.fields import (
@@ -44,8 +46,8 @@ from fleet.scenario.fields import (
 from fleet.scenario.model import (
     CRL_SOURCES,
     REVOCATION_POLICIES,
+    SCENARIO_DEVICES,
     BrokerSpec,
-    DeviceDefaults,
     Eku,
     Group,
     Issuer,
@@ -168,10 +170,10 @@ def _broker(path: Path, top: Fields) -> BrokerSpec:
     )
 
 
-def _device_defaults(path: Path, top: Fields) -> DeviceDefaults:
+def _device_defaults(path: Path, top: Fields) -> DeviceBehaviour:
     mapping = _mapping(path, top, "devices")
     if mapping is None:
-        return DeviceDefaults()
+        return SCENARIO_DEVICES
     allowed = (
         "publish_every",
         "qos",
@@ -181,16 +183,15 @@ def _device_defaults(path: Path, top: Fields) -> DeviceDefaults:
         "connect_timeout",
     )
     fields = Fields(path, mapping, "devices", allowed)
-    defaults = DeviceDefaults()
-    return DeviceDefaults(
-        publish_every=fields.get("publish_every", as_positive_duration, defaults.publish_every),
-        qos=fields.get("qos", as_qos, defaults.qos),
-        payload_size=fields.get("payload_size", as_count, defaults.payload_size),
-        backoff_base=fields.get("backoff_base", as_positive_duration, defaults.backoff_base),
-        backoff_cap=fields.get("backoff_cap", as_positive_duration, defaults.backoff_cap),
-        connect_timeout=fields.get(
-            "connect_timeout", as_positive_duration, defaults.connect_timeout
-        ),
+    d = SCENARIO_DEVICES
+    return replace(
+        d,
+        publish_every=fields.get("publish_every", as_positive_duration, d.publish_every),
+        qos=fields.get("qos", as_qos, d.qos),
+        payload_size=fields.get("payload_size", as_count, d.payload_size),
+        backoff_base=fields.get("backoff_base", as_positive_duration, d.backoff_base),
+        backoff_cap=fields.get("backoff_cap", as_positive_duration, d.backoff_cap),
+        connect_timeout=fields.get("connect_timeout", as_positive_duration, d.connect_timeout),
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from device.outcomes import REASONS_BY_OUTCOME
+from device.settings import DeviceBehaviour
 
 if TYPE_CHECKING:
     from fleet.scenario.steps import Step
@@ -95,14 +96,10 @@ class BrokerSpec:
     crl_from: str = "file"  # or "control-plane": the broker fetches it from 'fleet serve'
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceDefaults:
-    publish_every: float = 1.0
-    qos: int = 1
-    payload_size: int = 64
-    backoff_base: float = 0.2
-    backoff_cap: float = 2.0
-    connect_timeout: float = 5.0
+# A scenario's devices unless its ``devices:`` says otherwise: quicker than a real fleet's.
+SCENARIO_DEVICES = DeviceBehaviour(
+    publish_every=1.0, backoff_base=0.2, backoff_cap=2.0, connect_timeout=5.0
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +118,7 @@ class Scenario:
     seed: int
     groups: tuple[Group, ...]
     broker: BrokerSpec
-    devices: DeviceDefaults
+    devices: DeviceBehaviour
     steps: tuple[Step, ...]
     timeout: float = 120.0  # the whole scenario, a safety net
     crl_valid_for: float | None = None  # the fresh workspace's CRL lifetime (default 7 days)

@@ -18,12 +18,13 @@ from device import (
     ConnectAttempt,
     ConnectOutcome,
     Device,
+    DeviceBehaviour,
     DeviceSettings,
     DeviceStats,
     PahoDriver,
 )
 from fleet.kernel.errors import FleetError
-from fleet.scenario.model import DeviceDefaults, DeviceState, Group, Selector
+from fleet.scenario.model import DeviceState, Group, Selector
 
 MAX_HANDSHAKES_IN_FLIGHT = 100
 _STOP_TIMEOUT = 15.0  # a device waits up to 3 s for its acks, then for its DISCONNECT to go out
@@ -136,7 +137,7 @@ class Endpoint:
 class Population:
     """Every member of every provisioned group, and the one paho driver they share."""
 
-    def __init__(self, defaults: DeviceDefaults, clock: Callable[[], float]) -> None:
+    def __init__(self, defaults: DeviceBehaviour, clock: Callable[[], float]) -> None:
         self.defaults = defaults
         self.groups: dict[str, list[Member]] = {}
         self._clock = clock
@@ -175,7 +176,6 @@ class Population:
         if member.task is not None and not member.task.done():
             return
         driver, gate = self.connection_resources()
-        d = self.defaults
         settings = DeviceSettings(
             member.device_id,
             member.cert,
@@ -184,18 +184,13 @@ class Population:
             host=endpoint.host,
             port=endpoint.port,
             server_name=endpoint.server_name,
-            qos=d.qos,
-            publish_every=d.publish_every,
-            payload_size=d.payload_size,
-            connect_timeout=d.connect_timeout,
-            backoff_base=d.backoff_base,
-            backoff_cap=d.backoff_cap,
             client_id=member.client_id,
             reconnect=reconnect,
             subscribe_commands=member.group.holds_claim is None,
             renew_at=member.group.auto_renew,
             pins=member.pins,
             present_certificate=member.group.presents_certificate,
+            **self.defaults.behaviour(),
         )
         member.stop = asyncio.Event()
         if member.device is not None:
