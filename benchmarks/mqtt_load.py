@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.packets import encode_length
+from fleet.kernel.tls import device_tls_context
 
 remaining_length = encode_length  # MQTT's variable-length integer [MQTT-2.2.3]
 
@@ -30,9 +31,8 @@ PINGREQ = b"\xc0\x00"
 
 
 def device_context(root_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_cert))
-    context.load_cert_chain(str(cert), str(key))
-    return context
+    """The device's Python ``ssl`` client context, as the kernel builds every client context."""
+    return device_tls_context(root_cert, cert, key, device_id=cert.parent.name)
 
 
 @dataclass
