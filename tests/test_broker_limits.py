@@ -148,7 +148,6 @@ def test_one_claim_certificate_holds_a_bounded_number_of_sessions(
             client.close()
 
 
-@pytest.mark.slow
 def test_a_flood_from_20_devices_is_contained_and_a_paced_device_still_served(
     tmp_path: Path,
 ) -> None:

@@ -74,6 +74,7 @@ def test_a_small_run_with_rejections_reports_consistent_numbers(
     assert not list((bench_dir / "bench").glob("rogue-*"))  # the run's rogue CA is gone
 
 
+@pytest.mark.slow
 def test_resumption_and_a_sweep_then_compare(bench_dir: Path, tmp_path: Path) -> None:
     resumed, swept = tmp_path / "resumed", tmp_path / "swept"
     result = _bench(

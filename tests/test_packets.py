@@ -193,6 +193,7 @@ def fuzz_target(
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+@pytest.mark.slow
 @given(
     prefix=st.sampled_from([b"", b"\x10", mq.connect("dev-00001")]), noise=st.binary(max_size=200)
 )

@@ -216,6 +216,7 @@ def _openssl_pin(cert: Path) -> str:
     return f"sha256/{digest}"
 
 
+@pytest.mark.slow
 def test_pinned_devices_refuse_a_valid_broker_certificate_for_another_key(
     fleet_200: Workspace, our_broker: BrokerThread, tmp_path: Path
 ) -> None:
@@ -240,6 +241,7 @@ def test_pinned_devices_refuse_a_valid_broker_certificate_for_another_key(
     assert bad.returncode == 2 and "--pin: invalid pin 'md5/abc'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_payload_size_reaches_the_wire(fleet_200: Workspace, tmp_path: Path) -> None:
     """A broker that closes links for packets over 1 KiB: 64-byte telemetry passes, 2 KiB
     telemetry gets each session closed at its first publication."""
@@ -259,6 +261,7 @@ def test_payload_size_reaches_the_wire(fleet_200: Workspace, tmp_path: Path) -> 
     assert size > 2048 and str(closed["detail"]).endswith("exceeds the 1024-byte limit")
 
 
+@pytest.mark.slow
 def test_a_swarm_of_short_lived_certificates_renews_itself(
     workspace: Workspace, tmp_path: Path
 ) -> None:
