@@ -32,7 +32,7 @@ from fleet import (
 )
 from fleet.controlplane.server import ControlPlane
 from fleet.kernel.identity import DeviceIdentity
-from fleet.scenario.credentials import ScenarioCredentials
+from fleet.store.testing import rogue_authority
 from tests.broker_support import (
     BrokerThread,
     device_credentials,
@@ -100,7 +100,7 @@ def test_openssl_ocsp_good_then_revoked_then_unknown(
     assert "Response verify OK" in unknown and f"{stray_path}: unknown" in unknown
 
     # a certificate of another CA: this responder is not authorised to answer
-    rogue = ScenarioCredentials(workspace, tmp_path / "rogue").rogue_ca
+    rogue = rogue_authority(workspace)
     rogue_issuer = tmp_path / "rogue-issuer.pem"
     rogue_issuer.write_bytes(rogue.issuing_pem)
     refused = _ocsp(workspace, plane, cert, rogue_issuer)

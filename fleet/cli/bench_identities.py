@@ -21,10 +21,9 @@ from cryptography import x509
 
 from device.handshake_bench import BenchError, Identity
 from fleet.kernel.keys import KeyType
-from fleet.scenario.credentials import ScenarioCredentials
-from fleet.scenario.model import Group, Issuer
 from fleet.store.provisioning import ProvisionSpec, provision_devices
 from fleet.store.revocation import publish_crl
+from fleet.store.testing import issue_devices, rogue_authority
 from fleet.store.workspace import Workspace
 
 REJECT_KINDS = ("revoked", "expired", "rogue-ca")
@@ -107,12 +106,16 @@ def bench_identities(
     directory = tempfile.mkdtemp(prefix="rogue-", dir=scratch)
     try:
         if shares[2]:
-            credentials = ScenarioCredentials(workspace, Path(directory) / "credentials")
-            group = Group(name="hs-rogue", count=shares[2], line=0, issuer=Issuer.ROGUE_CA)
-            identities += [
-                Identity(f.device_id, f.cert, f.key, "rogue-ca")
-                for f in credentials.issue_group(group, now=dt.datetime.now(dt.UTC))
-            ]
+            start = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            rogue = issue_devices(
+                workspace,
+                rogue_authority(workspace),
+                Path(directory) / "credentials",
+                [f"hs-rogue-{n:05d}" for n in range(1, shares[2] + 1)],
+                not_before=start,
+                not_after=start + dt.timedelta(hours=1),
+            )
+            identities += [Identity(f.device_id, f.cert, f.key, "rogue-ca") for f in rogue]
         random.Random(seed).shuffle(identities)
         yield identities
     finally:
