@@ -9,9 +9,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from fleet import Workspace
+from fleet.store.ca import CertificateAuthority
 from fleet.store.testing import (
+    CLIENT_AUTH,
+    DeviceFiles,
     copy_identities,
     expired_intermediate,
     install_broker_certificate,
@@ -40,28 +44,34 @@ def _verify(workspace: Workspace, chain: Path, *, purpose: str = "sslclient") ->
 def test_each_off_fleet_certificate_fails_for_its_own_reason(
     workspace: Workspace, tmp_path: Path
 ) -> None:
-    year = {"not_before": _NOW - dt.timedelta(days=1), "not_after": _NOW + dt.timedelta(days=1)}
-    (fleet_made,) = issue_devices(workspace, workspace.ca, tmp_path / "ok", ["ok-1"], **year)
+    def issue(
+        ca: CertificateAuthority, device_id: str, eku: tuple[ObjectIdentifier, ...] = CLIENT_AUTH
+    ) -> DeviceFiles:
+        (made,) = issue_devices(
+            workspace,
+            ca,
+            tmp_path / device_id,
+            [device_id],
+            not_before=_NOW - dt.timedelta(days=1),
+            not_after=_NOW + dt.timedelta(days=1),
+            extended_key_usage=eku,
+        )
+        return made
+
+    fleet_made = issue(workspace.ca, "ok-1")
     assert _verify(workspace, fleet_made.cert).strip().endswith(": OK")  # the control
 
-    (rogue,) = issue_devices(workspace, rogue_authority(workspace), tmp_path / "r", ["d-1"], **year)
+    rogue = issue(rogue_authority(workspace), "d-1")
     assert "error 20 at 1 depth" in _verify(workspace, rogue.cert)  # the intermediate: unknown
     leaf = x509.load_pem_x509_certificate(rogue.cert.read_bytes())
     real_issuer = workspace.ca.issuing_cert.subject
     assert leaf.issuer == real_issuer  # same names as the fleet's: only the keys differ
 
     old = expired_intermediate(workspace)
-    (stale,) = issue_devices(workspace, old, tmp_path / "x", ["d-2"], **year)
+    stale = issue(old, "d-2")
     assert "error 10 at 1 depth" in _verify(workspace, stale.cert)  # the intermediate expired
 
-    (server_eku,) = issue_devices(
-        workspace,
-        workspace.ca,
-        tmp_path / "e",
-        ["d-3"],
-        extended_key_usage=(x509.ExtendedKeyUsageOID.SERVER_AUTH,),
-        **year,
-    )
+    server_eku = issue(workspace.ca, "d-3", (ExtendedKeyUsageOID.SERVER_AUTH,))
     assert "error 26 at 0 depth" in _verify(workspace, server_eku.cert)  # purpose
 
     for made in (fleet_made, rogue, stale, server_eku):
