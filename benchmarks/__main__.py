@@ -124,7 +124,7 @@ def bench_swarm(base: Path, devices: int, duration: float) -> None:
     console.print(
         _table(
             f"{held.devices:,} simulated devices held on the embedded broker (separate processes), "
-            "ramp 300/s, QoS 1 every 10 s",
+            f"ramp 300/s, QoS 1 every 10 s, for {duration:g} s",
             ["figure", "value", "target"],
             [
                 ["connected at the deadline", f"{held.connected:,}", f"{held.devices:,}"],

@@ -1,0 +1,42 @@
+"""``python -m benchmarks`` as the README shows it, scaled down: the options it documents
+reach the runs (a benchmark's figures are never asserted, only that it ran what was asked)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--dir", str(tmp_path / "bench"), *args],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={"COLUMNS": "200", "PATH": "/usr/sbin:/usr/bin:/bin:/sbin"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_churn_and_held_scale_the_broker_benchmark(tmp_path: Path) -> None:
+    out = _bench(tmp_path, "--only", "broker", "--churn", "40", "--held", "30")
+    churn = re.search(r"│ mtls-fleet broker\s*│\s*(\d+) │\s*(\d+) │", out)
+    assert churn is not None, out
+    assert churn.groups() == ("40", "0")  # 40 connects asked, none failed
+    held = re.findall(r"│ mtls-fleet broker\s*│\s*(\d+) │\s*[\d,]+ │", out)
+    assert "30" in held, out
+
+
+@pytest.mark.slow
+def test_swarm_seconds_and_held_scale_the_swarm_benchmark(tmp_path: Path) -> None:
+    out = _bench(tmp_path, "--only", "swarm", "--held", "30", "--swarm-seconds", "3")
+    title = "30 simulated devices held on the embedded broker (separate processes), ramp 300/s, "
+    assert title + "QoS 1 every 10 s, for 3 s" in " ".join(out.split()), out  # the title wraps
+    connected = re.search(r"│ connected at the deadline\s*│\s*(\d+) │\s*(\d+) │", out)
+    assert connected is not None and connected.groups() == ("30", "30"), out
