@@ -243,4 +243,4 @@ class Population:
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending)
+                await asyncio.wait(pending, timeout=5)  # let them unwind, never hang on one
