@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from fleet.kernel.durations import parse_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import validate_device_id
+from fleet.kernel.lined_yaml import (
+    FileFormatError,
+    LinedMap,
+    LinedSeq,
+    parse_lined_yaml,
+    suggest,
+)
 
 T = TypeVar("T")
 
 
-class ScenarioError(UsageError):
+class ScenarioError(FileFormatError):
     """A scenario file that cannot run as written; the message says where and why."""
-
-    def __init__(self, path: Path, line: int, where: str, problem: str) -> None:
-        self.path = path
-        self.line = line
-        self.where = where
-        super().__init__(f"{path}:{line}: {where}: {problem}")
 
 
 class ScenarioErrors(ScenarioError):
@@ -80,87 +78,26 @@ def reading_on() -> Iterator[None]:
         pass
 
 
-# -- YAML with line numbers -------------------------------------------------------------------
+# -- YAML with line numbers (fleet.kernel.lined_yaml) ----------------------------------------
 
 
-class YamlMap(dict[str, Any]):
-    """A YAML mapping that remembers its line and the line of every key."""
-
-    line: int
-    lines: dict[str, int]
-
-    @classmethod
-    def of(cls, line: int, values: dict[str, Any] | None = None) -> YamlMap:
-        """A mapping written at ``line`` (its keys too), e.g. for a step's shorthand value."""
-        mapping = cls(values or {})
-        mapping.line, mapping.lines = line, dict.fromkeys(mapping, line)
-        return mapping
-
-
-class YamlSeq(list[Any]):
-    line: int
-    lines: list[int]
-
-
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _convert(node: yaml.Node, loader: yaml.SafeLoader, path: Path) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        mapping = YamlMap()
-        mapping.line, mapping.lines = _line(node), {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node)
-            if not isinstance(key, str):
-                raise ScenarioError(path, _line(key_node), str(key), "field names must be text")
-            if key in mapping:
-                raise ScenarioError(path, _line(key_node), key, "given twice")
-            mapping[key] = _convert(value_node, loader, path)
-            mapping.lines[key] = _line(key_node)
-        return mapping
-    if isinstance(node, yaml.SequenceNode):
-        sequence = YamlSeq(_convert(item, loader, path) for item in node.value)
-        sequence.line, sequence.lines = _line(node), [_line(item) for item in node.value]
-        return sequence
-    return loader.construct_object(node)
-
-
-def parse_yaml(path: Path, text: str) -> YamlMap:
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = int(mark.line) + 1 if mark is not None else 1
-        raise ScenarioError(path, line, "YAML", str(exc.problem or exc)) from None
-    finally:
-        loader.dispose()
-    if node is None:
-        raise ScenarioError(path, 1, "file", "empty: a scenario needs name, fleet and steps")
-    document = _convert(node, yaml.SafeLoader(""), path)
-    if not isinstance(document, YamlMap):
-        raise ScenarioError(path, 1, "file", "a scenario is a mapping of name, fleet, steps ...")
-    return document
+def parse_yaml(path: Path, text: str) -> LinedMap:
+    return parse_lined_yaml(
+        path,
+        text,
+        error=ScenarioError,
+        empty="empty: a scenario needs name, fleet and steps",
+        not_a_mapping="a scenario is a mapping of name, fleet, steps ...",
+    )
 
 
 # -- field access with errors that point at the file -----------------------------------------
 
 
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """The nearest valid name: one that holds the word whole (``revoked`` in
-    ``certificate_revoked``), else the closest spelling."""
-    options = [str(c) for c in choices]
-    word = word.strip().replace(" ", "_")  # 'not authorized' was meant as not_authorized
-    holding = sorted((c for c in options if word and word in c), key=len)
-    close = holding[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 class Fields:
     """One mapping of the file, read field by field; unknown fields are errors."""
 
-    def __init__(self, path: Path, mapping: YamlMap, where: str, allowed: Iterable[str]) -> None:
+    def __init__(self, path: Path, mapping: LinedMap, where: str, allowed: Iterable[str]) -> None:
         self.path, self.mapping, self.where = path, mapping, where
         allowed = tuple(allowed)
         for key in mapping:
@@ -289,8 +226,8 @@ def as_qos(value: Any) -> int:
     return int(value)
 
 
-def as_sequence(value: Any) -> YamlSeq:
-    if not isinstance(value, YamlSeq):
+def as_sequence(value: Any) -> LinedSeq:
+    if not isinstance(value, LinedSeq):
         raise ValueError("expected a list")
     return value
 

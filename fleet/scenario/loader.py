@@ -20,11 +20,11 @@ from pathlib import Path
 from device.settings import DeviceBehaviour
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS
+from fleet.kernel.lined_yaml import LinedMap, suggest
 from fleet.scenario.fields import (
     Fields,
     ScenarioError,
     ScenarioErrors,
-    YamlMap,
     as_count,
     as_flag,
     as_fraction,
@@ -41,7 +41,6 @@ from fleet.scenario.fields import (
     one_or_all,
     parse_yaml,
     reading_on,
-    suggest,
 )
 from fleet.scenario.model import (
     CRL_SOURCES,
@@ -108,7 +107,7 @@ def load_scenario(path: Path) -> Scenario:
     return scenario
 
 
-def _scenario(path: Path, document: YamlMap) -> Scenario:
+def _scenario(path: Path, document: LinedMap) -> Scenario:
     top = Fields(path, document, "scenario", _TOP_FIELDS)
     name = ""
     with reading_on():
@@ -144,11 +143,11 @@ def _scenario(path: Path, document: YamlMap) -> Scenario:
     )
 
 
-def _mapping(path: Path, parent: Fields, key: str) -> YamlMap | None:
+def _mapping(path: Path, parent: Fields, key: str) -> LinedMap | None:
     value = parent.mapping.get(key)
     if value is None:
         return None
-    if not isinstance(value, YamlMap):
+    if not isinstance(value, LinedMap):
         raise parent.error(key, "expected a mapping of fields")
     return value
 
@@ -205,7 +204,7 @@ def _groups(path: Path, top: Fields) -> tuple[tuple[Group, ...], set[str]]:
     broken: set[str] = set()
     for index, item in enumerate(raw):
         where = f"fleet[{index}]"
-        if not isinstance(item, YamlMap):
+        if not isinstance(item, LinedMap):
             note_error(
                 ScenarioError(
                     path, raw.lines[index], where, "a group is a mapping (name, count, ...)"
@@ -221,7 +220,7 @@ def _groups(path: Path, top: Fields) -> tuple[tuple[Group, ...], set[str]]:
     return tuple(groups.values()), broken
 
 
-def _group(path: Path, item: YamlMap, where: str, groups: dict[str, Group]) -> None:
+def _group(path: Path, item: LinedMap, where: str, groups: dict[str, Group]) -> None:
     """Read one group into ``groups``, or raise its first error."""
     fields = Fields(path, item, where, _GROUP_FIELDS)
     name = fields.required("name", as_group_name)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fleet.kernel.lined_yaml import LinedMap, suggest
 from fleet.scenario.fields import (
     AlreadyReported,
     Fields,
     ScenarioError,
-    YamlMap,
-    suggest,
 )
 from fleet.scenario.model import Group, Selector
 
@@ -102,7 +101,7 @@ class StepReader:
 
     def read(self, item: Any, line: int, where: str) -> Step:
         kinds = step_kinds()
-        if not isinstance(item, YamlMap) or len(item) != 1:
+        if not isinstance(item, LinedMap) or len(item) != 1:
             raise ScenarioError(
                 self.path,
                 line,
@@ -120,11 +119,11 @@ class StepReader:
             )
         where = f"{where}.{kind}"
         if body is None:
-            body = YamlMap.of(line)
-        if not isinstance(body, YamlMap):
+            body = LinedMap.of(line)
+        if not isinstance(body, LinedMap):
             if step_class.shorthand is None:
                 raise ScenarioError(self.path, line, where, "expected a mapping of fields")
-            body = YamlMap.of(line, {step_class.shorthand: body})
+            body = LinedMap.of(line, {step_class.shorthand: body})
         fields = Fields(self.path, body, where, step_class.fields)
         return step_class.read(self, fields, line)
 

@@ -10,17 +10,16 @@ from typing import TYPE_CHECKING
 from device.enrollment import ENROLLMENT_FAILURES
 from device.outcomes import REASONS_BY_OUTCOME
 from fleet.kernel.broker_reasons import DEVICE_REASONS, BrokerEvent
+from fleet.kernel.lined_yaml import LinedMap, suggest
 from fleet.scenario.fields import (
     Fields,
     ScenarioError,
-    YamlMap,
     as_count,
     as_duration,
     as_flag,
     as_positive_duration,
     note_error,
     one_of,
-    suggest,
 )
 from fleet.scenario.model import DEVICE_SIGHTINGS, DeviceState, Selector
 from fleet.scenario.steps.base import Step, StepReader
@@ -96,7 +95,7 @@ class ExpectStep(Step):
             broker_event=fields.get("broker_event", one_of(BrokerEvent), None),
             enrollment=(
                 None
-                if isinstance(fields.mapping.get("enrollment"), YamlMap)
+                if isinstance(fields.mapping.get("enrollment"), LinedMap)
                 else fields.get("enrollment", one_of(ENROLLMENT_OUTCOMES), None)
             ),
             enrollment_counts=_enrollment_counts(reader, fields),
@@ -153,7 +152,7 @@ def _enrollment_counts(reader: StepReader, fields: Fields) -> tuple[tuple[str, i
     """``enrollment: {enrolled: 3, claim_exhausted: 2}``: an outcome, or a refusal or
     failure reason alone when only one outcome carries it, with its exact count."""
     value = fields.mapping.get("enrollment")
-    if not isinstance(value, YamlMap):
+    if not isinstance(value, LinedMap):
         return None
     counts: dict[str, int] = {}
     for key, count in value.items():
@@ -214,7 +213,7 @@ class WaitStep(Step):
                 raise fields.error("timeout", "'timeout' goes with 'until', not with 'for'")
             return WaitStep(line, seconds=fields.required("for", as_duration))
         body = fields.mapping["until"]
-        if not isinstance(body, YamlMap):
+        if not isinstance(body, LinedMap):
             raise fields.error("until", "expected an expectation mapping (devices, state, ...)")
         until_fields = Fields(reader.path, body, f"{fields.where}.until", ExpectStep.fields)
         expectation = ExpectStep.read(reader, until_fields, fields.line("until"))

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fleet.kernel.lined_yaml import suggest
 from fleet.scenario.credentials import DeviceFiles, broker_pin
 from fleet.scenario.fields import (
     AlreadyReported,
@@ -18,7 +19,6 @@ from fleet.scenario.fields import (
     as_qos,
     as_rate,
     as_text,
-    suggest,
 )
 from fleet.scenario.model import Group, Selector
 from fleet.scenario.population import Member
