@@ -1,14 +1,9 @@
-"""Topic rights by tier, and the filter-coverage rule that keeps wildcards from leaking.
+"""Topic rights, and the filter-coverage rule that keeps wildcards from leaking.
 
-Every device may publish and subscribe under ``devices/<own id>/#`` and subscribe to
-``fleet/broadcast/#``. On top of that:
-
-* ``silver`` may also subscribe to every device's telemetry, ``devices/+/telemetry``;
-* ``gold`` has silver's rights, may publish to ``fleet/broadcast/#`` and may send commands to
-  any device, ``devices/+/commands``.
-
-Every device may also use its renewal topics (``$fleet/renew/<own id>/request`` to publish,
-``.../reply`` to subscribe). A *claim* certificate gets its own enrollment request's two topics
+A device's rights come from the access policy (:mod:`broker.policy`; by default the tier
+model: every device its own ``devices/<id>/#``, ``fleet/broadcast/#`` and its renewal topics,
+silver also ``devices/+/telemetry``, gold also publishes broadcasts and commands). A *claim*
+certificate gets its own enrollment request's two topics
 and nothing else; the *admin* (the control plane) gets every request topic to read and every
 reply topic to write (see :mod:`fleet.kernel.mqtt_api`).
 
@@ -22,14 +17,11 @@ from dataclasses import dataclass
 
 from fleet.kernel.mqtt_api import (
     PROVISION,
-    RENEW,
     REPLY_PUBLICATIONS,
     REQUEST_SUBSCRIPTIONS,
     reply_topic,
     request_topic,
 )
-
-TIER_ORDER = ("bronze", "silver", "gold")
 
 
 def _levels(text: str) -> list[str]:
@@ -84,19 +76,6 @@ class TopicRights:
 
     def may_receive(self, topic: str) -> bool:
         return any(topic_matches(pattern, topic) for pattern in self.subscribe)
-
-
-def rights_for(device_id: str, tier: str) -> TopicRights:
-    """The rights of ``device_id`` at ``tier`` (see the module docstring)."""
-    own = f"devices/{device_id}/#"
-    publish = [own, request_topic(RENEW, device_id)]
-    subscribe = [own, "fleet/broadcast/#", reply_topic(RENEW, device_id)]
-    rank = TIER_ORDER.index(tier)
-    if rank >= 1:
-        subscribe.append("devices/+/telemetry")
-    if rank >= 2:
-        publish += ["fleet/broadcast/#", "devices/+/commands"]
-    return TopicRights(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
 def claim_rights(request_id: str) -> TopicRights:

@@ -59,6 +59,7 @@ class BrokerSettings:
     max_claim_sessions: int = 1000  # live sessions one claim certificate may hold at once
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
     log_connections: bool = False  # also one event per admitted session and per session end
+    policy: Path | None = None  # the access policy file (None: broker.policy.DEFAULT_POLICY)
 
     def __post_init__(self) -> None:
         if self.env is not None and self.env not in ENVIRONMENTS:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 from OpenSSL import SSL
 
-from broker.acl import NO_RIGHTS, TopicRights, rights_for
+from broker.acl import NO_RIGHTS, TopicRights
 from broker.outcomes import (
     BrokerEvent,
     Outcome,
@@ -253,9 +253,7 @@ class PeerConnection(asyncio.Protocol):
         self._valid_until = valid_until(certificate)
         self.leaf = None
         self.rights = (  # a claim's or the admin's rights are set at CONNECT
-            rights_for(self.identity.device_id, self.identity.tier)
-            if self.identity.role == DEVICE
-            else NO_RIGHTS
+            self.broker.policy.rights(self.identity) if self.identity.role == DEVICE else NO_RIGHTS
         )
         if self._seconds_left() <= 0:  # expired while OpenSSL's check gave way to this one
             self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")

@@ -21,6 +21,7 @@ from broker.engine import MqttEngine
 from broker.metrics import BrokerMetrics
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
+from broker.policy import DEFAULT_POLICY, load_policy
 from broker.revocation import LiveRevocation
 from broker.tls import BrokerError
 from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
@@ -50,6 +51,7 @@ class FleetBroker:
         self.events: deque[Event] = deque(maxlen=10_000)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.policy = load_policy(settings.policy) if settings.policy else DEFAULT_POLICY
         self.revocation = LiveRevocation(
             settings,
             self.paths,

@@ -14,6 +14,7 @@ from fleet.cli.authority import ca_app, crl_app
 from fleet.cli.claims import claim_app, enroll
 from fleet.cli.devices import export, inventory, renew, revoke, show
 from fleet.cli.loadtest import bench_app, swarm
+from fleet.cli.policy import policy_app
 from fleet.cli.provisioning import provision
 from fleet.cli.scenarios import scenario_app
 from fleet.cli.servers import broker_command, serve
@@ -31,6 +32,7 @@ app.add_typer(claim_app, name="claim")
 app.add_typer(admin_app, name="admin")
 app.add_typer(bench_app, name="bench")
 app.add_typer(scenario_app, name="scenario")
+app.add_typer(policy_app, name="policy")
 _COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, init),
     (None, provision),

@@ -121,6 +121,13 @@ def broker_command(
     max_claim_sessions: Annotated[
         int, typer.Option(help="Live sessions one claim certificate may hold at once.")
     ] = 1000,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Access policy (YAML rules granting topics); default: the tier model.",
+        ),
+    ] = None,
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
@@ -148,8 +155,18 @@ def broker_command(
         max_queued_messages=max_queued_messages,
         max_inflight_messages=max_inflight_messages,
         max_claim_sessions=max_claim_sessions,
+        policy=policy_file,
     )
+    if policy_file is not None:
+        from broker.policy import load_policy
+
+        load_policy(policy_file)  # a bad file is named before anything starts
     if emit_mosquitto_conf is not None:
+        if policy_file is not None:
+            raise UsageError(
+                "--emit-mosquitto-conf cannot carry --policy yet: the emitted Mosquitto config "
+                "enforces the certificates but holds no topic rights (no acl_file)"
+            )
         emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port, limits=settings)
         out.print(f"wrote {emit_mosquitto_conf}: mosquitto -c {emit_mosquitto_conf}")
         return

@@ -1,0 +1,287 @@
+"""The access policy: which topics a device may publish and subscribe to, as data.
+
+A policy is a YAML file of rules. Each rule matches devices by the attributes their certificate
+carries (tier, environment, id pattern, trust domain) and grants topic filters, ``{id}`` standing
+for the device's own id; a device's rights are every grant of every rule that matches it. A
+subscription is granted only when *every* topic its filter can match is granted (see
+:func:`broker.acl.filter_covers`). The broker without ``--policy`` uses :data:`DEFAULT_POLICY`,
+which is the tier model (bronze, silver, gold) written as rules.
+
+Claim certificates (their enrollment topics only) and the control plane's admin certificate
+(the request and reply topics) keep their fixed rights: they are the protocol, not policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.acl import TopicRights, filter_covers, topic_matches
+from fleet.kernel.identity import ENVIRONMENTS, TIERS, DeviceIdentity
+from fleet.kernel.lined_yaml import FileFormatError, LinedMap, LinedSeq, parse_lined_yaml, suggest
+
+MAX_RULES = 1000
+MAX_FILTERS = 100  # per rule and action
+MAX_FILTER_LENGTH = 1024
+ID = "{id}"
+
+_RULE_FIELDS = ("name", "match", "publish", "subscribe")
+_MATCH_FIELDS = ("tier", "env", "id", "trust_domain")
+ACTIONS = ("publish", "subscribe")
+
+
+class PolicyError(FileFormatError):
+    """An access policy file that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Devices whose attributes match get ``publish`` and ``subscribe`` (``{id}``: their id)."""
+
+    name: str
+    line: int
+    tiers: tuple[str, ...] = ()  # empty: any
+    envs: tuple[str, ...] = ()
+    id_patterns: tuple[str, ...] = ()  # shell-style: sensor-*, pump-00??
+    trust_domains: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+    def mismatch(self, identity: DeviceIdentity) -> str | None:
+        """Which attribute keeps ``identity`` out of this rule (None: it matches)."""
+        checks = (
+            ("tier", identity.tier, self.tiers, lambda value, allowed: value in allowed),
+            ("env", identity.env, self.envs, lambda value, allowed: value in allowed),
+            ("id", identity.device_id, self.id_patterns, _any_glob),
+            ("trust_domain", identity.trust_domain, self.trust_domains, lambda v, a: v in a),
+        )
+        for name, value, allowed, test in checks:
+            if allowed and not test(value, allowed):
+                return f"{name} is {value!r}, the rule wants {' or '.join(allowed)}"
+        return None
+
+    def granted(self, action: str, device_id: str) -> tuple[str, ...]:
+        filters = self.publish if action == "publish" else self.subscribe
+        return tuple(f.replace(ID, device_id) for f in filters)
+
+
+def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Why a device may or may not publish (or subscribe to) a topic."""
+
+    allowed: bool
+    rule: str | None  # the rule that grants it
+    granted_by: str | None  # the filter, {id} replaced, that grants it
+    reasons: tuple[str, ...]  # for a refusal: each rule and why it does not grant
+
+    def text(self) -> str:
+        if self.allowed:
+            return f"allowed by rule {self.rule!r} ({self.granted_by})"
+        return "refused: no rule grants it\n" + "\n".join(f"  {r}" for r in self.reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    rules: tuple[Rule, ...]
+    source: str  # the file it came from, or "the default policy"
+
+    def rights(self, identity: DeviceIdentity) -> TopicRights:
+        """Every grant of every rule matching ``identity``, in rule order, each filter once."""
+        publish: dict[str, None] = {}
+        subscribe: dict[str, None] = {}
+        for rule in self.rules:
+            if rule.mismatch(identity) is None:
+                publish.update(dict.fromkeys(rule.granted("publish", identity.device_id)))
+                subscribe.update(dict.fromkeys(rule.granted("subscribe", identity.device_id)))
+        return TopicRights(publish=tuple(publish), subscribe=tuple(subscribe))
+
+    def explain(self, identity: DeviceIdentity, action: str, topic: str) -> Decision:
+        """Which rule lets ``identity`` publish to (or subscribe to) ``topic``, or why none does."""
+        grants: Callable[[str, str], bool] = topic_matches if action == "publish" else filter_covers
+        reasons = []
+        for rule in self.rules:
+            mismatch = rule.mismatch(identity)
+            if mismatch is not None:
+                reasons.append(f"rule {rule.name!r} (line {rule.line}): {mismatch}")
+                continue
+            for granted in rule.granted(action, identity.device_id):
+                if grants(granted, topic):
+                    return Decision(True, rule.name, granted, ())
+            shown = ", ".join(rule.granted(action, identity.device_id)) or "nothing"
+            reasons.append(f"rule {rule.name!r} (line {rule.line}) matches; it grants {shown}")
+        return Decision(False, None, None, tuple(reasons))
+
+
+# -- reading a policy file ----------------------------------------------------------------------
+
+
+def load_policy(path: Path) -> AccessPolicy:
+    """Read and check ``path``; :class:`PolicyError` names file, line and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(path, 1, "file", f"cannot read the policy ({exc})") from None
+    return parse_policy(text, path)
+
+
+def parse_policy(text: str, path: Path) -> AccessPolicy:
+    document = parse_lined_yaml(
+        path,
+        text,
+        error=PolicyError,
+        empty="empty: a policy is a mapping with 'rules'",
+        not_a_mapping="a policy is a mapping with 'rules'",
+    )
+    reader = _Reader(path)
+    reader.only(document, "policy", ("rules",))
+    rules = document.get("rules")
+    if not isinstance(rules, LinedSeq) or not rules:
+        raise PolicyError(path, document.lines.get("rules", 1), "rules", "give a list of rules")
+    if len(rules) > MAX_RULES:
+        raise PolicyError(path, rules.line, "rules", f"more than {MAX_RULES} rules")
+    read = [reader.rule(item, rules.lines[i], f"rules[{i}]") for i, item in enumerate(rules)]
+    names: dict[str, int] = {}
+    for rule in read:
+        if rule.name in names:
+            raise PolicyError(
+                path,
+                rule.line,
+                "name",
+                f"rule {rule.name!r} is defined twice (line {names[rule.name]})",
+            )
+        names[rule.name] = rule.line
+    return AccessPolicy(tuple(read), str(path))
+
+
+class _Reader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, line: int, where: str, problem: str) -> PolicyError:
+        return PolicyError(self.path, line, where, problem)
+
+    def only(self, mapping: LinedMap, where: str, allowed: tuple[str, ...]) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise self.fail(
+                    mapping.lines[key],
+                    where,
+                    f"unknown field {key!r}{suggest(key, allowed)}; valid fields: "
+                    + ", ".join(allowed),
+                )
+
+    def rule(self, item: Any, line: int, where: str) -> Rule:
+        if not isinstance(item, LinedMap):
+            raise self.fail(line, where, "a rule is a mapping of name, match, publish, subscribe")
+        self.only(item, where, _RULE_FIELDS)
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(
+                item.lines.get("name", item.line), f"{where}.name", "give the rule a name"
+            )
+        where = f"{where} ({name})"
+        match = item.get("match", LinedMap.of(item.line))
+        if not isinstance(match, LinedMap):
+            raise self.fail(item.lines["match"], f"{where}.match", "expected a mapping")
+        self.only(match, f"{where}.match", _MATCH_FIELDS)
+        publish, subscribe = (self.filters(item, action, where) for action in ACTIONS)
+        if not publish and not subscribe:
+            raise self.fail(item.line, where, "grants nothing: give publish or subscribe filters")
+        return Rule(
+            name=name.strip(),
+            line=item.line,
+            tiers=self.choices(match, "tier", TIERS, where),
+            envs=self.choices(match, "env", ENVIRONMENTS, where),
+            id_patterns=self.texts(match, "id", where),
+            trust_domains=self.texts(match, "trust_domain", where),
+            publish=publish,
+            subscribe=subscribe,
+        )
+
+    def texts(self, mapping: LinedMap, key: str, where: str) -> tuple[str, ...]:
+        if key not in mapping:
+            return ()
+        value = mapping[key]
+        values = list(value) if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise self.fail(mapping.lines[key], f"{where}.match.{key}", "expected text or a list")
+        return tuple(v.strip() for v in values)
+
+    def choices(
+        self, mapping: LinedMap, key: str, allowed: Iterable[str], where: str
+    ) -> tuple[str, ...]:
+        values = self.texts(mapping, key, where)
+        options = tuple(allowed)
+        for value in values:
+            if value not in options:
+                raise self.fail(
+                    mapping.lines[key],
+                    f"{where}.match.{key}",
+                    f"{value!r} is not one of {', '.join(options)}{suggest(value, options)}",
+                )
+        return values
+
+    def filters(self, rule: LinedMap, action: str, where: str) -> tuple[str, ...]:
+        if action not in rule:
+            return ()
+        value = rule[action]
+        line = rule.lines[action]
+        if not isinstance(value, list) or len(value) > MAX_FILTERS:
+            raise self.fail(
+                line, f"{where}.{action}", f"expected a list of at most {MAX_FILTERS} topic filters"
+            )
+        for index, topic_filter in enumerate(value):
+            problem = filter_problem(topic_filter)
+            if problem is not None:
+                item_line = value.lines[index] if isinstance(value, LinedSeq) else line
+                raise self.fail(item_line, f"{where}.{action}[{index}]", problem)
+        return tuple(value)
+
+
+def filter_problem(topic_filter: object) -> str | None:
+    """Why ``topic_filter`` is not a valid MQTT topic filter (``{id}`` allowed as a level's
+    text), or None."""
+    if not isinstance(topic_filter, str) or not topic_filter:
+        return f"expected a topic filter such as 'devices/{ID}/#', got {topic_filter!r}"
+    if len(topic_filter) > MAX_FILTER_LENGTH or "\x00" in topic_filter:
+        return f"{topic_filter[:40]!r}: too long or holds NUL"
+    if "{" in topic_filter.replace(ID, "") or "}" in topic_filter.replace(ID, ""):
+        return f"{topic_filter!r}: the only placeholder is {ID}"
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return f"{topic_filter!r}: '#' must be a whole level, and the last"
+        if "+" in level and level != "+":
+            return f"{topic_filter!r}: '+' must be a whole level"
+    return None
+
+
+# -- the default: the tier model, as rules -------------------------------------------------------
+
+DEFAULT_POLICY_YAML = """\
+# mtls-fleet's default access policy: the tier model (bronze < silver < gold).
+rules:
+  - name: own-topics            # every device: its own subtree, broadcasts, its renewal topics
+    publish: ["devices/{id}/#", "$fleet/renew/{id}/request"]
+    subscribe: ["devices/{id}/#", "fleet/broadcast/#", "$fleet/renew/{id}/reply"]
+  - name: read-telemetry        # silver and gold read every device's telemetry
+    match: {tier: [silver, gold]}
+    subscribe: ["devices/+/telemetry"]
+  - name: broadcast-and-command # gold broadcasts and sends commands to any device
+    match: {tier: gold}
+    publish: ["fleet/broadcast/#", "devices/+/commands"]
+"""
+
+DEFAULT_POLICY = parse_policy(DEFAULT_POLICY_YAML, Path("<default policy>"))
+
+
+def rights_for(device_id: str, tier: str, env: str = "prod") -> TopicRights:
+    """The rights the default policy gives a device of ``tier`` (in ``env``)."""
+    return DEFAULT_POLICY.rights(DeviceIdentity(device_id, tier, env, "fleet.local"))

@@ -1,0 +1,233 @@
+"""The access policy as data: the default is the tier model, a custom file grants what it says
+through a real broker (and nothing else, to anyone else), errors name file, line and field."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tests.mqtt_raw as mq
+from broker import DEFAULT_POLICY, PolicyError, rights_for
+from broker.policy import filter_problem, parse_policy
+from fleet import ProvisionSpec, Workspace, provision_devices
+from fleet.kernel.identity import DeviceIdentity
+from tests.broker_support import BrokerThread, device_credentials, settings_for_tests
+from tests.conftest import fleet_command
+
+SUBACK = 9
+PLANT = """\
+rules:
+  - name: own-topics
+    publish: ["devices/{id}/#"]
+    subscribe: ["devices/{id}/#"]
+  - name: plant-operators
+    match: {tier: [silver, gold], env: prod, id: "op-*"}
+    publish: ["plant/{id}/status"]
+    subscribe: ["plant/+/alarms"]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _identity(device_id: str, tier: str = "bronze", env: str = "prod") -> DeviceIdentity:
+    return DeviceIdentity(device_id, tier, env, "fleet.local")
+
+
+def test_the_default_policy_is_the_tier_model() -> None:
+    assert [r.name for r in DEFAULT_POLICY.rules] == [
+        "own-topics",
+        "read-telemetry",
+        "broadcast-and-command",
+    ]
+    gold = rights_for("g-1", "gold")
+    assert gold.publish == (
+        "devices/g-1/#",
+        "$fleet/renew/g-1/request",
+        "fleet/broadcast/#",
+        "devices/+/commands",
+    )
+    assert gold.subscribe == (
+        "devices/g-1/#",
+        "fleet/broadcast/#",
+        "$fleet/renew/g-1/reply",
+        "devices/+/telemetry",
+    )
+
+
+def test_rules_match_by_attributes_and_explain_why(tmp_path: Path) -> None:
+    policy = parse_policy(PLANT, tmp_path / "plant.yaml")
+    operator = _identity("op-7", tier="silver")
+    assert policy.rights(operator).may_subscribe("plant/+/alarms")
+    assert policy.rights(operator).may_publish("plant/op-7/status")
+    assert not policy.rights(operator).may_publish("plant/op-8/status")
+    allowed = policy.explain(operator, "subscribe", "plant/+/alarms")
+    assert (allowed.allowed, allowed.rule, allowed.granted_by) == (
+        True,
+        "plant-operators",
+        "plant/+/alarms",
+    )
+    for bystander, why in [
+        (_identity("op-8", tier="bronze"), "tier is 'bronze', the rule wants silver or gold"),
+        (_identity("op-9", tier="gold", env="dev"), "env is 'dev', the rule wants prod"),
+        (_identity("pump-1", tier="gold"), "id is 'pump-1', the rule wants op-*"),
+    ]:
+        refused = policy.explain(bystander, "subscribe", "plant/+/alarms")
+        assert not refused.allowed and not policy.rights(bystander).may_subscribe("plant/+/alarms")
+        assert f"rule 'plant-operators' (line 5): {why}" in refused.reasons
+        assert any(r.startswith("rule 'own-topics' (line 2) matches") for r in refused.reasons)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "where", "problem"),
+    [
+        ("rules:\n  - name: a\n    subscibe: [x]\n", 3, "rules[0]", "'subscibe' (did you mean 'subscribe'?)"),
+        ("rules:\n  - name: a\n    match: {tier: golden}\n    publish: [x]\n", 3, "rules[0] (a).match.tier", "(did you mean 'gold'?)"),
+        ("rules:\n  - name: a\n    publish:\n      - x\n      - a/#/b\n", 5, "rules[0] (a).publish[1]", "'#' must be a whole level, and the last"),
+        ("rules:\n  - name: a\n    publish: ['x/{device}']\n", 3, "rules[0] (a).publish[0]", "the only placeholder is {id}"),
+        ("rules:\n  - name: a\n    publish: [x]\n  - name: a\n    publish: [y]\n", 4, "name", "defined twice (line 2)"),
+        ("rules:\n  - name: a\n", 2, "rules[0] (a)", "grants nothing"),
+        ("rule: []\n", 1, "policy", "(did you mean 'rules'?)"),
+    ],
+)  # fmt: skip
+def test_errors_name_file_line_and_field(
+    tmp_path: Path, text: str, line: int, where: str, problem: str
+) -> None:
+    path = _write(tmp_path, text)
+    checked = subprocess.run(
+        fleet_command("policy", "check", path), capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    message = " ".join(checked.stderr.split())
+    assert f"{path}:{line}: {where}: " in message and problem in message, message
+
+
+@given(st.text(max_size=400))
+def test_any_text_is_a_policy_or_a_policy_error(text: str) -> None:
+    try:
+        policy = parse_policy(text, Path("p.yaml"))
+    except PolicyError as error:
+        assert str(error).startswith("p.yaml:")
+    else:
+        assert policy.rules
+
+
+_LEVEL = st.sampled_from(["a", "b", "{id}", "+", "devices", "x-1"])
+
+
+@given(
+    granted=st.lists(
+        st.lists(_LEVEL, min_size=1, max_size=4).map("/".join), min_size=1, max_size=4
+    ),
+    topic=st.lists(st.sampled_from(["a", "b", "d-1", "devices", "x-1"]), min_size=1, max_size=4),
+)
+def test_explain_and_rights_agree(granted: list[str], topic: list[str]) -> None:
+    lines = "".join(f"      - {g!r}\n" for g in granted)
+    policy = parse_policy(f"rules:\n  - name: r\n    publish:\n{lines}", Path("p.yaml"))
+    device = _identity("d-1")
+    name = "/".join(topic)
+    decision = policy.explain(device, "publish", name)
+    assert decision.allowed == policy.rights(device).may_publish(name)
+    assert all(filter_problem(f) is None for f in policy.rights(device).publish)
+
+
+# -- through a real broker and the CLI ---------------------------------------------------------
+
+
+@pytest.fixture
+def plant(workspace: Workspace, tmp_path: Path) -> Iterator[tuple[Workspace, BrokerThread]]:
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="op", tier="silver"))
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="pump", tier="gold"))
+    policy = _write(tmp_path, PLANT)
+    broker = BrokerThread(settings_for_tests(workspace, policy=policy))
+    yield workspace, broker
+    broker.stop()
+
+
+def _suback(workspace: Workspace, broker: BrokerThread, device_id: str, topic_filter: str) -> int:
+    client = mq.RawClient(
+        broker.port, workspace.paths.root_cert, device_credentials(workspace, device_id)
+    )
+    try:
+        client.send(mq.connect(device_id))
+        assert client.connack() == (0, 0)
+        client.send(mq.subscribe(1, (topic_filter, 1)))
+        answer = client.read()
+        assert answer is not None and answer.kind == SUBACK
+        return answer.body[2]
+    finally:
+        client.close()
+
+
+def test_a_broker_with_a_policy_grants_what_it_says_and_nothing_more(
+    plant: tuple[Workspace, BrokerThread],
+) -> None:
+    workspace, broker = plant
+    assert _suback(workspace, broker, "op-00001", "plant/+/alarms") == 1
+    # the bystander: a gold pump is not an operator (id op-*), so not granted their alarms
+    assert _suback(workspace, broker, "pump-00001", "plant/+/alarms") == 0x80
+    # the default model's grants are gone: this policy gives no broadcasts, no telemetry
+    assert _suback(workspace, broker, "op-00001", "fleet/broadcast/#") == 0x80
+    assert _suback(workspace, broker, "pump-00001", "devices/+/telemetry") == 0x80
+    assert _suback(workspace, broker, "pump-00001", "devices/pump-00001/#") == 1
+
+
+def test_fleet_policy_explain_and_fleet_broker_policy_through_the_cli(
+    plant: tuple[Workspace, BrokerThread], tmp_path: Path
+) -> None:
+    workspace, _ = plant
+    root, policy = workspace.paths.root, tmp_path / "policy.yaml"
+    allowed = subprocess.run(
+        fleet_command("policy", "explain", "op-00001", "--dir", root, "--policy", policy,
+                      "--subscribe", "plant/+/alarms"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    assert "allowed by rule 'plant-operators' (plant/+/alarms)" in allowed.stdout
+    refused = subprocess.run(
+        fleet_command(
+            "policy", "explain", "pump-00001", "--dir", root, "--publish", "fleet/broadcast/x"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip  (the default policy: gold may broadcast)
+    assert refused.returncode == 0 and "'broadcast-and-command'" in refused.stdout
+    denied = subprocess.run(
+        fleet_command("policy", "explain", "pump-00001", "--dir", root, "--policy", policy,
+                      "--publish", "fleet/broadcast/x"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert denied.returncode == 1 and "refused: no rule grants it" in denied.stdout
+    assert "id is 'pump-00001', the rule wants op-*" in denied.stdout
+    (tmp_path / "bad").mkdir()
+    bad = _write(tmp_path / "bad", "rules:\n  - name: a\n    publish: [a/#/b]\n")
+    started = subprocess.run(
+        fleet_command("broker", "--dir", root, "--port", "0", "--policy", bad),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode == 2 and f"{bad}:3: rules[0] (a).publish[0]" in started.stderr
+    emitted = subprocess.run(
+        fleet_command("broker", "--dir", root, "--policy", policy, "--emit-mosquitto-conf",
+                      tmp_path / "m.conf"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert emitted.returncode == 2 and "cannot carry --policy yet" in emitted.stderr
+    assert not (tmp_path / "m.conf").exists()
+
+
+def test_the_readme_shows_the_default_policy_as_it_is() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("  ```yaml\n", 1)[1].split("  ```\n", 1)[0]
+    shown = parse_policy(textwrap.dedent(block), Path("README.md"))
+    strip = [(r.name, r.tiers, r.publish, r.subscribe) for r in shown.rules]
+    assert strip == [(r.name, r.tiers, r.publish, r.subscribe) for r in DEFAULT_POLICY.rules]
