@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from broker.config import BrokerSettings
+from broker.mosquitto_acl import mosquitto_acl
+from broker.policy import AccessPolicy
 from broker.server import FleetBroker
 from fleet.kernel.files import replace_atomically
 from fleet.store.crls import issuer_files
@@ -80,8 +82,10 @@ def mosquitto_config(
     host: str = "127.0.0.1",
     port: int = 8883,
     limits: BrokerSettings | None = None,
+    acl_file: Path | None = None,
 ) -> str:
-    """A Mosquitto 2.x configuration that applies the same mutual-TLS rules to this workspace.
+    """A Mosquitto 2.x configuration that applies the same mutual-TLS rules to this workspace
+    (and, with ``acl_file``, the access policy's topic rights).
 
     Mosquitto reads ``crlfile`` only at start and on SIGHUP: after ``fleet revoke``, send it
     SIGHUP (``kill -HUP $(pidof mosquitto)``) so the new CRL takes effect. It trusts
@@ -115,6 +119,7 @@ def mosquitto_config(
             f"max_packet_size {limits.max_packet_bytes}",
             f"max_queued_messages {limits.max_queued_messages}",
             f"max_inflight_messages {limits.max_inflight_messages}",
+            *([f"acl_file {acl_file.resolve()}"] if acl_file is not None else []),
             "",
         ]
     )
@@ -128,7 +133,20 @@ def _owner(path: Path) -> str:
 
 
 def emit_mosquitto_config(
-    workspace: Workspace, out: Path, *, host: str, port: int, limits: BrokerSettings | None = None
-) -> None:
-    text = mosquitto_config(workspace, host=host, port=port, limits=limits)
+    workspace: Workspace,
+    out: Path,
+    *,
+    host: str,
+    port: int,
+    limits: BrokerSettings | None = None,
+    policy: AccessPolicy | None = None,
+) -> Path | None:
+    """Write the config to ``out``; with ``policy``, its ACL beside it (``out`` with the
+    suffix ``.acl``, returned)."""
+    acl_file = None
+    if policy is not None:
+        acl_file = out.with_suffix(".acl")
+        replace_atomically(acl_file, mosquitto_acl(workspace, policy).encode())
+    text = mosquitto_config(workspace, host=host, port=port, limits=limits, acl_file=acl_file)
     replace_atomically(out, text.encode())
+    return acl_file

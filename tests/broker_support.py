@@ -223,15 +223,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_mosquitto(workspace_dir: Path, conf: Path) -> Iterator[int]:
-    """A real Mosquitto started from the config ``fleet broker --emit-mosquitto-conf`` writes.
+def running_mosquitto(workspace_dir: Path, conf: Path, *emit_options: str | Path) -> Iterator[int]:
+    """A real Mosquitto started from the config ``fleet broker --emit-mosquitto-conf`` writes
+    (with ``emit_options``, e.g. ``--policy FILE``).
 
     Yields its port once Mosquitto says it listens; skips when Mosquitto is not installed.
     """
     mosquitto = require_tool("mosquitto")
     port = free_port()
     emitted = subprocess.run(
-        fleet_command("broker", "--dir", workspace_dir, "--port", str(port), "--emit-mosquitto-conf", conf),
+        fleet_command("broker", "--dir", workspace_dir, "--port", str(port), "--emit-mosquitto-conf", conf, *emit_options),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert emitted.returncode == 0, emitted.stderr

@@ -14,10 +14,15 @@ from hypothesis import strategies as st
 
 import tests.mqtt_raw as mq
 from broker import DEFAULT_POLICY, PolicyError, rights_for
-from broker.policy import filter_problem, parse_policy
+from broker.policy import DEFAULT_POLICY_YAML, filter_problem, parse_policy
 from fleet import ProvisionSpec, Workspace, provision_devices
 from fleet.kernel.identity import DeviceIdentity
-from tests.broker_support import BrokerThread, device_credentials, settings_for_tests
+from tests.broker_support import (
+    BrokerThread,
+    device_credentials,
+    running_mosquitto,
+    settings_for_tests,
+)
 from tests.conftest import fleet_command
 
 SUBACK = 9
@@ -153,6 +158,19 @@ def plant(workspace: Workspace, tmp_path: Path) -> Iterator[tuple[Workspace, Bro
     broker.stop()
 
 
+def _connected(workspace: Workspace, port: int, device_id: str) -> mq.RawClient:
+    client = mq.RawClient(port, workspace.paths.root_cert, device_credentials(workspace, device_id))
+    client.send(mq.connect(device_id))
+    assert client.connack() == (0, 0)
+    return client
+
+
+def _topic(packet: mq.Received | None) -> str:
+    assert packet is not None and packet.kind == 3, packet  # PUBLISH
+    length = int.from_bytes(packet.body[:2], "big")
+    return packet.body[2 : 2 + length].decode()
+
+
 def _suback(workspace: Workspace, broker: BrokerThread, device_id: str, topic_filter: str) -> int:
     client = mq.RawClient(
         broker.port, workspace.paths.root_cert, device_credentials(workspace, device_id)
@@ -221,8 +239,56 @@ def test_fleet_policy_explain_and_fleet_broker_policy_through_the_cli(
                       tmp_path / "m.conf"),
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert emitted.returncode == 2 and "cannot carry --policy yet" in emitted.stderr
-    assert not (tmp_path / "m.conf").exists()
+    assert emitted.returncode == 0, emitted.stderr
+    acl = (tmp_path / "m.acl").read_text()
+    assert f"acl_file {(tmp_path / 'm.acl').resolve()}" in (tmp_path / "m.conf").read_text()
+    assert (
+        "user op-00001\ntopic write devices/op-00001/#\ntopic write plant/op-00001/status\n" in acl
+    )
+    assert (
+        "user pump-00001\ntopic write devices/pump-00001/#\ntopic read devices/pump-00001/#\n\n"
+        in acl
+    )
+
+
+def test_the_policy_holds_on_a_real_mosquitto(workspace: Workspace, tmp_path: Path) -> None:
+    """The same rights through Mosquitto's acl_file: a bronze device is refused another device's
+    topics there, as here; the silver reader and the other device are still served."""
+    provision_devices(workspace, ProvisionSpec(count=2, prefix="dev"))
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="reader", tier="silver"))
+    shown = subprocess.run(
+        fleet_command("policy", "show"), capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0 and parse_policy(shown.stdout, Path("shown")) == parse_policy(
+        DEFAULT_POLICY_YAML, Path("shown")
+    )
+    policy = _write(tmp_path, shown.stdout)
+    conf = tmp_path / "mosquitto.conf"
+    with running_mosquitto(workspace.paths.root, conf, "--policy", policy) as port:
+        # Mosquitto grants every SUBSCRIBE and filters at delivery (its acl_file checks
+        # 'read' per message): what a device receives is what shows the rights
+        reader, thief, owner = (
+            _connected(workspace, port, d) for d in ("reader-00001", "dev-00001", "dev-00002")
+        )
+        for client, topic_filter in [
+            (reader, "devices/+/telemetry"),
+            (thief, "devices/dev-00002/#"),
+            (owner, "devices/dev-00002/#"),
+        ]:
+            client.send(mq.subscribe(1, (topic_filter, 0)))
+            answer = client.read()
+            assert answer is not None and answer.kind == SUBACK
+        thief.send(mq.publish("devices/dev-00002/commands", b"forged"))  # bronze: not allowed
+        owner.send(mq.publish("devices/dev-00002/telemetry", b"t"))
+        assert _topic(reader.read()) == "devices/dev-00002/telemetry"  # the bystanders are served
+        assert _topic(owner.read()) == "devices/dev-00002/telemetry"  # and the forgery never came
+        assert thief.read(timeout=1) is None  # another device's topics never reach the thief
+        for client in (reader, thief, owner):
+            client.close()
+    assert (
+        "# Not enforced by Mosquitto: a claim certificate"
+        in (tmp_path / "mosquitto.acl").read_text()
+    )
 
 
 def test_the_readme_shows_the_default_policy_as_it_is() -> None:

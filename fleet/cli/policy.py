@@ -23,6 +23,15 @@ PolicyOption = Annotated[
 ]
 
 
+@policy_app.command("show")
+@friendly_errors
+def policy_show() -> None:
+    """Print the default policy (the tier model), a start for your own file."""
+    from broker.policy import DEFAULT_POLICY_YAML
+
+    print(DEFAULT_POLICY_YAML, end="")
+
+
 @policy_app.command("check")
 @friendly_errors
 def policy_check(

@@ -157,17 +157,17 @@ def broker_command(
         max_claim_sessions=max_claim_sessions,
         policy=policy_file,
     )
+    access = None
     if policy_file is not None:
         from broker.policy import load_policy
 
-        load_policy(policy_file)  # a bad file is named before anything starts
+        access = load_policy(policy_file)  # a bad file is named before anything starts
     if emit_mosquitto_conf is not None:
-        if policy_file is not None:
-            raise UsageError(
-                "--emit-mosquitto-conf cannot carry --policy yet: the emitted Mosquitto config "
-                "enforces the certificates but holds no topic rights (no acl_file)"
-            )
-        emit_mosquitto_config(workspace, emit_mosquitto_conf, host=host, port=port, limits=settings)
+        acl = emit_mosquitto_config(
+            workspace, emit_mosquitto_conf, host=host, port=port, limits=settings, policy=access
+        )
+        if acl is not None:
+            out.print(f"wrote {acl}: the policy's topic rights, one block per identity")
         out.print(f"wrote {emit_mosquitto_conf}: mosquitto -c {emit_mosquitto_conf}")
         return
     run_broker(settings, announce=lambda line: print(line, flush=True))
