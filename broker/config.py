@@ -60,6 +60,7 @@ class BrokerSettings:
     event_log: bool = True  # one JSON line per rejection and per forced disconnect on stderr
     log_connections: bool = False  # also one event per admitted session and per session end
     policy: Path | None = None  # the access policy file (None: broker.policy.DEFAULT_POLICY)
+    policy_poll_interval: float = 0.25  # how often the policy file is looked at (live reload)
 
     def __post_init__(self) -> None:
         if self.env is not None and self.env not in ENVIRONMENTS:

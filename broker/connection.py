@@ -138,7 +138,7 @@ class PeerConnection(asyncio.Protocol):
         self._read_this_turn = 0
         self._waiting_turn = False
         self._loop = asyncio.get_running_loop()
-        self._publish_verdicts: dict[str, bool] = {}  # topic -> may publish (rights are fixed)
+        self._publish_verdicts: dict[str, bool] = {}  # topic -> may publish (see change_rights)
 
     # -- identity, for plugins and logs ----------------------------------------------------
 
@@ -476,6 +476,11 @@ class PeerConnection(asyncio.Protocol):
         if not self._output:
             self._loop.call_soon(self._write_output)
         self._output.append(data)
+
+    def change_rights(self, rights: TopicRights) -> None:
+        """New rights for the live session (a new policy): later publishes are judged by them."""
+        self.rights = rights
+        self._publish_verdicts.clear()
 
     def may_publish(self, topic: str) -> bool:
         verdict = self._publish_verdicts.get(topic)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from broker.outcomes import BrokerEvent
+from fleet.kernel.files import file_identity
 
 log = logging.getLogger("mtls_fleet.broker")
 
@@ -33,7 +33,7 @@ class CrlSource:
         self._log_event = log_event
         # The file's identity is taken *before* it is first read: a CRL written between the
         # two is then seen as a change by the next look and loaded, never missed.
-        self._signature = self._stat()
+        self._signature = file_identity(self.path)
         self._fetched: bytes | None = None  # the last CRL fetched from the URL
         self._reachable = True
 
@@ -46,15 +46,8 @@ class CrlSource:
         of the CRL in force, for the logs)."""
         return await (self.fetch(keeping=keeping) if self.url else self._read())
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
     async def _read(self) -> bytes | None:
-        signature = self._stat()
+        signature = file_identity(self.path)
         if signature is None or signature == self._signature:
             return None
         self._signature = signature

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from broker.acl import TopicRights
 from broker.config import SessionLimits
 from broker.packets import (
     PINGREQ,
@@ -139,12 +140,24 @@ class MqttEngine:
         """A stored session on a new connection: what the certificate in hand may no longer
         read is unsubscribed and dropped from what waits for it, the unacknowledged deliveries
         go out again, then the queue."""
-        rights = link.rights
+        for topic_filter in self.narrow(session, link.rights):
+            log.info("%s: dropping subscription %r on resume", session.client_id, topic_filter)
+        for flight in session.inflight.values():
+            if flight.released:
+                link.write(encode_ack(PUBREL, flight.packet_id))
+            else:
+                link.write(flight.message.packet(flight.qos, flight.packet_id, dup=True))
+        self._pump(session, link)
+
+    def narrow(self, session: Session, rights: TopicRights | None) -> list[str]:
+        """Unsubscribe ``session`` from what ``rights`` no longer let it read, and drop such
+        messages from what waits for it or awaits its acknowledgement; the filters dropped."""
+        dropped = []
         for topic_filter in list(session.subscriptions):
             if rights is None or not rights.may_subscribe(topic_filter):
-                log.info("%s: dropping subscription %r on resume", session.client_id, topic_filter)
                 del session.subscriptions[topic_filter]
                 self.subscriptions.remove(topic_filter, session)
+                dropped.append(topic_filter)
         readable = rights.may_receive if rights is not None else (lambda topic: False)
         for packet_id, flight in list(session.inflight.items()):
             if not readable(flight.message.topic):
@@ -153,12 +166,7 @@ class MqttEngine:
             kept = [(m, qos) for m, qos in session.queue if readable(m.topic)]
             session.queue.clear()
             session.queue.extend(kept)
-        for flight in session.inflight.values():
-            if flight.released:
-                link.write(encode_ack(PUBREL, flight.packet_id))
-            else:
-                link.write(flight.message.packet(flight.qos, flight.packet_id, dup=True))
-        self._pump(session, link)
+        return dropped
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):

@@ -62,6 +62,17 @@ class BrokerMetrics:
             "1 while the CRL in force is past its nextUpdate.",
             registry=self.registry,
         )
+        self.subscriptions_revoked = Counter(
+            "mtls_subscriptions_revoked_total",
+            "Live subscriptions dropped because a new access policy no longer grants them.",
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "mtls_policy_reloads_total",
+            "Access policy files seen changed, by result (installed, refused).",
+            ["result"],
+            registry=self.registry,
+        )
         self.stale_admissions = Counter(
             "mtls_stale_crl_admissions",
             "Handshakes admitted under --revocation-policy fail-open while the CRL was stale.",

@@ -21,7 +21,8 @@ from broker.engine import MqttEngine
 from broker.metrics import BrokerMetrics
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
-from broker.policy import DEFAULT_POLICY, load_policy
+from broker.policy import DEFAULT_POLICY, AccessPolicy, load_policy
+from broker.policy_reload import PolicyReload
 from broker.revocation import LiveRevocation
 from broker.tls import BrokerError
 from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
@@ -52,6 +53,7 @@ class FleetBroker:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.policy = load_policy(settings.policy) if settings.policy else DEFAULT_POLICY
+        self._policy_reload: PolicyReload | None = None
         self.revocation = LiveRevocation(
             settings,
             self.paths,
@@ -89,6 +91,14 @@ class FleetBroker:
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         self.revocation.begin()
+        if self.settings.policy is not None:
+            self._policy_reload = PolicyReload(
+                self.settings.policy,
+                self.settings.policy_poll_interval,
+                install=self.apply_policy,
+                refused=self._policy_refused,
+            )
+            self._policy_reload.begin()
 
     async def stop(self) -> None:
         """Close every connection and forget every session (a second call does nothing)."""
@@ -96,6 +106,8 @@ class FleetBroker:
             return
         self._stopped = True
         await self.revocation.stop()
+        if self._policy_reload is not None:
+            await self._policy_reload.stop()
         if self._server is not None:
             self._server.close()
         for peer in list(self._connections):
@@ -158,6 +170,31 @@ class FleetBroker:
                     peer.close_by_broker(SessionEnd.ISSUER_RETIRED)
                 elif peer.issuer_key_id in crl.revoked_issuer_keys:
                     peer.close_by_broker(SessionEnd.ISSUER_REVOKED)
+
+    # -- the access policy --------------------------------------------------------------------
+
+    def apply_policy(self, policy: AccessPolicy) -> None:
+        """Use ``policy`` from now on: new requests at once; every live device session gets
+        its new rights and loses the subscriptions they no longer grant (counted, logged)."""
+        self.policy = policy
+        revoked = 0
+        for peer in list(self._sessions.values()):
+            if peer.identity is None or peer.identity.role != DEVICE:
+                continue  # claims and the admin keep their fixed rights
+            rights = policy.rights(peer.identity)
+            peer.change_rights(rights)
+            session = peer.mqtt_session
+            for topic_filter in self.engine.narrow(session, rights) if session else ():
+                revoked += 1
+                self.metrics.subscriptions_revoked.inc()
+                self.log_event(BrokerEvent.SUBSCRIPTION_REVOKED, peer, detail=topic_filter)
+        self.metrics.policy_reloads.labels("installed").inc()
+        detail = f"{policy.source}: {len(policy.rules)} rules, {revoked} subscription(s) revoked"
+        self.log_event(BrokerEvent.POLICY_INSTALLED, None, detail=detail)
+
+    def _policy_refused(self, problem: str) -> None:
+        self.metrics.policy_reloads.labels("refused").inc()
+        self.log_event(BrokerEvent.POLICY_REJECTED, None, detail=problem)
 
     # -- connections (called by PeerConnection) ---------------------------------------------
 

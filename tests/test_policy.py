@@ -297,3 +297,67 @@ def test_the_readme_shows_the_default_policy_as_it_is() -> None:
     shown = parse_policy(textwrap.dedent(block), Path("README.md"))
     strip = [(r.name, r.tiers, r.publish, r.subscribe) for r in shown.rules]
     assert strip == [(r.name, r.tiers, r.publish, r.subscribe) for r in DEFAULT_POLICY.rules]
+
+
+ALARM_SOURCES = """\
+  - name: alarm-sources
+    match: {id: "pump-*"}
+    publish: ["plant/+/alarms"]
+"""
+RELOADED = PLANT.split("  - name: plant-operators")[0] + ALARM_SOURCES  # operators' rule gone
+
+
+def test_a_new_policy_applies_live_and_a_broken_one_is_refused(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="op", tier="silver"))
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="pump", tier="gold"))
+    policy = _write(tmp_path, PLANT + ALARM_SOURCES)
+    broker = BrokerThread(settings_for_tests(workspace, policy=policy, policy_poll_interval=0.05))
+    operator, pump = (_connected(workspace, broker.port, d) for d in ("op-00001", "pump-00001"))
+    try:
+        for client, topic_filter in [
+            (operator, "plant/+/alarms"),
+            (operator, "devices/op-00001/#"),
+            (pump, "devices/pump-00001/#"),
+        ]:
+            client.send(mq.subscribe(1, (topic_filter, 0)))
+            answer = client.read()
+            assert answer is not None and answer.kind == SUBACK and answer.body[2] == 0
+        pump.send(mq.publish("plant/pump-00001/alarms", b"hot"))
+        assert _topic(operator.read()) == "plant/pump-00001/alarms"  # granted before
+        operator.send(mq.publish("plant/op-00001/status", b"ok"))  # allowed (and remembered)
+        operator.send(mq.publish("devices/op-00001/x", b"sync"))
+        assert _topic(operator.read()) == "devices/op-00001/x"
+        assert not [e for e in broker.broker.events if e["event"] == "acl_denied"]
+
+        broken = tmp_path / "broken.yaml"
+        broken.write_text("rules:\n  - name: x\n    publish: [a/#/b]\n")
+        broken.replace(policy)
+        refused = broker.wait_for_event(lambda e: e["event"] == "policy_rejected")
+        assert f"{policy}:3: rules[0] (x).publish[0]" in refused["detail"]
+
+        fresh = tmp_path / "fresh.yaml"
+        fresh.write_text(RELOADED)
+        fresh.replace(policy)
+        revoked = broker.wait_for_event(lambda e: e["event"] == "subscription_revoked")
+        assert (revoked["device"], revoked["detail"]) == ("op-00001", "plant/+/alarms")
+        installed = broker.wait_for_event(lambda e: e["event"] == "policy_installed")
+        assert installed["detail"].endswith("2 rules, 1 subscription(s) revoked")
+
+        pump.send(mq.publish("plant/pump-00001/alarms", b"hotter"))
+        operator.send(mq.publish("plant/op-00001/status", b"ok"))  # granted before, not now
+        denied = broker.wait_for_event(lambda e: e["event"] == "acl_denied")
+        assert (denied["device"], denied["detail"]) == ("op-00001", "publish plant/op-00001/status")
+        # the bystanders: the operator's own subscription and the pump's still deliver
+        operator.send(mq.publish("devices/op-00001/x", b"own"))
+        assert _topic(operator.read()) == "devices/op-00001/x"  # not the alarm: it was dropped
+        pump.send(mq.publish("devices/pump-00001/t", b"own"))
+        assert _topic(pump.read()) == "devices/pump-00001/t"
+        assert (
+            broker.broker.metrics.registry.get_sample_value("mtls_subscriptions_revoked_total") == 1
+        )
+    finally:
+        operator.close()
+        pump.close()
+        broker.stop()

@@ -58,6 +58,9 @@ class BrokerEvent(enum.StrEnum):
     CRL_FETCH_RECOVERED = "crl_fetch_recovered"
     TLS_ERROR = "tls_error"
     MQTT_ERROR = "mqtt_error"
+    POLICY_INSTALLED = "policy_installed"
+    POLICY_REJECTED = "policy_rejected"
+    SUBSCRIPTION_REVOKED = "subscription_revoked"  # a live session's, by a narrower policy
 
 
 # What a scenario's ``broker:`` may name for a device: an attempt's outcome, why its session

@@ -74,3 +74,16 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+FileIdentity = tuple[int, int, int]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """(inode, mtime ns, size) of ``path``, None when it is missing: a file replaced or rewritten
+    (atomically or not) gets a new identity, which is how watchers see a change."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
