@@ -98,6 +98,7 @@ class PeerConnection(asyncio.Protocol):
         "outcome",
         "peer_address",
         "peername",
+        "policy_problem",
         "refused",
         "rights",
         "tls",
@@ -139,6 +140,8 @@ class PeerConnection(asyncio.Protocol):
         self._waiting_turn = False
         self._loop = asyncio.get_running_loop()
         self._publish_verdicts: dict[str, bool] = {}  # topic -> may publish (see change_rights)
+        # why the policy's requirements refuse this certificate (decided at CONNECT)
+        self.policy_problem: str | None = None
 
     # -- identity, for plugins and logs ----------------------------------------------------
 
@@ -255,6 +258,8 @@ class PeerConnection(asyncio.Protocol):
         self.rights = (  # a claim's or the admin's rights are set at CONNECT
             self.broker.policy.rights(self.identity) if self.identity.role == DEVICE else NO_RIGHTS
         )
+        if self.identity.role == DEVICE:  # checked here: the parsed certificate is not kept
+            self.policy_problem = self.broker.policy.requirements.problem(certificate)
         if self._seconds_left() <= 0:  # expired while OpenSSL's check gave way to this one
             self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")
             self.close()

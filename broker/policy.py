@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
 from broker.acl import TopicRights, filter_covers, topic_matches
+from fleet.kernel.durations import parse_positive_duration
+from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS, DeviceIdentity
 from fleet.kernel.lined_yaml import FileFormatError, LinedMap, LinedSeq, parse_lined_yaml, suggest
 
@@ -72,6 +78,63 @@ def _any_glob(value: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
 
 
+SIGNATURE_ALGORITHMS = (
+    "ecdsa-with-SHA256",
+    "ecdsa-with-SHA384",
+    "ecdsa-with-SHA512",
+    "sha256WithRSAEncryption",
+    "sha384WithRSAEncryption",
+    "sha512WithRSAEncryption",
+    "RSASSA-PSS",
+    "ed25519",
+    "ed448",
+)
+_REQUIRE_FIELDS = (
+    "organization",
+    "min_rsa_bits",
+    "min_ec_bits",
+    "max_lifetime",
+    "signature_algorithms",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What every device certificate must be, checked when it connects (``policy_refused``)."""
+
+    organizations: tuple[str, ...] = ()  # subject O, one of these
+    min_rsa_bits: int | None = None
+    min_ec_bits: int | None = None
+    max_lifetime: float | None = None  # seconds from notBefore to notAfter
+    signature_algorithms: tuple[str, ...] = ()
+
+    def problem(self, cert: x509.Certificate) -> str | None:
+        """Why ``cert`` does not meet the requirements (None: it does)."""
+        organizations = [
+            str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        ]
+        if self.organizations and not set(organizations) & set(self.organizations):
+            shown = ", ".join(organizations) or "none"
+            return f"organization {shown} is not {' or '.join(self.organizations)}"
+        key = cert.public_key()
+        bits = key.key_size if isinstance(key, rsa.RSAPublicKey) else None
+        if self.min_rsa_bits and bits is not None and bits < self.min_rsa_bits:
+            return f"RSA key of {bits} bits, at least {self.min_rsa_bits} required"
+        curve = key.curve.key_size if isinstance(key, ec.EllipticCurvePublicKey) else None
+        if self.min_ec_bits and curve is not None and curve < self.min_ec_bits:
+            return f"EC key of {curve} bits, at least {self.min_ec_bits} required"
+        lifetime = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
+        if self.max_lifetime is not None and lifetime > self.max_lifetime:
+            return (
+                f"certificate lifetime {lifetime / 86400:g} days exceeds the maximum "
+                f"{self.max_lifetime / 86400:g} days"
+            )
+        algorithm = cert.signature_algorithm_oid._name
+        if self.signature_algorithms and algorithm not in self.signature_algorithms:
+            return f"signature algorithm {algorithm} is not one of {', '.join(self.signature_algorithms)}"
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Why a device may or may not publish (or subscribe to) a topic."""
@@ -90,7 +153,8 @@ class Decision:
 @dataclass(frozen=True, slots=True)
 class AccessPolicy:
     rules: tuple[Rule, ...]
-    source: str  # the file it came from, or "the default policy"
+    source: str  # the file it came from, or "<default policy>"
+    requirements: Requirements = Requirements()
 
     def rights(self, identity: DeviceIdentity) -> TopicRights:
         """Every grant of every rule matching ``identity``, in rule order, each filter once."""
@@ -140,7 +204,8 @@ def parse_policy(text: str, path: Path) -> AccessPolicy:
         not_a_mapping="a policy is a mapping with 'rules'",
     )
     reader = _Reader(path)
-    reader.only(document, "policy", ("rules",))
+    reader.only(document, "policy", ("require", "rules"))
+    requirements = reader.requirements(document)
     rules = document.get("rules")
     if not isinstance(rules, LinedSeq) or not rules:
         raise PolicyError(path, document.lines.get("rules", 1), "rules", "give a list of rules")
@@ -157,7 +222,7 @@ def parse_policy(text: str, path: Path) -> AccessPolicy:
                 f"rule {rule.name!r} is defined twice (line {names[rule.name]})",
             )
         names[rule.name] = rule.line
-    return AccessPolicy(tuple(read), str(path))
+    return AccessPolicy(tuple(read), str(path), requirements)
 
 
 class _Reader:
@@ -205,25 +270,61 @@ class _Reader:
             subscribe=subscribe,
         )
 
-    def texts(self, mapping: LinedMap, key: str, where: str) -> tuple[str, ...]:
+    def requirements(self, document: LinedMap) -> Requirements:
+        if "require" not in document:
+            return Requirements()
+        mapping = document["require"]
+        if not isinstance(mapping, LinedMap):
+            raise self.fail(document.lines["require"], "require", "expected a mapping")
+        self.only(mapping, "require", _REQUIRE_FIELDS)
+        lifetime = None
+        if "max_lifetime" in mapping:
+            try:
+                lifetime = parse_positive_duration(str(mapping["max_lifetime"])).total_seconds()
+            except UsageError as exc:
+                raise self.fail(
+                    mapping.lines["max_lifetime"], "require.max_lifetime", str(exc)
+                ) from None
+        return Requirements(
+            organizations=self.texts(mapping, "organization", "require", match=False),
+            min_rsa_bits=self.bits(mapping, "min_rsa_bits"),
+            min_ec_bits=self.bits(mapping, "min_ec_bits"),
+            max_lifetime=lifetime,
+            signature_algorithms=self.choices(
+                mapping, "signature_algorithms", SIGNATURE_ALGORITHMS, "require", match=False
+            ),
+        )
+
+    def bits(self, mapping: LinedMap, key: str) -> int | None:
+        value = mapping.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
+            raise self.fail(mapping.lines[key], f"require.{key}", "expected a number of bits")
+        return value
+
+    def texts(
+        self, mapping: LinedMap, key: str, where: str, *, match: bool = True
+    ) -> tuple[str, ...]:
         if key not in mapping:
             return ()
         value = mapping[key]
         values = list(value) if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, str) and v.strip() for v in values):
-            raise self.fail(mapping.lines[key], f"{where}.match.{key}", "expected text or a list")
+            field = f"{where}.match.{key}" if match else f"{where}.{key}"
+            raise self.fail(mapping.lines[key], field, "expected text or a list")
         return tuple(v.strip() for v in values)
 
     def choices(
-        self, mapping: LinedMap, key: str, allowed: Iterable[str], where: str
+        self, mapping: LinedMap, key: str, allowed: Iterable[str], where: str, *, match: bool = True
     ) -> tuple[str, ...]:
-        values = self.texts(mapping, key, where)
+        values = self.texts(mapping, key, where, match=match)
         options = tuple(allowed)
         for value in values:
             if value not in options:
                 raise self.fail(
                     mapping.lines[key],
-                    f"{where}.match.{key}",
+                    f"{where}.match.{key}" if match else f"{where}.{key}",
                     f"{value!r} is not one of {', '.join(options)}{suggest(value, options)}",
                 )
         return values

@@ -286,6 +286,9 @@ class FleetBroker:
                 f"{identity.env} certificate refused by a {self.settings.env} broker",
             )
             return ConnackCode.NOT_AUTHORIZED
+        if peer.policy_problem is not None:
+            self.record(peer, Outcome.POLICY_REFUSED, peer.policy_problem)
+            return ConnackCode.NOT_AUTHORIZED
         if identity.role == CLAIM:
             limit = self.settings.max_claim_sessions
             live = sum(1 for other in self._by_serial.get(peer.serial or 0, ()) if other.authorized)

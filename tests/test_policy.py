@@ -3,10 +3,12 @@ through a real broker (and nothing else, to anyone else), errors name file, line
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -102,6 +104,8 @@ def test_rules_match_by_attributes_and_explain_why(tmp_path: Path) -> None:
         ("rules:\n  - name: a\n    publish: [x]\n  - name: a\n    publish: [y]\n", 4, "name", "defined twice (line 2)"),
         ("rules:\n  - name: a\n", 2, "rules[0] (a)", "grants nothing"),
         ("rule: []\n", 1, "policy", "(did you mean 'rules'?)"),
+        ("require:\n  max_lifetime: forever\nrules: []\n", 2, "require.max_lifetime", "forever"),
+        ("require:\n  signature_algorithms: [ed2519]\nrules: []\n", 2, "require.signature_algorithms", "(did you mean 'ed25519'?)"),
     ],
 )  # fmt: skip
 def test_errors_name_file_line_and_field(
@@ -361,3 +365,77 @@ def test_a_new_policy_applies_live_and_a_broken_one_is_refused(
         operator.close()
         pump.close()
         broker.stop()
+
+
+def _rejected(device_id: str, event: dict[str, Any]) -> bool:
+    return bool(event["event"] == "rejected" and event.get("device") == device_id)
+
+
+REQUIRE = """\
+require:
+  max_lifetime: 30d
+  min_rsa_bits: 3072
+  organization: fleet.local
+rules:
+  - name: own-topics
+    publish: ["devices/{id}/#"]
+    subscribe: ["devices/{id}/#"]
+"""
+
+
+def test_certificates_that_miss_the_requirements_are_refused_at_connect(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """A certificate too long-lived or with a weak key is refused at CONNECT (policy_refused,
+    naming the requirement); one that meets them is served beside it."""
+    import datetime as dt
+
+    from fleet.kernel.keys import KeyType
+
+    ok = provision_devices(
+        workspace, ProvisionSpec(count=1, prefix="ok", valid_for=dt.timedelta(days=10))
+    ).device_ids[0]
+    long_lived = provision_devices(
+        workspace, ProvisionSpec(count=1, prefix="long", valid_for=dt.timedelta(days=90))
+    ).device_ids[0]
+    weak = provision_devices(
+        workspace,
+        ProvisionSpec(
+            count=1, prefix="weak", key_type=KeyType.RSA2048, valid_for=dt.timedelta(days=10)
+        ),
+    ).device_ids[0]
+    policy = _write(tmp_path, REQUIRE)
+    broker = BrokerThread(settings_for_tests(workspace, policy=policy))
+    try:
+        for device_id, why in [
+            (long_lived, "certificate lifetime 90 days exceeds the maximum 30 days"),
+            (weak, "RSA key of 2048 bits, at least 3072 required"),
+        ]:
+            client = mq.RawClient(
+                broker.port, workspace.paths.root_cert, device_credentials(workspace, device_id)
+            )
+            client.send(mq.connect(device_id))
+            assert client.connack() == (0, 5)  # not authorized
+            client.close()
+            event = broker.wait_for_event(functools.partial(_rejected, device_id))
+            assert (event["device"], event["reason"], event["detail"]) == (
+                device_id,
+                "policy_refused",
+                why,
+            )
+        served = _connected(workspace, broker.port, ok)  # the bystander
+        served.send(mq.subscribe(1, (f"devices/{ok}/#", 0)))
+        answer = served.read()
+        assert answer is not None and answer.kind == SUBACK and answer.body[2] == 0
+        served.close()
+        assert broker.outcome_count("policy_refused") == 2
+    finally:
+        broker.stop()
+    explained = subprocess.run(
+        fleet_command("policy", "explain", long_lived, "--dir", workspace.paths.root,
+                      "--policy", policy, "--publish", f"devices/{long_lived}/t"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert explained.returncode == 1
+    assert "allowed by rule 'own-topics'" in explained.stdout
+    assert "refused at CONNECT (policy_refused): certificate lifetime 90 days" in explained.stdout

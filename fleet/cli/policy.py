@@ -60,7 +60,8 @@ def policy_explain(
     ] = None,
     policy_file: PolicyOption = None,
 ) -> None:
-    """Say which rule lets DEVICE publish or subscribe, or why none does (exit 1: refused)."""
+    """Say which rule lets DEVICE publish or subscribe, or why none does, and whether its
+    certificate meets the policy's requirements (exit 1: refused)."""
     from cryptography import x509
 
     from broker.policy import DEFAULT_POLICY, filter_problem, load_policy
@@ -80,5 +81,8 @@ def policy_explain(
     decision = policy.explain(identity, action, topic)
     who = f"{device_id} (tier {identity.tier}, env {identity.env})"
     out.print(f"{who} {action} {topic}: {decision.text()}", highlight=False)
-    if not decision.allowed:
+    problem = policy.requirements.problem(cert)
+    if problem is not None:  # then it cannot connect at all
+        out.print(f"{device_id} is refused at CONNECT (policy_refused): {problem}", highlight=False)
+    if not decision.allowed or problem is not None:
         raise typer.Exit(1)

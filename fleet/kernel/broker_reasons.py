@@ -24,6 +24,7 @@ class Outcome(enum.StrEnum):
     ENV_MISMATCH = "env_mismatch"
     WILL_DENIED = "will_denied"  # the CONNECT's will topic is outside the certificate's rights
     TOO_MANY_SESSIONS = "too_many_sessions"  # a claim certificate past --max-claim-sessions
+    POLICY_REFUSED = "policy_refused"  # the certificate misses the access policy's requirements
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     PROTOCOL_ERROR = "protocol_error"
     OTHER = "other"
