@@ -82,6 +82,7 @@ class PeerConnection(asyncio.Protocol):
         "_timers",
         "_valid_until",
         "_waiting_turn",
+        "_window_timer",
         "accepted_at",
         "authorized",
         "broker",
@@ -142,6 +143,7 @@ class PeerConnection(asyncio.Protocol):
         self._publish_verdicts: dict[str, bool] = {}  # topic -> may publish (see change_rights)
         # why the policy's requirements refuse this certificate (decided at CONNECT)
         self.policy_problem: str | None = None
+        self._window_timer: asyncio.TimerHandle | None = None
 
     # -- identity, for plugins and logs ----------------------------------------------------
 
@@ -481,6 +483,17 @@ class PeerConnection(asyncio.Protocol):
         if not self._output:
             self._loop.call_soon(self._write_output)
         self._output.append(data)
+
+    def close_when_window_ends(self, seconds: float | None, detail: str) -> None:
+        """Close the session (``window_closed``) ``seconds`` from now; None: never (again)."""
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
+        if seconds is not None:
+            self._window_timer = asyncio.get_running_loop().call_later(
+                max(0.0, seconds), self.close_by_broker, SessionEnd.WINDOW_CLOSED, detail
+            )
+            self._timers.append(self._window_timer)  # cancelled with the others when it ends
 
     def change_rights(self, rights: TopicRights) -> None:
         """New rights for the live session (a new policy): later publishes are judged by them."""

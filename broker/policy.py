@@ -13,7 +13,9 @@ Claim certificates (their enrollment topics only) and the control plane's admin 
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from broker.acl import TopicRights, filter_covers, topic_matches
-from fleet.kernel.durations import parse_positive_duration
+from fleet.kernel.durations import parse_instant, parse_positive_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS, DeviceIdentity
 from fleet.kernel.lined_yaml import FileFormatError, LinedMap, LinedSeq, parse_lined_yaml, suggest
@@ -44,20 +46,16 @@ class PolicyError(FileFormatError):
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """Devices whose attributes match get ``publish`` and ``subscribe`` (``{id}``: their id)."""
+class Match:
+    """Which devices a rule or a window is about: every attribute given must match."""
 
-    name: str
-    line: int
     tiers: tuple[str, ...] = ()  # empty: any
     envs: tuple[str, ...] = ()
     id_patterns: tuple[str, ...] = ()  # shell-style: sensor-*, pump-00??
     trust_domains: tuple[str, ...] = ()
-    publish: tuple[str, ...] = ()
-    subscribe: tuple[str, ...] = ()
 
     def mismatch(self, identity: DeviceIdentity) -> str | None:
-        """Which attribute keeps ``identity`` out of this rule (None: it matches)."""
+        """Which attribute keeps ``identity`` out (None: it matches)."""
         checks = (
             ("tier", identity.tier, self.tiers, lambda value, allowed: value in allowed),
             ("env", identity.env, self.envs, lambda value, allowed: value in allowed),
@@ -68,6 +66,20 @@ class Rule:
             if allowed and not test(value, allowed):
                 return f"{name} is {value!r}, the rule wants {' or '.join(allowed)}"
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Devices whose attributes match get ``publish`` and ``subscribe`` (``{id}``: their id)."""
+
+    name: str
+    line: int
+    match: Match = Match()
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+    def mismatch(self, identity: DeviceIdentity) -> str | None:
+        return self.match.mismatch(identity)
 
     def granted(self, action: str, device_id: str) -> tuple[str, ...]:
         filters = self.publish if action == "publish" else self.subscribe
@@ -135,6 +147,63 @@ class Requirements:
         return None
 
 
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW_FIELDS = ("name", "match", "days", "hours", "from", "until")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """When the devices it matches may be connected: on ``days`` (UTC weekdays, empty: every
+    day) during ``hours`` (UTC minutes since midnight, start and end; the end may be past
+    midnight), or from ``start`` until ``end`` (absolute). Outside every window that matches
+    it, a device is refused at CONNECT; a live session is closed when its window ends."""
+
+    name: str
+    line: int
+    match: Match = Match()
+    days: tuple[int, ...] = ()  # 0 is Monday
+    hours: tuple[int, int] | None = None
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+
+    def closes(self, at: dt.datetime) -> dt.datetime | None:
+        """When the window open at ``at`` closes; None when it is not open at ``at``."""
+        if self.start is not None and self.end is not None:
+            return self.end if self.start <= at < self.end else None
+        midnight = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        if self.hours is None:
+            return midnight + dt.timedelta(days=1) if self._on_day(midnight) else None
+        first, last = self.hours
+        for day in (midnight - dt.timedelta(days=1), midnight):  # a span past midnight
+            opens = day + dt.timedelta(minutes=first)
+            closes = day + dt.timedelta(minutes=last if last > first else last + 1440)
+            if self._on_day(day) and opens <= at < closes:
+                return closes
+        return None
+
+    def _on_day(self, day: dt.datetime) -> bool:
+        return not self.days or day.weekday() in self.days
+
+    def text(self) -> str:
+        if self.start is not None and self.end is not None:
+            return f"{self.name!r} ({self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC)"
+        days = ", ".join(DAYS[d] for d in self.days) or "every day"
+        hours = (
+            f" {self.hours[0] // 60:02d}:{self.hours[0] % 60:02d}-"
+            f"{self.hours[1] // 60:02d}:{self.hours[1] % 60:02d}"
+            if self.hours
+            else ""
+        )
+        return f"{self.name!r} ({days}{hours} UTC)"
+
+
+@dataclass(frozen=True, slots=True)
+class WindowVerdict:
+    allowed: bool
+    closes: dt.datetime | None  # when the allowance ends (None: no window applies)
+    text: str
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """Why a device may or may not publish (or subscribe to) a topic."""
@@ -155,6 +224,21 @@ class AccessPolicy:
     rules: tuple[Rule, ...]
     source: str  # the file it came from, or "<default policy>"
     requirements: Requirements = Requirements()
+    windows: tuple[Window, ...] = ()
+
+    def window(self, identity: DeviceIdentity, at: dt.datetime) -> WindowVerdict:
+        """Whether ``identity`` may be connected at ``at``, and until when."""
+        matching = [w for w in self.windows if w.match.mismatch(identity) is None]
+        if not matching:
+            return WindowVerdict(True, None, "no window applies: any time")
+        open_ = [(w, closes) for w in matching if (closes := w.closes(at)) is not None]
+        if not open_:
+            shown = ", ".join(w.text() for w in matching)
+            return WindowVerdict(False, None, f"outside its window(s) {shown}")
+        window, closes = max(open_, key=lambda pair: pair[1])
+        return WindowVerdict(
+            True, closes, f"inside window {window.text()} until {closes:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
     def rights(self, identity: DeviceIdentity) -> TopicRights:
         """Every grant of every rule matching ``identity``, in rule order, each filter once."""
@@ -204,8 +288,9 @@ def parse_policy(text: str, path: Path) -> AccessPolicy:
         not_a_mapping="a policy is a mapping with 'rules'",
     )
     reader = _Reader(path)
-    reader.only(document, "policy", ("require", "rules"))
+    reader.only(document, "policy", ("require", "windows", "rules"))
     requirements = reader.requirements(document)
+    windows = reader.windows(document)
     rules = document.get("rules")
     if not isinstance(rules, LinedSeq) or not rules:
         raise PolicyError(path, document.lines.get("rules", 1), "rules", "give a list of rules")
@@ -222,7 +307,7 @@ def parse_policy(text: str, path: Path) -> AccessPolicy:
                 f"rule {rule.name!r} is defined twice (line {names[rule.name]})",
             )
         names[rule.name] = rule.line
-    return AccessPolicy(tuple(read), str(path), requirements)
+    return AccessPolicy(tuple(read), str(path), requirements, windows)
 
 
 class _Reader:
@@ -252,22 +337,21 @@ class _Reader:
                 item.lines.get("name", item.line), f"{where}.name", "give the rule a name"
             )
         where = f"{where} ({name})"
+        publish, subscribe = (self.filters(item, action, where) for action in ACTIONS)
+        if not publish and not subscribe:
+            raise self.fail(item.line, where, "grants nothing: give publish or subscribe filters")
+        return Rule(name.strip(), item.line, self.match(item, where), publish, subscribe)
+
+    def match(self, item: LinedMap, where: str) -> Match:
         match = item.get("match", LinedMap.of(item.line))
         if not isinstance(match, LinedMap):
             raise self.fail(item.lines["match"], f"{where}.match", "expected a mapping")
         self.only(match, f"{where}.match", _MATCH_FIELDS)
-        publish, subscribe = (self.filters(item, action, where) for action in ACTIONS)
-        if not publish and not subscribe:
-            raise self.fail(item.line, where, "grants nothing: give publish or subscribe filters")
-        return Rule(
-            name=name.strip(),
-            line=item.line,
+        return Match(
             tiers=self.choices(match, "tier", TIERS, where),
             envs=self.choices(match, "env", ENVIRONMENTS, where),
             id_patterns=self.texts(match, "id", where),
             trust_domains=self.texts(match, "trust_domain", where),
-            publish=publish,
-            subscribe=subscribe,
         )
 
     def requirements(self, document: LinedMap) -> Requirements:
@@ -294,6 +378,67 @@ class _Reader:
                 mapping, "signature_algorithms", SIGNATURE_ALGORITHMS, "require", match=False
             ),
         )
+
+    def windows(self, document: LinedMap) -> tuple[Window, ...]:
+        if "windows" not in document:
+            return ()
+        items = document["windows"]
+        if not isinstance(items, LinedSeq) or len(items) > MAX_RULES:
+            raise self.fail(document.lines["windows"], "windows", "expected a list of windows")
+        return tuple(
+            self.window(item, items.lines[i], f"windows[{i}]") for i, item in enumerate(items)
+        )
+
+    def window(self, item: Any, line: int, where: str) -> Window:
+        if not isinstance(item, LinedMap):
+            raise self.fail(line, where, "a window is a mapping of name, match, days, hours …")
+        self.only(item, where, _WINDOW_FIELDS)
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(
+                item.lines.get("name", item.line), f"{where}.name", "give the window a name"
+            )
+        where = f"{where} ({name})"
+        absolute = "from" in item or "until" in item
+        if absolute and ("days" in item or "hours" in item):
+            raise self.fail(item.line, where, "either from/until, or days/hours, not both")
+        if absolute:
+            start, end = (self.instant(item, key, where) for key in ("from", "until"))
+            if end <= start:
+                raise self.fail(item.lines["until"], f"{where}.until", "must be after 'from'")
+            return Window(name.strip(), item.line, self.match(item, where), start=start, end=end)
+        days = self.choices(item, "days", DAYS, where, match=False)
+        if not days and "hours" not in item:
+            raise self.fail(item.line, where, "give days, hours, or from and until")
+        return Window(
+            name.strip(),
+            item.line,
+            self.match(item, where),
+            days=tuple(DAYS.index(d) for d in days),
+            hours=self.hours(item, where) if "hours" in item else None,
+        )
+
+    def instant(self, item: LinedMap, key: str, where: str) -> dt.datetime:
+        value = item.get(key)
+        if isinstance(value, dt.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        try:
+            return parse_instant(str(value), now=dt.datetime.now(dt.UTC))
+        except UsageError as exc:
+            raise self.fail(item.lines.get(key, item.line), f"{where}.{key}", str(exc)) from None
+
+    def hours(self, item: LinedMap, where: str) -> tuple[int, int]:
+        text = str(item["hours"]).strip()
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})", text)
+        minutes = [int(g) for g in match.groups()] if match else []
+        if not match or minutes[0] > 23 or minutes[2] > 24 or minutes[1] > 59 or minutes[3] > 59:
+            raise self.fail(
+                item.lines["hours"], f"{where}.hours", f"{text!r}: give HH:MM-HH:MM (UTC)"
+            )
+        first, last = minutes[0] * 60 + minutes[1], minutes[2] * 60 + minutes[3]
+        if first == last:
+            raise self.fail(item.lines["hours"], f"{where}.hours", "the window is empty")
+        return first, last
 
     def bits(self, mapping: LinedMap, key: str) -> int | None:
         value = mapping.get(key)

@@ -21,7 +21,7 @@ from broker.engine import MqttEngine
 from broker.metrics import BrokerMetrics
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
-from broker.policy import DEFAULT_POLICY, AccessPolicy, load_policy
+from broker.policy import DEFAULT_POLICY, AccessPolicy, WindowVerdict, load_policy
 from broker.policy_reload import PolicyReload
 from broker.revocation import LiveRevocation
 from broker.tls import BrokerError
@@ -181,6 +181,11 @@ class FleetBroker:
         for peer in list(self._sessions.values()):
             if peer.identity is None or peer.identity.role != DEVICE:
                 continue  # claims and the admin keep their fixed rights
+            window = policy.window(peer.identity, dt.datetime.now(dt.UTC))
+            if not window.allowed:
+                peer.close_by_broker(SessionEnd.WINDOW_CLOSED, window.text)
+                continue
+            _close_at_window_end(peer, window)
             rights = policy.rights(peer.identity)
             peer.change_rights(rights)
             session = peer.mqtt_session
@@ -289,6 +294,12 @@ class FleetBroker:
         if peer.policy_problem is not None:
             self.record(peer, Outcome.POLICY_REFUSED, peer.policy_problem)
             return ConnackCode.NOT_AUTHORIZED
+        if identity.role == DEVICE:
+            window = self.policy.window(identity, dt.datetime.now(dt.UTC))
+            if not window.allowed:
+                self.record(peer, Outcome.OUTSIDE_WINDOW, window.text)
+                return ConnackCode.NOT_AUTHORIZED
+            _close_at_window_end(peer, window)
         if identity.role == CLAIM:
             limit = self.settings.max_claim_sessions
             live = sum(1 for other in self._by_serial.get(peer.serial or 0, ()) if other.authorized)
@@ -380,6 +391,12 @@ class FleetBroker:
             return await asyncio.wait_for(found, timeout)
         finally:
             self._event_listeners.remove(listener)
+
+
+def _close_at_window_end(peer: PeerConnection, window: WindowVerdict) -> None:
+    seconds = (window.closes - dt.datetime.now(dt.UTC)).total_seconds() if window.closes else None
+    ends = f"{window.closes:%Y-%m-%d %H:%M:%S}" if window.closes else ""
+    peer.close_when_window_ends(seconds, f"its access window closed at {ends} UTC")
 
 
 def _client_id_problem(identity: DeviceIdentity, client_id: str | None) -> str | None:

@@ -3,6 +3,7 @@ through a real broker (and nothing else, to anyone else), errors name file, line
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import subprocess
 import textwrap
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 import tests.mqtt_raw as mq
 from broker import DEFAULT_POLICY, PolicyError, rights_for
-from broker.policy import DEFAULT_POLICY_YAML, filter_problem, parse_policy
+from broker.policy import DAYS, DEFAULT_POLICY_YAML, filter_problem, parse_policy
 from fleet import ProvisionSpec, Workspace, provision_devices
 from fleet.kernel.identity import DeviceIdentity
 from tests.broker_support import (
@@ -299,8 +300,8 @@ def test_the_readme_shows_the_default_policy_as_it_is() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("  ```yaml\n", 1)[1].split("  ```\n", 1)[0]
     shown = parse_policy(textwrap.dedent(block), Path("README.md"))
-    strip = [(r.name, r.tiers, r.publish, r.subscribe) for r in shown.rules]
-    assert strip == [(r.name, r.tiers, r.publish, r.subscribe) for r in DEFAULT_POLICY.rules]
+    strip = [(r.name, r.match, r.publish, r.subscribe) for r in shown.rules]
+    assert strip == [(r.name, r.match, r.publish, r.subscribe) for r in DEFAULT_POLICY.rules]
 
 
 ALARM_SOURCES = """\
@@ -388,8 +389,6 @@ def test_certificates_that_miss_the_requirements_are_refused_at_connect(
 ) -> None:
     """A certificate too long-lived or with a weak key is refused at CONNECT (policy_refused,
     naming the requirement); one that meets them is served beside it."""
-    import datetime as dt
-
     from fleet.kernel.keys import KeyType
 
     ok = provision_devices(
@@ -439,3 +438,127 @@ def test_certificates_that_miss_the_requirements_are_refused_at_connect(
     assert explained.returncode == 1
     assert "allowed by rule 'own-topics'" in explained.stdout
     assert "refused at CONNECT (policy_refused): certificate lifetime 90 days" in explained.stdout
+
+
+# -- time windows ------------------------------------------------------------------------------
+
+WINDOWS = """\
+windows:
+  - name: night-shift
+    match: {id: "night-*"}
+    days: [fri, sat]
+    hours: "22:00-02:00"
+  - name: visit
+    match: {id: "maint-*"}
+    from: "START"
+    until: "END"
+rules:
+  - name: own-topics
+    publish: ["devices/{id}/#"]
+    subscribe: ["devices/{id}/#"]
+"""
+
+
+def _windows(start: str, end: str) -> str:
+    return WINDOWS.replace("START", start).replace("END", end)
+
+
+def _at(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+
+
+def test_windows_by_weekday_and_hours_span_midnight_and_absolute_ones_end() -> None:
+    policy = parse_policy(_windows("-1h", "+1h"), Path("w.yaml"))
+    night = _identity("night-1")
+    friday_late, saturday_early = _at("2026-12-04T23:30:00"), _at("2026-12-05T01:59:00")
+    sunday_late, thursday_late = _at("2026-12-06T23:00:00"), _at("2026-12-03T23:00:00")
+    assert policy.window(night, friday_late).closes == _at("2026-12-05T02:00:00")
+    assert policy.window(night, saturday_early).allowed  # friday's span, past midnight
+    assert policy.window(night, _at("2026-12-06T01:00:00")).allowed  # saturday's span
+    for outside in (sunday_late, thursday_late, _at("2026-12-05T12:00:00")):
+        verdict = policy.window(night, outside)
+        assert not verdict.allowed
+        assert verdict.text == "outside its window(s) 'night-shift' (fri, sat 22:00-02:00 UTC)"
+    now = dt.datetime.now(dt.UTC)
+    visit = policy.window(_identity("maint-1"), now)
+    assert (
+        visit.allowed and visit.closes is not None and 3500 < (visit.closes - now).seconds <= 3600
+    )
+    assert not policy.window(_identity("maint-1"), now + dt.timedelta(hours=2)).allowed
+    assert policy.window(_identity("pump-1"), now).text == "no window applies: any time"
+
+
+@given(
+    at=st.datetimes(min_value=dt.datetime(2020, 1, 1), max_value=dt.datetime(2030, 1, 1)).map(
+        lambda t: t.replace(tzinfo=dt.UTC)
+    ),
+    first=st.integers(0, 1439),
+    last=st.integers(1, 1440),
+    days=st.sets(st.sampled_from(DAYS), max_size=3),
+)
+def test_an_open_window_closes_after_now_and_a_closed_one_says_so(
+    at: dt.datetime, first: int, last: int, days: set[str]
+) -> None:
+    if first == last:
+        return
+    hours = f"{first // 60:02d}:{first % 60:02d}-{last // 60:02d}:{last % 60:02d}"
+    day_list = f"[{', '.join(sorted(days))}]" if days else "[]"
+    text = f"windows:\n  - name: w\n    hours: '{hours}'\n"
+    text += f"    days: {day_list}\n" if days else ""
+    text += "rules:\n  - name: r\n    publish: [x]\n"
+    policy = parse_policy(text, Path("w.yaml"))
+    verdict = policy.window(_identity("d-1"), at)
+    if verdict.allowed:
+        assert verdict.closes is not None and at < verdict.closes <= at + dt.timedelta(days=1)
+        assert not policy.window(
+            _identity("d-1"), verdict.closes
+        ).allowed or verdict.closes.time() == dt.time(0)
+    else:
+        assert verdict.closes is None
+
+
+def test_a_window_admits_then_closes_the_session_and_refuses_after(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    maint = provision_devices(workspace, ProvisionSpec(count=1, prefix="maint")).device_ids[0]
+    other = provision_devices(workspace, ProvisionSpec(count=1, prefix="pump")).device_ids[0]
+    policy = _write(tmp_path, _windows("-1m", "+2s"))
+    broker = BrokerThread(settings_for_tests(workspace, policy=policy))
+    bystander = _connected(workspace, broker.port, other)
+    try:
+        inside = _connected(workspace, broker.port, maint)  # admitted inside its window
+        closed = broker.wait_for_event(lambda e: e["event"] == "session_closed", timeout=10)
+        assert (closed["device"], closed["reason"]) == (maint, "window_closed")
+        assert closed["detail"].startswith("its access window closed at ")
+        assert inside.closed_within(5)
+        inside.close()
+        late = mq.RawClient(
+            broker.port, workspace.paths.root_cert, device_credentials(workspace, maint)
+        )
+        late.send(mq.connect(maint))
+        assert late.connack() == (0, 5)
+        late.close()
+        refused = broker.wait_for_event(functools.partial(_rejected, maint))
+        assert refused["reason"] == "outside_window"
+        assert refused["detail"].startswith("outside its window(s) 'visit' (")
+        # the bystander, matched by no window, was never touched and is still served
+        bystander.send(mq.subscribe(1, (f"devices/{other}/#", 0)))
+        answer = bystander.read()
+        assert answer is not None and answer.kind == SUBACK and answer.body[2] == 0
+        bystander.send(mq.publish(f"devices/{other}/t", b"x"))
+        assert _topic(bystander.read()) == f"devices/{other}/t"
+    finally:
+        bystander.close()
+        broker.stop()
+    root = workspace.paths.root
+    for at, code, said in [
+        ("-30s", 0, "may connect: inside window 'visit'"),
+        ("+1h", 1, "is refused at CONNECT (outside_window): outside its window(s) 'visit'"),
+    ]:
+        explained = subprocess.run(
+            fleet_command("policy", "explain", maint, "--dir", root, "--policy", policy,
+                          "--publish", f"devices/{maint}/t", "--at", at),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert explained.returncode == code, explained.stdout + explained.stderr
+        assert said in " ".join(explained.stdout.split())

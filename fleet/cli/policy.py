@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fleet.cli.support import DirOption, friendly_errors, out
+from fleet.kernel.durations import parse_instant
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import identity_from_certificate
 from fleet.store.workspace import DEFAULT_DIR, Workspace
@@ -59,9 +61,14 @@ def policy_explain(
         typer.Option("--subscribe", metavar="FILTER", help="May it subscribe to this filter?"),
     ] = None,
     policy_file: PolicyOption = None,
+    at: Annotated[
+        str,
+        typer.Option(help="When: now, ISO 8601 (UTC unless it says), or relative (+2h, -1d)."),
+    ] = "now",
 ) -> None:
-    """Say which rule lets DEVICE publish or subscribe, or why none does, and whether its
-    certificate meets the policy's requirements (exit 1: refused)."""
+    """Say which rule lets DEVICE publish or subscribe, or why none does, whether its
+    certificate meets the policy's requirements and whether a window admits it AT (exit 1:
+    refused)."""
     from cryptography import x509
 
     from broker.policy import DEFAULT_POLICY, filter_problem, load_policy
@@ -84,5 +91,11 @@ def policy_explain(
     problem = policy.requirements.problem(cert)
     if problem is not None:  # then it cannot connect at all
         out.print(f"{device_id} is refused at CONNECT (policy_refused): {problem}", highlight=False)
-    if not decision.allowed or problem is not None:
+    when = parse_instant(at, now=dt.datetime.now(dt.UTC))
+    window = policy.window(identity, when)
+    verdict = "may connect" if window.allowed else "is refused at CONNECT (outside_window)"
+    out.print(
+        f"at {when:%Y-%m-%d %H:%M:%S} UTC {device_id} {verdict}: {window.text}", highlight=False
+    )
+    if not decision.allowed or problem is not None or not window.allowed:
         raise typer.Exit(1)

@@ -25,6 +25,7 @@ class Outcome(enum.StrEnum):
     WILL_DENIED = "will_denied"  # the CONNECT's will topic is outside the certificate's rights
     TOO_MANY_SESSIONS = "too_many_sessions"  # a claim certificate past --max-claim-sessions
     POLICY_REFUSED = "policy_refused"  # the certificate misses the access policy's requirements
+    OUTSIDE_WINDOW = "outside_window"  # the access policy's time windows keep it out now
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     PROTOCOL_ERROR = "protocol_error"
     OTHER = "other"
@@ -41,6 +42,7 @@ class SessionEnd(enum.StrEnum):
     TAKEOVER = "takeover"
     KEEPALIVE_TIMEOUT = "keepalive_timeout"
     PROTOCOL_ERROR = "protocol_error"
+    WINDOW_CLOSED = "window_closed"  # its access window ended (or a new policy closed it)
 
 
 class BrokerEvent(enum.StrEnum):
