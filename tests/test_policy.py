@@ -562,3 +562,36 @@ def test_a_window_admits_then_closes_the_session_and_refuses_after(
         )  # fmt: skip
         assert explained.returncode == code, explained.stdout + explained.stderr
         assert said in " ".join(explained.stdout.split())
+
+
+def test_a_scenario_names_its_bad_policy_and_a_policy_step_needs_one(tmp_path: Path) -> None:
+    from fleet.scenario import ScenarioError, load_scenario, skip_reason
+    from fleet.scenario.results import Target
+
+    (tmp_path / "bad.yaml").write_text("rules:\n  - name: a\n    publish: [a/#/b]\n")
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "name: s\nbroker:\n  policy: bad.yaml\nfleet:\n  - {name: d, count: 1}\n"
+        "steps:\n  - provision: all\n  - policy: bad.yaml\n"
+    )
+    with pytest.raises(ScenarioError) as raised:
+        load_scenario(scenario)
+    message = str(raised.value)
+    assert (
+        f"{scenario}:3: broker.policy: {tmp_path / 'bad.yaml'}:3: rules[0] (a).publish[0]"
+        in message
+    )
+    assert f"{scenario}:8: steps[1].policy.file: {tmp_path / 'bad.yaml'}:3:" in message
+    scenario.write_text(
+        "name: s\nfleet:\n  - {name: d, count: 1}\nsteps:\n  - provision: all\n"
+        "  - policy: good.yaml\n"
+    )
+    (tmp_path / "good.yaml").write_text(DEFAULT_POLICY_YAML)
+    with pytest.raises(ScenarioError, match=r"s.yaml:6: policy: a policy step needs"):
+        load_scenario(scenario)
+    scenario.write_text(
+        "name: s\nbroker:\n  policy: good.yaml\nfleet:\n  - {name: d, count: 1}\n"
+        "steps:\n  - provision: all\n"
+    )
+    reason = skip_reason(load_scenario(scenario), Target("127.0.0.1", 8883))
+    assert reason == "needs the mtls-fleet broker: its access policy (broker.policy)"

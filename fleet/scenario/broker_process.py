@@ -28,6 +28,7 @@ class BrokerOptions:
     env: str | None = None
     revocation_policy: str = "fail-closed"
     crl_url: str | None = None  # fetch the CRL from the control plane (every 200 ms)
+    policy: Path | None = None  # the access policy file the broker reads (and watches)
 
 
 @dataclass
@@ -58,6 +59,8 @@ class EmbeddedBroker:
             options += ["--env", self.options.env]
         if self.options.crl_url is not None:
             options += ["--crl-url", self.options.crl_url, "--crl-url-every", "0.2s"]
+        if self.options.policy is not None:
+            options += ["--policy", str(self.options.policy)]
         return broker_command(self.workspace, *options, port=self.port)
 
     async def start(self) -> None:

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from fleet.kernel.keys import KeyType
 from fleet.kernel.tls import spki_pin
 from fleet.scenario.model import BrokerCertificate, Eku, Group, Issuer
 from fleet.store.ca import CertificateAuthority
@@ -78,6 +79,7 @@ class ScenarioCredentials:
             not_before=not_before,
             not_after=not_before + dt.timedelta(seconds=group.valid_for),
             extended_key_usage=_EKU[group.eku],
+            key_type=KeyType(group.key_type) if group.key_type else None,
         )
 
     def copy_identities(self, group: str, originals: Sequence[DeviceFiles]) -> list[DeviceFiles]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from broker.policy import PolicyError, load_policy
 from fleet.kernel.durations import parse_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import validate_device_id
@@ -255,3 +256,13 @@ def collecting_errors() -> Iterator[list[ScenarioError]]:
         yield errors
     finally:
         _noted.reset(token)
+
+
+def policy_file(scenario: Path, value: Any) -> Path:
+    """An access policy file named relative to the scenario file, read and checked now."""
+    path = (scenario.parent / as_text(value)).resolve()
+    try:
+        load_policy(path)
+    except PolicyError as exc:
+        raise ValueError(str(exc)) from None
+    return path

@@ -20,6 +20,7 @@ from pathlib import Path
 from device.settings import DeviceBehaviour
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS
+from fleet.kernel.keys import KeyType
 from fleet.kernel.lined_yaml import LinedMap, suggest
 from fleet.scenario.fields import (
     Fields,
@@ -40,6 +41,7 @@ from fleet.scenario.fields import (
     one_of,
     one_or_all,
     parse_yaml,
+    policy_file,
     reading_on,
 )
 from fleet.scenario.model import (
@@ -52,7 +54,7 @@ from fleet.scenario.model import (
     Issuer,
     Scenario,
 )
-from fleet.scenario.steps import Step, StepReader
+from fleet.scenario.steps import PolicyStep, Step, StepReader
 
 # -- the scenario ------------------------------------------------------------------------------
 
@@ -86,6 +88,7 @@ _GROUP_FIELDS = (
     "impersonates",
     "pin_broker",
     "presents_certificate",
+    "key_type",
 )
 
 
@@ -115,6 +118,14 @@ def _scenario(path: Path, document: LinedMap) -> Scenario:
     groups, broken = _groups(path, top)
     group_names = {g.name: g for g in groups}
     steps = _steps(path, top, group_names, broken)
+    broker = _broker(path, top)
+    for step in steps:
+        if isinstance(step, PolicyStep) and broker.policy is None:
+            note_error(
+                ScenarioError(
+                    path, step.line, "policy", "a policy step needs 'broker: {policy: FILE}'"
+                )
+            )
     requests = top.get("certificate_requests", as_flag, False)
     for group in groups:
         if (group.enroll_with or group.auto_renew) and not requests:
@@ -133,7 +144,7 @@ def _scenario(path: Path, document: LinedMap) -> Scenario:
         path=path,
         seed=top.get("seed", as_count, 0),
         groups=groups,
-        broker=_broker(path, top),
+        broker=broker,
         devices=_device_defaults(path, top),
         steps=steps,
         timeout=top.get("timeout", as_positive_duration, 120.0),
@@ -157,7 +168,10 @@ def _broker(path: Path, top: Fields) -> BrokerSpec:
     if mapping is None:
         return BrokerSpec()
     fields = Fields(
-        path, mapping, "broker", ("env", "revocation_policy", "needs_fleet_broker", "crl_from")
+        path,
+        mapping,
+        "broker",
+        ("env", "revocation_policy", "needs_fleet_broker", "crl_from", "policy"),
     )
     return BrokerSpec(
         env=fields.get("env", one_of(ENVIRONMENTS), None),
@@ -166,6 +180,7 @@ def _broker(path: Path, top: Fields) -> BrokerSpec:
         ),
         needs_fleet_broker=fields.get("needs_fleet_broker", as_text, None),
         crl_from=fields.get("crl_from", one_of(CRL_SOURCES), "file"),
+        policy=fields.get("policy", lambda value: policy_file(path, value), None),
     )
 
 
@@ -244,6 +259,7 @@ def _group(path: Path, item: LinedMap, where: str, groups: dict[str, Group]) -> 
         impersonates=fields.get("impersonates", as_text, None),
         pin_broker=fields.get("pin_broker", as_flag, False),
         presents_certificate=fields.get("presents_certificate", as_flag, True),
+        key_type=fields.get("key_type", one_of(KeyType), None),
     )
     if group.impersonates is not None and group.issuer is Issuer.FLEET:
         raise fields.error(

@@ -71,6 +71,7 @@ class Group:
     impersonates: str | None = None  # off-fleet certificates carrying that group's device ids
     pin_broker: bool = False  # pin the key the broker presents when the group is provisioned
     presents_certificate: bool = True  # False: connects without a client certificate
+    key_type: str | None = None  # the workspace's default, or e.g. rsa2048 (a weak key)
 
     @property
     def fleet_issued(self) -> bool:
@@ -94,6 +95,7 @@ class BrokerSpec:
     revocation_policy: str = "fail-closed"
     needs_fleet_broker: str | None = None  # why the scenario cannot run against --target
     crl_from: str = "file"  # or "control-plane": the broker fetches it from 'fleet serve'
+    policy: Path | None = None  # the embedded broker's access policy (--policy)
 
 
 # A scenario's devices unless its ``devices:`` says otherwise: quicker than a real fleet's.

@@ -26,6 +26,7 @@ from device.requests import new_request_id
 from fleet.controlplane.server import ControlPlane
 from fleet.kernel.config import FleetConfig
 from fleet.kernel.errors import FleetError
+from fleet.kernel.files import replace_atomically
 from fleet.kernel.mqtt_api import enroll_client_id
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
 from fleet.scenario.credentials import ScenarioCredentials
@@ -52,6 +53,8 @@ def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
         return None
     if scenario.broker.needs_fleet_broker:
         return f"needs the mtls-fleet broker: {scenario.broker.needs_fleet_broker}"
+    if scenario.broker.policy is not None:
+        return "needs the mtls-fleet broker: its access policy (broker.policy)"
     for step in scenario.steps:
         if step.embedded_only:
             return f"line {step.line}: '{step.kind}' acts on the embedded broker itself"
@@ -204,10 +207,16 @@ class ScenarioRun:
             assert self.control_plane is not None
             crl_url = f"{self.control_plane.url}/crl.pem"
         if self.target is None:
+            policy = None
+            if self.scenario.broker.policy is not None:  # a copy the policy steps replace
+                policy = self.credentials.root / "policy.yaml"
+                policy.parent.mkdir(parents=True, exist_ok=True)
+                replace_atomically(policy, self.scenario.broker.policy.read_bytes())
             options = BrokerOptions(
                 env=self.scenario.broker.env,
                 revocation_policy=self.scenario.broker.revocation_policy,
                 crl_url=crl_url,
+                policy=policy,
             )
             self.broker = EmbeddedBroker(directory, options, clock=self.clock)
             await self.broker.start()

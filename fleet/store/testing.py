@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleet.kernel.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.kernel.identity import DeviceIdentity
-from fleet.kernel.keys import generate_private_key, load_private_key, private_key_pem
+from fleet.kernel.keys import KeyType, generate_private_key, load_private_key, private_key_pem
 from fleet.store.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
 from fleet.store.workspace import DEFAULT_HOSTS, Workspace, issue_broker_certificate
 
@@ -92,13 +92,14 @@ def issue_devices(
     not_before: dt.datetime,
     not_after: dt.datetime,
     extended_key_usage: Sequence[x509.ObjectIdentifier] = CLIENT_AUTH,
+    key_type: KeyType | None = None,
 ) -> list[DeviceFiles]:
-    """A key (mode 0600) and a certificate chain from ``ca`` for each id, in
-    ``directory/<id>/``; the names, SAN and extensions are those of a real device's."""
+    """A key (mode 0600, ``key_type`` or the workspace's) and a certificate chain from ``ca``
+    for each id, in ``directory/<id>/``; the names, SAN and extensions are a real device's."""
     directory.mkdir(parents=True, mode=PRIVATE_DIR_MODE)
     files = []
     for device_id in device_ids:
-        key = generate_private_key(workspace.config.key_type)
+        key = generate_private_key(key_type or workspace.config.key_type)
         identity = DeviceIdentity(
             device_id=device_id, tier=tier, env=env, trust_domain=workspace.config.trust_domain
         )

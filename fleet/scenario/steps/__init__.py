@@ -8,6 +8,7 @@ from fleet.scenario.steps.authority import RetireCaStep, RevokeIssuingCaStep, Ro
 from fleet.scenario.steps.base import STEPS, Step, StepReader, step_kinds
 from fleet.scenario.steps.broker import (
     BrokerCertificateStep,
+    PolicyStep,
     RestartBrokerStep,
     StartBrokerStep,
     StopBrokerStep,
@@ -38,6 +39,7 @@ __all__ = [
     "DisconnectStep",
     "EnrollStep",
     "ExpectStep",
+    "PolicyStep",
     "ProvisionStep",
     "PublishCrlStep",
     "PublishStep",

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fleet.kernel.errors import FleetError
+from fleet.kernel.files import replace_atomically
 from fleet.kernel.identity import ENVIRONMENTS
 from fleet.scenario.broker_process import BrokerOptions, EmbeddedBroker
-from fleet.scenario.fields import Fields, as_duration, as_flag, one_of
+from fleet.scenario.fields import Fields, as_duration, as_flag, one_of, policy_file
 from fleet.scenario.model import REVOCATION_POLICIES, BrokerCertificate
 from fleet.scenario.steps.base import Step, StepReader
 
@@ -120,3 +123,40 @@ class StartBrokerStep(Step):
         broker = _broker(run)
         await broker.start()
         run.note(self.line, self.kind, f"up again on mqtts://127.0.0.1:{broker.port}")
+
+
+_POLICY_WAIT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStep(Step):
+    """The embedded broker's access policy becomes ``file`` (read live, no restart): live
+    sessions lose what it no longer grants. Needs ``broker.policy``."""
+
+    kind = "policy"
+    fields = ("file",)
+    shorthand = "file"
+    embedded_only = True
+
+    file: Path
+
+    @classmethod
+    def read(cls, reader: StepReader, fields: Fields, line: int) -> PolicyStep:
+        return PolicyStep(line, fields.required("file", lambda v: policy_file(reader.path, v)))
+
+    async def run(self, run: ScenarioRun) -> None:
+        broker = _broker(run)
+        target = broker.options.policy
+        assert target is not None  # the loader wants broker.policy with this step
+        seen = len(broker.log.events)
+        await asyncio.to_thread(replace_atomically, target, self.file.read_bytes())
+        deadline = run.clock() + _POLICY_WAIT
+        while run.clock() < deadline:
+            for event in broker.log.events[seen:]:
+                if event.get("event") == "policy_installed":
+                    run.note(self.line, self.kind, f"{self.file.name}: {event.get('detail')}")
+                    return
+                if event.get("event") == "policy_rejected":
+                    raise FleetError(f"the broker refused {self.file}: {event.get('detail')}")
+            await asyncio.sleep(0.05)  # the broker's log, another process: polled
+        raise FleetError(f"the broker did not take {self.file} within {_POLICY_WAIT:g} s")

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fleet.kernel.keys import KeyType
 from fleet.kernel.lined_yaml import suggest
 from fleet.scenario.credentials import DeviceFiles, broker_pin
 from fleet.scenario.fields import (
@@ -104,6 +105,7 @@ async def _provision_group(run: ScenarioRun, group: Group) -> list[Member]:
             env=group.env,
             valid_for=dt.timedelta(seconds=group.valid_for),
             not_before=now + dt.timedelta(seconds=group.starts_in),
+            key_type=KeyType(group.key_type) if group.key_type else None,
         )
         # One process: for scenario-sized groups a worker pool costs more than it saves.
         result = await asyncio.to_thread(provision_devices, workspace, spec, workers=1)
