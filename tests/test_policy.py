@@ -256,6 +256,22 @@ def test_fleet_policy_explain_and_fleet_broker_policy_through_the_cli(
     )
 
 
+def test_what_mosquitto_cannot_enforce_is_said_in_its_acl(workspace: Workspace) -> None:
+    from broker.mosquitto_acl import mosquitto_acl
+
+    provision_devices(workspace, ProvisionSpec(count=1, prefix="maint"))
+    acl = mosquitto_acl(
+        workspace, parse_policy(_windows("-1h", "+1h") + REQUIRE.split("rules:")[0], Path("w.yaml"))
+    )
+    assert (
+        "# Not enforced by Mosquitto: the time windows (night-shift, visit): their devices" in acl
+    )
+    assert "# Not enforced by Mosquitto: the certificate requirements (require:)" in acl
+    assert "user maint-00001\ntopic write devices/maint-00001/#\n" in acl
+    plain = mosquitto_acl(workspace, DEFAULT_POLICY)
+    assert "time windows" not in plain and "requirements" not in plain
+
+
 def test_the_policy_holds_on_a_real_mosquitto(workspace: Workspace, tmp_path: Path) -> None:
     """The same rights through Mosquitto's acl_file: a bronze device is refused another device's
     topics there, as here; the silver reader and the other device are still served."""
