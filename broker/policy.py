@@ -327,20 +327,26 @@ class _Reader:
                     + ", ".join(allowed),
                 )
 
-    def rule(self, item: Any, line: int, where: str) -> Rule:
+    def named(
+        self, item: Any, line: int, where: str, allowed: tuple[str, ...], what: str
+    ) -> tuple[LinedMap, str, str]:
+        """A rule's or window's mapping, its name, and where it is (``rules[2] (name)``)."""
         if not isinstance(item, LinedMap):
-            raise self.fail(line, where, "a rule is a mapping of name, match, publish, subscribe")
-        self.only(item, where, _RULE_FIELDS)
+            raise self.fail(line, where, f"a {what} is a mapping of {', '.join(allowed)}")
+        self.only(item, where, allowed)
         name = item.get("name")
         if not isinstance(name, str) or not name.strip():
             raise self.fail(
-                item.lines.get("name", item.line), f"{where}.name", "give the rule a name"
+                item.lines.get("name", item.line), f"{where}.name", f"give the {what} a name"
             )
-        where = f"{where} ({name})"
+        return item, name.strip(), f"{where} ({name})"
+
+    def rule(self, raw: Any, line: int, where: str) -> Rule:
+        item, name, where = self.named(raw, line, where, _RULE_FIELDS, "rule")
         publish, subscribe = (self.filters(item, action, where) for action in ACTIONS)
         if not publish and not subscribe:
             raise self.fail(item.line, where, "grants nothing: give publish or subscribe filters")
-        return Rule(name.strip(), item.line, self.match(item, where), publish, subscribe)
+        return Rule(name, item.line, self.match(item, where), publish, subscribe)
 
     def match(self, item: LinedMap, where: str) -> Match:
         match = item.get("match", LinedMap.of(item.line))
@@ -389,16 +395,8 @@ class _Reader:
             self.window(item, items.lines[i], f"windows[{i}]") for i, item in enumerate(items)
         )
 
-    def window(self, item: Any, line: int, where: str) -> Window:
-        if not isinstance(item, LinedMap):
-            raise self.fail(line, where, "a window is a mapping of name, match, days, hours …")
-        self.only(item, where, _WINDOW_FIELDS)
-        name = item.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise self.fail(
-                item.lines.get("name", item.line), f"{where}.name", "give the window a name"
-            )
-        where = f"{where} ({name})"
+    def window(self, raw: Any, line: int, where: str) -> Window:
+        item, name, where = self.named(raw, line, where, _WINDOW_FIELDS, "window")
         absolute = "from" in item or "until" in item
         if absolute and ("days" in item or "hours" in item):
             raise self.fail(item.line, where, "either from/until, or days/hours, not both")
@@ -406,12 +404,12 @@ class _Reader:
             start, end = (self.instant(item, key, where) for key in ("from", "until"))
             if end <= start:
                 raise self.fail(item.lines["until"], f"{where}.until", "must be after 'from'")
-            return Window(name.strip(), item.line, self.match(item, where), start=start, end=end)
+            return Window(name, item.line, self.match(item, where), start=start, end=end)
         days = self.choices(item, "days", DAYS, where, match=False)
         if not days and "hours" not in item:
             raise self.fail(item.line, where, "give days, hours, or from and until")
         return Window(
-            name.strip(),
+            name,
             item.line,
             self.match(item, where),
             days=tuple(DAYS.index(d) for d in days),
