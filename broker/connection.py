@@ -260,8 +260,9 @@ class PeerConnection(asyncio.Protocol):
         self.rights = (  # a claim's or the admin's rights are set at CONNECT
             self.broker.policy.rights(self.identity) if self.identity.role == DEVICE else NO_RIGHTS
         )
-        if self.identity.role == DEVICE:  # checked here: the parsed certificate is not kept
-            self.policy_problem = self.broker.policy.requirements.problem(certificate)
+        requirements = self.broker.policy.requirements
+        if self.identity.role == DEVICE and requirements.any:  # here: the certificate is not kept
+            self.policy_problem = requirements.problem(certificate)
         if self._seconds_left() <= 0:  # expired while OpenSSL's check gave way to this one
             self.broker.record(self, Outcome.EXPIRED, "certificate expired during the handshake")
             self.close()

@@ -9,7 +9,7 @@ file has no rights on Mosquitto.
 
 from __future__ import annotations
 
-from broker.policy import AccessPolicy, Requirements
+from broker.policy import AccessPolicy
 from fleet.kernel.identity import DeviceIdentity
 from fleet.kernel.mqtt_api import (
     PROVISION,
@@ -60,7 +60,7 @@ def _not_enforced(policy: AccessPolicy) -> list[str]:
     if policy.windows:
         names = ", ".join(w.name for w in policy.windows)
         said.append(f"the time windows ({names}): their devices may connect at any time here")
-    if policy.requirements != Requirements():
+    if policy.requirements.any:
         said.append(
             "the certificate requirements (require:): any certificate of the fleet CA connects here"
         )

@@ -120,6 +120,11 @@ class Requirements:
     max_lifetime: float | None = None  # seconds from notBefore to notAfter
     signature_algorithms: tuple[str, ...] = ()
 
+    @property
+    def any(self) -> bool:
+        """Whether anything is required (nothing: no certificate need be looked at)."""
+        return self != Requirements()
+
     def problem(self, cert: x509.Certificate) -> str | None:
         """Why ``cert`` does not meet the requirements (None: it does)."""
         organizations = [
