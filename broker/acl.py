@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fleet.kernel.lifecycle import EVENTS_FILTER
 from fleet.kernel.mqtt_api import (
     PROVISION,
     REPLY_PUBLICATIONS,
@@ -86,5 +87,8 @@ def claim_rights(request_id: str) -> TopicRights:
     )
 
 
-ADMIN_RIGHTS = TopicRights(publish=REPLY_PUBLICATIONS, subscribe=REQUEST_SUBSCRIPTIONS)
+# The admin also reads the lifecycle events ($fleet/events/#); a policy may grant them to others.
+ADMIN_RIGHTS = TopicRights(
+    publish=REPLY_PUBLICATIONS, subscribe=(*REQUEST_SUBSCRIPTIONS, EVENTS_FILTER)
+)
 NO_RIGHTS = TopicRights(publish=(), subscribe=())

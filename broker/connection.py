@@ -42,6 +42,7 @@ from broker.packets import (
 from broker.sessions import Session
 from fleet.kernel.errors import CertificateError
 from fleet.kernel.identity import DEVICE, DeviceIdentity, identity_from_certificate, valid_until
+from fleet.kernel.lifecycle import Disconnect, is_event_topic
 from fleet.store.crls import authority_key_id
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ class PeerConnection(asyncio.Protocol):
         "client_id",
         "closed",
         "connect_request",
+        "connected_at",
+        "ended_by",
         "handshaken",
         "identity",
         "issuer",
@@ -130,6 +133,8 @@ class PeerConnection(asyncio.Protocol):
         self.client_id: str | None = None  # the MQTT client id, once CONNECT was admitted
         self.connect_request: ConnectRequest | None = None  # the admitted CONNECT
         self.authorized = False
+        self.connected_at = 0.0  # monotonic, when the CONNECT was admitted
+        self.ended_by: str | None = None  # why the session ended (a lifecycle Disconnect reason)
         self.mqtt_session: Session | None = None  # the engine's session, while it serves this
         self._framer = PacketFramer(broker.settings.max_connect_bytes)
         self._timers: list[asyncio.TimerHandle] = []
@@ -159,6 +164,14 @@ class PeerConnection(asyncio.Protocol):
             return self._serial
         cert = self._presented_certificate()
         return cert.serial_number if cert is not None else None
+
+    @property
+    def issuer_name(self) -> str | None:
+        """The issuing CA's name (RFC 4514) of the certificate accepted, or of the one presented."""
+        if self.issuer is not None:
+            return self.issuer.rfc4514_string()
+        cert = self._presented_certificate()
+        return cert.issuer.rfc4514_string() if cert is not None else None
 
     def _presented_certificate(self) -> x509.Certificate | None:
         """The certificate of a handshake that failed (the verify callback's leaf)."""
@@ -465,6 +478,7 @@ class PeerConnection(asyncio.Protocol):
     def _leave(self) -> None:
         """A DISCONNECT: the session lets go without its will, and the connection closes."""
         self._leaving = True
+        self.ended_by = self.ended_by or Disconnect.CLIENT
         self._end_session(graceful=True)
         self.close()
 
@@ -502,6 +516,8 @@ class PeerConnection(asyncio.Protocol):
         self._publish_verdicts.clear()
 
     def may_publish(self, topic: str) -> bool:
+        if is_event_topic(topic):
+            return False  # only the broker publishes lifecycle events, whatever the rights
         verdict = self._publish_verdicts.get(topic)
         if verdict is None:
             verdict = self.rights is not None and self.rights.may_publish(topic)
@@ -555,6 +571,7 @@ class PeerConnection(asyncio.Protocol):
         and logged."""
         if self.closed or (self.transport is not None and self.transport.is_closing()):
             return
+        self.ended_by = self.ended_by or reason
         self.broker.session_ended_by_broker(self, reason, detail)
         self.close()
 

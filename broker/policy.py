@@ -29,6 +29,7 @@ from broker.acl import TopicRights, filter_covers, topic_matches
 from fleet.kernel.durations import parse_instant, parse_positive_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS, DeviceIdentity
+from fleet.kernel.lifecycle import EVENTS_FILTER
 from fleet.kernel.lined_yaml import FileFormatError, LinedMap, LinedSeq, parse_lined_yaml, suggest
 
 MAX_RULES = 1000
@@ -488,10 +489,25 @@ class _Reader:
             )
         for index, topic_filter in enumerate(value):
             problem = filter_problem(topic_filter)
+            if problem is None and action == "publish" and _reaches_events(topic_filter):
+                problem = f"{topic_filter!r}: only the broker publishes on {EVENTS_FILTER}"
             if problem is not None:
                 item_line = value.lines[index] if isinstance(value, LinedSeq) else line
                 raise self.fail(item_line, f"{where}.{action}[{index}]", problem)
         return tuple(value)
+
+
+def _reaches_events(topic_filter: str) -> bool:
+    """Whether a publish grant could match a lifecycle event, ``$fleet/events/<kind>/<id>``
+    (a wildcard first level never matches a $-topic [MQTT-4.7.2-1])."""
+    levels = topic_filter.split("/")
+    if levels[0] != "$fleet" or len(levels) < 2:
+        return False
+    if levels[1] == "#":
+        return True
+    if levels[1] not in ("events", "+"):
+        return False
+    return "#" in levels[2:] or len(levels) == 4
 
 
 def filter_problem(topic_filter: object) -> str | None:

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from broker.acl import ADMIN_RIGHTS, claim_rights
 from broker.config import BrokerSettings, RevocationPolicy
 from broker.connection import PeerConnection
 from broker.engine import MqttEngine
+from broker.lifecycle import LifecyclePublisher
 from broker.metrics import BrokerMetrics
 from broker.outcomes import BrokerEvent, Outcome, SessionEnd
 from broker.packets import ConnackCode, ConnectRequest
@@ -26,6 +28,7 @@ from broker.policy_reload import PolicyReload
 from broker.revocation import LiveRevocation
 from broker.tls import BrokerError
 from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
+from fleet.kernel.lifecycle import Disconnect
 from fleet.kernel.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
 from fleet.store.crls import (
     CrlState,
@@ -68,6 +71,7 @@ class FleetBroker:
         self._event_listeners: list[Callable[[Event], None]] = []
         self._server: asyncio.Server | None = None
         self.engine = MqttEngine(settings.session_limits, on_drop=self.message_dropped)
+        self.lifecycle = LifecyclePublisher(self.engine)
         self._stopped = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -111,6 +115,7 @@ class FleetBroker:
         if self._server is not None:
             self._server.close()
         for peer in list(self._connections):
+            peer.ended_by = peer.ended_by or Disconnect.BROKER_SHUTDOWN
             peer.close()
         if self._server is not None:
             await self._server.wait_closed()
@@ -221,6 +226,7 @@ class FleetBroker:
             if self._sessions.get(peer.client_id) is peer:
                 del self._sessions[peer.client_id]
             self.metrics.connected.dec()
+            self.lifecycle.disconnected(peer, peer.ended_by or Disconnect.CONNECTION_LOST)
             if self.settings.log_connections:
                 self.log_event(BrokerEvent.DISCONNECTED, peer)
 
@@ -324,8 +330,10 @@ class FleetBroker:
         self._sessions[client_id] = peer
         peer.client_id = client_id
         peer.authorized = True
+        peer.connected_at = time.monotonic()
         self.metrics.connected.inc()
         self.record(peer, Outcome.OK, None)
+        self.lifecycle.connected(peer, request)
         if self.settings.log_connections:
             self.log_event(BrokerEvent.CONNECTED, peer)
         return ConnackCode.ACCEPTED
@@ -353,6 +361,7 @@ class FleetBroker:
         self.metrics.connections.labels(outcome.value).inc()
         if outcome is not Outcome.OK:
             self.log_event(BrokerEvent.REJECTED, peer, reason=outcome.value, detail=detail)
+            self.lifecycle.rejected(peer, outcome, detail)
 
     def log_event(self, event: BrokerEvent, peer: PeerConnection | None, **fields: Any) -> None:
         record: Event = {
