@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet.kernel.lifecycle import EVENTS_FILTER
+from fleet.kernel.lifecycle import ALERTS_FILTER, EVENTS_FILTER
 from fleet.kernel.mqtt_api import (
     PROVISION,
     REPLY_PUBLICATIONS,
@@ -87,8 +87,9 @@ def claim_rights(request_id: str) -> TopicRights:
     )
 
 
-# The admin also reads the lifecycle events ($fleet/events/#); a policy may grant them to others.
+# The admin also reads the lifecycle events ($fleet/events/#; a policy may grant them to others)
+# and publishes alerts ($fleet/alerts/<rule>, see fleet serve --alerts).
 ADMIN_RIGHTS = TopicRights(
-    publish=REPLY_PUBLICATIONS, subscribe=(*REQUEST_SUBSCRIPTIONS, EVENTS_FILTER)
+    publish=(*REPLY_PUBLICATIONS, ALERTS_FILTER), subscribe=(*REQUEST_SUBSCRIPTIONS, EVENTS_FILTER)
 )
 NO_RIGHTS = TopicRights(publish=(), subscribe=())

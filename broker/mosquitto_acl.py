@@ -9,12 +9,11 @@ file has no rights on Mosquitto.
 
 from __future__ import annotations
 
+from broker.acl import ADMIN_RIGHTS
 from broker.policy import AccessPolicy
 from fleet.kernel.identity import DeviceIdentity
 from fleet.kernel.mqtt_api import (
     PROVISION,
-    REPLY_PUBLICATIONS,
-    REQUEST_SUBSCRIPTIONS,
     reply_topic,
     request_topic,
 )
@@ -51,7 +50,7 @@ def mosquitto_acl(workspace: Workspace, policy: AccessPolicy) -> str:
             )
     admins = {ADMIN_NAME} | {a.name for a in registry.admins() if a.status == "active"}
     for name in sorted(admins):
-        lines += _block(name, REPLY_PUBLICATIONS, REQUEST_SUBSCRIPTIONS)
+        lines += _block(name, ADMIN_RIGHTS.publish, ADMIN_RIGHTS.subscribe)
     return "\n".join(lines)
 
 

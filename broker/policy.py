@@ -30,7 +30,14 @@ from fleet.kernel.durations import parse_instant, parse_positive_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.identity import ENVIRONMENTS, TIERS, DeviceIdentity
 from fleet.kernel.lifecycle import EVENTS_FILTER
-from fleet.kernel.lined_yaml import FileFormatError, LinedMap, LinedSeq, parse_lined_yaml, suggest
+from fleet.kernel.lined_yaml import (
+    FieldReader,
+    FileFormatError,
+    LinedMap,
+    LinedSeq,
+    parse_lined_yaml,
+    suggest,
+)
 
 MAX_RULES = 1000
 MAX_FILTERS = 100  # per rule and action
@@ -316,36 +323,8 @@ def parse_policy(text: str, path: Path) -> AccessPolicy:
     return AccessPolicy(tuple(read), str(path), requirements, windows)
 
 
-class _Reader:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, line: int, where: str, problem: str) -> PolicyError:
-        return PolicyError(self.path, line, where, problem)
-
-    def only(self, mapping: LinedMap, where: str, allowed: tuple[str, ...]) -> None:
-        for key in mapping:
-            if key not in allowed:
-                raise self.fail(
-                    mapping.lines[key],
-                    where,
-                    f"unknown field {key!r}{suggest(key, allowed)}; valid fields: "
-                    + ", ".join(allowed),
-                )
-
-    def named(
-        self, item: Any, line: int, where: str, allowed: tuple[str, ...], what: str
-    ) -> tuple[LinedMap, str, str]:
-        """A rule's or window's mapping, its name, and where it is (``rules[2] (name)``)."""
-        if not isinstance(item, LinedMap):
-            raise self.fail(line, where, f"a {what} is a mapping of {', '.join(allowed)}")
-        self.only(item, where, allowed)
-        name = item.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise self.fail(
-                item.lines.get("name", item.line), f"{where}.name", f"give the {what} a name"
-            )
-        return item, name.strip(), f"{where} ({name})"
+class _Reader(FieldReader):
+    error = PolicyError
 
     def rule(self, raw: Any, line: int, where: str) -> Rule:
         item, name, where = self.named(raw, line, where, _RULE_FIELDS, "rule")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import typer
 
 from fleet.cli.admins import admin_app
+from fleet.cli.alerts import alerts_app
 from fleet.cli.authority import ca_app, crl_app
 from fleet.cli.claims import claim_app, enroll
 from fleet.cli.devices import export, inventory, renew, revoke, show
@@ -33,6 +34,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(bench_app, name="bench")
 app.add_typer(scenario_app, name="scenario")
 app.add_typer(policy_app, name="policy")
+app.add_typer(alerts_app, name="alerts")
 _COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, init),
     (None, provision),

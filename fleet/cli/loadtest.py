@@ -63,6 +63,10 @@ def swarm(
             "a valid chain for another key is then refused (broker_untrusted: pin_mismatch)."
         ),
     ] = None,
+    web: Annotated[
+        int | None,
+        typer.Option(metavar="PORT", help="Show the run live in the browser on this port."),
+    ] = None,
 ) -> None:
     """Connect provisioned devices, each with its own certificate, and keep them publishing."""
     from fleet.cli.swarm import SwarmRequest, run_swarm_command
@@ -84,7 +88,7 @@ def swarm(
         renew_at=renew_at,
         pins=pin or (),
     )
-    stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out)
+    stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out, web_port=web)
     if stats.interrupted:
         raise typer.Exit(130)
 

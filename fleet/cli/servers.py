@@ -37,17 +37,29 @@ def serve(
         int | None,
         typer.Option(help="Serve the admin API (HTTPS, mutual TLS, admin certificates) here."),
     ] = None,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option(help="Serve the live web dashboard here (0: any free port)."),
+    ] = None,
+    alerts: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate these alert rules live (see 'fleet alerts check')."),
+    ] = None,
 ) -> None:
     """Run the control plane: CRL, OCSP and /metrics over HTTP; optionally MQTT and admin API.
 
-    The CRL is kept fresh; with --broker it enrolls devices by claim and renews certificates
-    over MQTT; with --api-port it serves the admin API (HTTPS, mutual TLS)."""
+    The CRL is kept fresh; with --broker it enrolls devices by claim, renews certificates
+    over MQTT and follows the broker's lifecycle events; with --api-port it serves the admin
+    API (HTTPS, mutual TLS); with --dashboard-port the web dashboard; with --alerts it
+    evaluates alert rules."""
     from fleet.cli.swarm import parse_target
+    from fleet.controlplane.alert_rules import load_alert_rules
     from fleet.controlplane.server import ControlPlane
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     workspace = Workspace.open(directory)
     target = parse_target(broker) if broker else None
+    rules = load_alert_rules(alerts) if alerts is not None else None
     try:
         plane = ControlPlane(workspace, host=host, port=port)
     except OSError as exc:
@@ -56,16 +68,20 @@ def serve(
     try:
         if target is not None:
             plane.answer_requests(*target)
+        if rules is not None:
+            plane.watch_alerts(rules)
         if api_port is not None:
             plane.serve_admin_api(port=api_port)
+        if dashboard_port is not None:
+            plane.serve_dashboard(port=dashboard_port)
     except FleetError:
         plane.stop()
         raise
     except OSError as exc:
         plane.stop()
-        raise UsageError(
-            f"cannot serve the admin API on {host}:{api_port}: {exc.strerror}"
-        ) from None
+        what = "the dashboard" if plane.api is not None or api_port is None else "the admin API"
+        where = dashboard_port if what == "the dashboard" else api_port
+        raise UsageError(f"cannot serve {what} on {host}:{where}: {exc.strerror}") from None
     answering = f"; answering certificate requests on {broker}" if broker else ""
     print(f"serving {plane.url} (CRL at /crl and /crl.pem, OCSP at /ocsp){answering}", flush=True)
     if plane.api is not None:
@@ -73,6 +89,10 @@ def serve(
             f"admin API on https://{host}:{plane.api.port} (mutual TLS, admin certificates)",
             flush=True,
         )
+    if plane.dashboard is not None:
+        print(f"dashboard on {plane.dashboard.url}", flush=True)
+    if rules is not None:
+        print(f"alerts: {len(rules.rules)} rule(s) from {alerts}", flush=True)
     with stop_on_signals() as stop:
         while not stop.requested:
             time.sleep(0.2)

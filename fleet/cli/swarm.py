@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from broker import launched_broker
 from device.report import progress_table, summary_table
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm
+from fleet.controlplane.swarm_feed import SwarmFeed, SwarmProgress
 from fleet.kernel.durations import parse_positive_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.tls import parse_pin
@@ -163,20 +165,28 @@ def _parse_source_ips(text: str) -> tuple[str, ...]:
 
 
 def run_swarm_command(
-    request: SwarmRequest, *, console: Console, quiet: bool, json_out: Path | None
+    request: SwarmRequest,
+    *,
+    console: Console,
+    quiet: bool,
+    json_out: Path | None,
+    web_port: int | None = None,
 ) -> SwarmStats:
     config = request.config
+    run = functools.partial(
+        _run, console=console, quiet=quiet, json_out=json_out, web_port=web_port
+    )
     if request.embedded_broker:
         with launched_broker(config.workspace) as broker:
             port = broker.port
             console.print(f"embedded broker on {broker.target}")
             request = replace(request, config=replace(config, port=port))
             if config.renew_at is None:
-                return _run(request, console=console, quiet=quiet, json_out=json_out)
+                return run(request)
             with _answering_renewals(config.workspace, port):
                 console.print("control plane answering renewals on the embedded broker")
-                return _run(request, console=console, quiet=quiet, json_out=json_out)
-    return _run(request, console=console, quiet=quiet, json_out=json_out)
+                return run(request)
+    return run(request)
 
 
 @contextmanager
@@ -195,8 +205,48 @@ def _answering_renewals(workspace: Path, port: int) -> Iterator[None]:
         service.stop()
 
 
+@contextmanager
+def _web_view(port: int | None, title: str, console: Console) -> Iterator[SwarmFeed | None]:
+    """The run's web page on ``port`` while the run lasts (None: no page)."""
+    if port is None:
+        yield None
+        return
+    from fleet.controlplane.dashboard import Dashboard
+
+    feed = SwarmFeed(title)
+    dashboard = Dashboard(port=port, swarm=feed)
+    try:
+        dashboard.start()
+    except OSError as exc:
+        raise UsageError(f"cannot serve --web on 127.0.0.1:{port}: {exc.strerror}") from None
+    console.print(f"web view on {dashboard.url}/swarm")
+    try:
+        yield feed
+    finally:
+        dashboard.stop(grace=1.5)
+
+
+def swarm_progress(stats: SwarmStats, *, finished: bool = False) -> SwarmProgress:
+    """What the web page shows of a run's statistics."""
+    return SwarmProgress(
+        elapsed=stats.elapsed,
+        devices=stats.devices,
+        connected=stats.connected_now,
+        attempts=dict(stats.attempts),
+        sent=stats.sent,
+        acknowledged=stats.acknowledged,
+        latency_ms={p: stats.percentile_ms(n) for p, n in (("p50", 50), ("p90", 90), ("p99", 99))},
+        finished=finished,
+    )
+
+
 def _run(
-    request: SwarmRequest, *, console: Console, quiet: bool, json_out: Path | None
+    request: SwarmRequest,
+    *,
+    console: Console,
+    quiet: bool,
+    json_out: Path | None,
+    web_port: int | None,
 ) -> SwarmStats:
     config = request.config
     title = f"{len(config.device_ids):,} devices -> mqtts://{config.host}:{config.port}"
@@ -205,16 +255,28 @@ def _run(
         f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {processes} process(es), "
         f"{config.duration:g} s"
     )
-    if quiet or not console.is_terminal:
-        stats = run_swarm(config, processes=request.processes, on_start=lambda: console.print(line))
-    else:
-        console.print(line)
-        with Live(console=console, refresh_per_second=4, transient=True) as live:
-            stats = run_swarm(
-                config,
-                processes=request.processes,
-                on_progress=lambda s: live.update(progress_table(s, title=title)),
-            )
+    live_view = not quiet and console.is_terminal
+    with ExitStack() as stack:
+        feed = stack.enter_context(_web_view(web_port, title, console))
+        live: Live | None = None
+        if live_view:
+            console.print(line)
+            live = stack.enter_context(Live(console=console, refresh_per_second=4, transient=True))
+
+        def progress(stats: SwarmStats) -> None:
+            if live is not None:
+                live.update(progress_table(stats, title=title))
+            if feed is not None:
+                feed.push(swarm_progress(stats))
+
+        stats = run_swarm(
+            config,
+            processes=request.processes,
+            on_start=None if live_view else lambda: console.print(line),
+            on_progress=progress if live is not None or feed is not None else None,
+        )
+        if feed is not None:
+            feed.push(swarm_progress(stats, finished=True))
     if stats.interrupted:
         console.print("[yellow]interrupted: the summary covers what happened until Ctrl-C[/]")
     console.print(summary_table(stats))

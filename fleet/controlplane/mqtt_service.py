@@ -20,7 +20,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, Counter
 
+from fleet.controlplane.event_feed import EventFeed
 from fleet.kernel.errors import FleetError
+from fleet.kernel.lifecycle import EVENTS_FILTER, is_event_topic
 from fleet.kernel.mqtt_api import (
     ADMIN_CLIENT_PREFIX,
     PROVISION,
@@ -53,6 +55,7 @@ class CertificateService:
         port: int,
         connect_timeout: float = 10.0,
         metrics: CollectorRegistry | None = None,
+        events: EventFeed | None = None,
     ) -> None:
         ensure_admin_certificate(workspace)
         paths = workspace.paths
@@ -66,6 +69,9 @@ class CertificateService:
         self._stopping = False
         self._connected = False
         self.answered = 0
+        self.events = events
+        self._events_mid: int | None = None
+        self.events_problem: str | None = None  # why the broker's lifecycle events do not come
         self.worker_failures = Counter(
             "fleet_request_worker_failures",
             "Requests whose handling failed unexpectedly (answered internal_error), and worker "
@@ -120,6 +126,10 @@ class CertificateService:
             self._start_worker()
         return problems
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """Publish at QoS 1 (an alert); False when paho could not queue it."""
+        return self._client.publish(topic, payload, qos=1).rc == mqtt.MQTT_ERR_SUCCESS
+
     def _start_worker(self) -> None:
         self._worker = threading.Thread(target=self._answer_requests, name="requests", daemon=True)
         self._worker.start()
@@ -142,11 +152,18 @@ class CertificateService:
             return
         self._connected = True
         client.subscribe([(topic, 1) for topic in REQUEST_SUBSCRIPTIONS])
+        if self.events is not None:  # apart: a broker that refuses these still gets answers
+            self._events_mid = client.subscribe(EVENTS_FILTER, 0)[1]
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
     ) -> None:
         refused = [str(r) for r in reasons if r.is_failure]
+        if mid == self._events_mid:
+            self.events_problem = f"the broker refused {EVENTS_FILTER}" if refused else None
+            if refused:
+                log.warning("no lifecycle events: the broker refused %s", EVENTS_FILTER)
+            return
         if refused:
             log.error("the broker refused the request subscriptions: %s", ", ".join(refused))
             return
@@ -161,6 +178,10 @@ class CertificateService:
             log.warning("control plane lost the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if is_event_topic(message.topic):
+            if self.events is not None:
+                self.events.receive(message.topic, bytes(message.payload))
+            return
         self._pending.put(message)
 
     # -- the worker -------------------------------------------------------------------------

@@ -39,6 +39,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fleet.controlplane.admin_api import AdminApi, parse_content_length
+from fleet.controlplane.alert_rules import AlertRules
+from fleet.controlplane.alerts import AlertEngine
+from fleet.controlplane.dashboard import Dashboard, FleetPage
+from fleet.controlplane.event_feed import EventFeed
+from fleet.controlplane.fleet_view import FleetView
 from fleet.controlplane.mqtt_service import CertificateService
 from fleet.controlplane.ocsp import MALFORMED_ANSWER, OcspResponder
 from fleet.store.ca import CertificateAuthority
@@ -117,6 +122,10 @@ class ControlPlane:
         self.requests = CertificateRequests(workspace, self.metrics)
         self.service: CertificateService | None = None
         self.api: AdminApi | None = None
+        self.view = FleetView(workspace)
+        self.events = EventFeed()  # fed by the broker's lifecycle events (with --broker)
+        self.alerts: AlertEngine | None = None
+        self.dashboard: Dashboard | None = None
 
     @property
     def url(self) -> str:
@@ -135,10 +144,36 @@ class ControlPlane:
         Raises :class:`~fleet.controlplane.mqtt_service.BrokerUnreachable` if it cannot connect.
         """
         service = CertificateService(
-            self.workspace, self.requests, host=host, port=port, metrics=self.metrics
+            self.workspace,
+            self.requests,
+            host=host,
+            port=port,
+            metrics=self.metrics,
+            events=self.events,
         )
         service.start()
         self.service = service
+        if self.alerts is not None:
+            self.alerts.publish = service.publish
+
+    def watch_alerts(self, rules: AlertRules, *, every: float = 5.0) -> None:
+        """Evaluate ``rules`` live and deliver what fires (MQTT once answering on a broker)."""
+        engine = AlertEngine(rules, self.view, self.events, metrics=self.metrics, every=every)
+        if self.service is not None:
+            engine.publish = self.service.publish
+        engine.start()
+        self.alerts = engine
+
+    def serve_dashboard(self, *, port: int) -> None:
+        """Also serve the live web dashboard on ``port`` of the same host (OSError if taken)."""
+        page = FleetPage(
+            self.view,
+            self.events if self.service is not None else None,
+            alerts=self.alerts.recent if self.alerts is not None else None,
+        )
+        dashboard = Dashboard(host=self.host, port=port, fleet=page)
+        dashboard.start()
+        self.dashboard = dashboard
 
     def serve_admin_api(self, *, port: int) -> None:
         """Also serve the admin API (HTTPS, mutual TLS) on ``port`` of the same host."""
@@ -156,6 +191,10 @@ class ControlPlane:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        if self.alerts is not None:
+            self.alerts.stop()
         if self.api is not None:
             self.api.stop()
         if self.service is not None:

@@ -26,6 +26,8 @@ from fleet.kernel.broker_reasons import Outcome, SessionEnd
 
 EVENTS_PREFIX = "$fleet/events"
 EVENTS_FILTER = f"{EVENTS_PREFIX}/#"
+ALERTS_PREFIX = "$fleet/alerts"  # the control plane's alerts: $fleet/alerts/<rule>
+ALERTS_FILTER = f"{ALERTS_PREFIX}/#"
 ANONYMOUS = "_anonymous"
 MAX_EVENT_BYTES = 4096
 _MAX_LEVEL = 64

@@ -130,3 +130,40 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     holding = sorted((c for c in options if word and word in c), key=len)
     close = holding[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class FieldReader:
+    """Reads the fields of a :func:`parse_lined_yaml` document; every problem is ``error``
+    naming the file, the line and the field (subclasses add the file's own kinds of field)."""
+
+    error: type[FileFormatError] = FileFormatError
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, line: int, where: str, problem: str) -> FileFormatError:
+        return self.error(self.path, line, where, problem)
+
+    def only(self, mapping: LinedMap, where: str, allowed: tuple[str, ...]) -> None:
+        for key in mapping:
+            if key not in allowed:
+                raise self.fail(
+                    mapping.lines[key],
+                    where,
+                    f"unknown field {key!r}{suggest(key, allowed)}; valid fields: "
+                    + ", ".join(allowed),
+                )
+
+    def named(
+        self, item: Any, line: int, where: str, allowed: tuple[str, ...], what: str
+    ) -> tuple[LinedMap, str, str]:
+        """A named item's mapping, its name, and where it is (``rules[2] (name)``)."""
+        if not isinstance(item, LinedMap):
+            raise self.fail(line, where, f"a {what} is a mapping of {', '.join(allowed)}")
+        self.only(item, where, allowed)
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(
+                item.lines.get("name", item.line), f"{where}.name", f"give the {what} a name"
+            )
+        return item, name.strip(), f"{where} ({name})"
