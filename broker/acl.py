@@ -88,8 +88,9 @@ def claim_rights(request_id: str) -> TopicRights:
 
 
 # The admin also reads the lifecycle events ($fleet/events/#; a policy may grant them to others)
-# and publishes alerts ($fleet/alerts/<rule>, see fleet serve --alerts).
+# and publishes and reads alerts ($fleet/alerts/<rule>, see fleet serve --alerts).
 ADMIN_RIGHTS = TopicRights(
-    publish=(*REPLY_PUBLICATIONS, ALERTS_FILTER), subscribe=(*REQUEST_SUBSCRIPTIONS, EVENTS_FILTER)
+    publish=(*REPLY_PUBLICATIONS, ALERTS_FILTER),
+    subscribe=(*REQUEST_SUBSCRIPTIONS, EVENTS_FILTER, ALERTS_FILTER),
 )
 NO_RIGHTS = TopicRights(publish=(), subscribe=())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the tools the tests drive (openssl, mosquitto, mosquitto_pub/_sub, and strace for fault
-# injection) when they are missing. Never fails the build: when installing is impossible it says why, and the tests that
+# Install the tools the tests drive (openssl, mosquitto, mosquitto_pub/_sub, strace for fault
+# injection, chromium + chromedriver for the dashboard test, promtool from prometheus) when
+# they are missing. Never fails the build: when installing is impossible it says why, and the tests that
 # need the tool skip with that reason.
 set -u
 missing=()
@@ -8,8 +9,11 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "tools: openssl, mosquitto, mosquitto-clients and strace are present"
+  echo "tools: openssl, mosquitto, mosquitto-clients, strace, chromium, chromedriver and promtool are present"
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

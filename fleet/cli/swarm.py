@@ -233,6 +233,7 @@ def swarm_progress(stats: SwarmStats, *, finished: bool = False) -> SwarmProgres
         devices=stats.devices,
         connected=stats.connected_now,
         attempts=dict(stats.attempts),
+        details=dict(stats.details.most_common(20)),
         sent=stats.sent,
         acknowledged=stats.acknowledged,
         latency_ms={p: stats.percentile_ms(n) for p, n in (("p50", 50), ("p90", 90), ("p99", 99))},

@@ -122,6 +122,11 @@ def load_alert_rules(path: Path) -> AlertRules:
         raise UsageError(f"cannot read alert rules {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise AlertRulesError(path, 1, "file", "not UTF-8 text") from None
+    return parse_alert_rules(text, path)
+
+
+def parse_alert_rules(text: str, path: Path) -> AlertRules:
+    """Check ``text`` (read from ``path``, named in every error)."""
     document = parse_lined_yaml(path, text, error=AlertRulesError)
     return _Reader(path).document(document)
 

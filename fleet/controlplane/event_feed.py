@@ -24,6 +24,7 @@ Listener = Callable[[LifecycleEvent], None]
 OK = "ok"
 _MAX_SESSIONS = 1_000_000  # sessions remembered as open (a broker's worth)
 _MAX_CUTS = 1000
+_SHOWN_AT_LEAST = 60  # buckets: a chart spans 5 minutes (at 5 s) even when the feed is young
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,8 @@ class EventFeed:
         first, last = buckets[0][0], buckets[-1][0]
         now = self._clock()
         last = max(last, now - now % self.bucket_seconds)
-        count = min(int((last - first) / self.bucket_seconds) + 1, self._buckets.maxlen or 1)
+        count = int((last - first) / self.bucket_seconds) + 1
+        count = min(max(count, _SHOWN_AT_LEAST), self._buckets.maxlen or 1)
         starts = [last - (count - 1 - i) * self.bucket_seconds for i in range(count)]
         by_start = {start: counts for start, counts in buckets}
         names = sorted({name for _, counts in buckets for name in counts})

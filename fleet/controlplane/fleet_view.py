@@ -23,7 +23,8 @@ EXPIRY_BUCKETS = {
     "7d": dt.timedelta(days=7),
     "30d": dt.timedelta(days=30),
 }
-TIMELINE_DAYS = 60
+TIMELINE_DAYS = 60  # at least; longer to the last expiry, up to MAX_TIMELINE_DAYS
+MAX_TIMELINE_DAYS = 800
 MAX_QUERY = 64
 MAX_ROWS = 500
 RECENT_REVOCATIONS = 10
@@ -131,22 +132,26 @@ class FleetView:
         }
 
     def expiry(self, *, now: dt.datetime | None = None) -> dict[str, Any]:
-        """Devices (revoked ones left out) by the day their certificate expires, for the next
-        ``TIMELINE_DAYS`` days, and how many expire within 1h/1d/7d/30d or have expired."""
+        """Devices (revoked ones left out) by the day their certificate expires, from today
+        to the last expiry (at least ``TIMELINE_DAYS``, at most ``MAX_TIMELINE_DAYS`` days;
+        ``later`` counts those beyond), and how many expire within 1h/1d/7d/30d or have
+        expired."""
         now = now or dt.datetime.now(dt.UTC)
         live = [r for r in self.workspace.registry.devices() if r.status != "revoked"]
         today = now.date()
+        last = max((r.not_after.date() for r in live), default=today)
+        span = min(max(TIMELINE_DAYS, (last - today).days + 1), MAX_TIMELINE_DAYS)
         per_day: Counter[str] = Counter()
         later = 0
         for record in live:
             day = record.not_after.date()
             if record.not_after <= now:
                 continue
-            if (day - today).days < TIMELINE_DAYS:
+            if (day - today).days < span:
                 per_day[day.isoformat()] += 1
             else:
                 later += 1
-        days = [(today + dt.timedelta(days=i)).isoformat() for i in range(TIMELINE_DAYS)]
+        days = [(today + dt.timedelta(days=i)).isoformat() for i in range(span)]
         within = {
             label: sum(1 for r in live if now < r.not_after <= now + window)
             for label, window in EXPIRY_BUCKETS.items()

@@ -19,6 +19,7 @@ class SwarmProgress:
     devices: int
     connected: int
     attempts: dict[str, int] = field(default_factory=dict)  # outcome -> count, so far
+    details: dict[str, int] = field(default_factory=dict)  # "outcome: detail" -> count (failures)
     sent: int = 0
     acknowledged: int = 0
     latency_ms: dict[str, float | None] = field(default_factory=dict)  # p50, p90, p99, max

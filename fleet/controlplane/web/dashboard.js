@@ -59,7 +59,7 @@ function renderFleet(s) {
        { showlegend: false });
   fillRows(el("expiry-buckets").querySelector("tbody"), [
     ["expired", ex.expired], ["within 1h", ex.within["1h"]], ["within 1d", ex.within["1d"]],
-    ["within 7d", ex.within["7d"]], ["within 30d", ex.within["30d"]], ["after 60 days", ex.later],
+    ["within 7d", ex.within["7d"]], ["within 30d", ex.within["30d"]], [`after ${ex.days.length} days`, ex.later],
   ]);
 
   if (s.outcomes) {
@@ -137,6 +137,7 @@ function renderSwarm(s) {
   plot("swarm-outcomes", [{ type: "bar", x: names, y: names.map(n => latest.attempts[n]),
                             marker: { color: names.map(n => COLOURS[n === "connected" ? "ok" : n] || "#999") } }], { showlegend: false });
   fillRows(el("swarm-outcomes-table").querySelector("tbody"), names.map(n => [{ text: n, data: { outcome: n } }, latest.attempts[n]]));
+  fillRows(el("swarm-details").querySelector("tbody"), Object.entries(latest.details).map(([k, v]) => [{ text: k, data: { detail: k } }, v]));
   plot("swarm-latency", ["p50", "p90", "p99"].map(p => ({ type: "scatter", mode: "lines", x: t, y: s.series[p], name: p })));
 }
 
