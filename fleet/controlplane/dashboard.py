@@ -64,13 +64,14 @@ class FleetPage:
         self.alerts = alerts
 
     def snapshot(self) -> dict[str, Any]:
-        inventory = self.view.inventory(DeviceQuery(limit=1))
+        records = self.view.devices()
+        inventory = self.view.inventory(DeviceQuery(limit=1), records)
         del inventory["devices"], inventory["matching"]
         events = self.events
         return {
             "inventory": inventory,
-            "expiry": self.view.expiry(),
-            "revocation": self.view.revocation(events.cut_times() if events else {}),
+            "expiry": self.view.expiry(records),
+            "revocation": self.view.revocation(events.cut_times() if events else {}, records),
             "outcomes": events.outcomes() if events else None,
             "connections": events.connections() if events else None,
             "events": {"received": events.received, "malformed": events.malformed}

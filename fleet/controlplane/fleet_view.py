@@ -89,7 +89,11 @@ class FleetView:
             self._issuers[record.serial] = issuer
         return issuer
 
-    def _rows(self, now: dt.datetime) -> list[dict[str, Any]]:
+    def devices(self) -> list[DeviceRecord]:
+        """Every device, read once per snapshot and handed to the views below."""
+        return self.workspace.registry.devices()
+
+    def _rows(self, records: list[DeviceRecord], now: dt.datetime) -> list[dict[str, Any]]:
         return [
             {
                 "id": r.device_id,
@@ -101,12 +105,19 @@ class FleetView:
                 "not_after": r.not_after.isoformat(),
                 "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
             }
-            for r in self.workspace.registry.devices()
+            for r in records
         ]
 
-    def inventory(self, query: DeviceQuery, *, now: dt.datetime | None = None) -> dict[str, Any]:
+    def inventory(
+        self,
+        query: DeviceQuery,
+        records: list[DeviceRecord] | None = None,
+        *,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
         """Counts of the whole fleet by state, tier, env and issuer, and the matching rows."""
-        rows = self._rows(now or dt.datetime.now(dt.UTC))
+        records = self.devices() if records is None else records
+        rows = self._rows(records, now or dt.datetime.now(dt.UTC))
         matching = [
             row
             for row in rows
@@ -131,13 +142,16 @@ class FleetView:
             "devices": matching[: query.limit],
         }
 
-    def expiry(self, *, now: dt.datetime | None = None) -> dict[str, Any]:
+    def expiry(
+        self, records: list[DeviceRecord] | None = None, *, now: dt.datetime | None = None
+    ) -> dict[str, Any]:
         """Devices (revoked ones left out) by the day their certificate expires, from today
         to the last expiry (at least ``TIMELINE_DAYS``, at most ``MAX_TIMELINE_DAYS`` days;
         ``later`` counts those beyond), and how many expire within 1h/1d/7d/30d or have
         expired."""
         now = now or dt.datetime.now(dt.UTC)
-        live = [r for r in self.workspace.registry.devices() if r.status != "revoked"]
+        records = self.devices() if records is None else records
+        live = [r for r in records if r.status != "revoked"]
         today = now.date()
         last = max((r.not_after.date() for r in live), default=today)
         span = min(max(TIMELINE_DAYS, (last - today).days + 1), MAX_TIMELINE_DAYS)
@@ -165,14 +179,21 @@ class FleetView:
         }
 
     def revocation(
-        self, cut_times: dict[str, dt.datetime], *, now: dt.datetime | None = None
+        self,
+        cut_times: dict[str, dt.datetime],
+        records: list[DeviceRecord] | None = None,
+        *,
+        now: dt.datetime | None = None,
     ) -> dict[str, Any]:
         """The CRL in force and the latest revocations, each with the time from ``fleet revoke``
         to the broker cutting the session (None: no cut seen, e.g. it was not connected)."""
         now = now or dt.datetime.now(dt.UTC)
         crl = load_crl(self.workspace)
         number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        revoked = self.workspace.registry.devices(status="revoked")
+        if records is None:
+            revoked = self.workspace.registry.devices(status="revoked")
+        else:
+            revoked = [r for r in records if r.status == "revoked"]
         latest = sorted(
             (r for r in revoked if r.revoked_at is not None),
             key=lambda r: r.revoked_at or now,

@@ -16,7 +16,11 @@ def format_time(value: dt.datetime) -> str:
 
 
 def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    """The inverse of :func:`format_time` (``fromisoformat``: strptime costs 20 times more,
+    which a view of 10,000 devices, four times per row, pays in seconds)."""
+    if len(text) != 20 or text[-1] != "Z":
+        raise ValueError(f"registry time {text!r} is not YYYY-MM-DDTHH:MM:SSZ")
+    return dt.datetime.fromisoformat(text)
 
 
 def reason_flag(name: str) -> x509.ReasonFlags:
