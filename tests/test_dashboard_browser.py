@@ -164,6 +164,29 @@ def test_watch_a_swarm_and_a_revocation_in_the_browser(
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "dashboard-fleet.png"))
 
+            # the search: revoked devices of the (only) issuing CA, chosen as a user does
+            from selenium.webdriver.support.ui import Select
+
+            Select(browser.find_element("id", "search-state")).select_by_visible_text("revoked")
+            issuers = Select(browser.find_element("id", "search-issuer"))
+            assert [o.text for o in issuers.options][1:] == [
+                "CN=fleet.local issuing CA 1,O=fleet.local"
+            ]
+            issuers.select_by_index(1)
+            _wait(
+                browser,
+                "only the revoked device in the search",
+                lambda d: (
+                    _script(
+                        d,
+                        "return [...document.querySelectorAll('#inventory-table td[data-id]')]"
+                        ".map(e => e.dataset.id)",
+                    )
+                    == [victim]
+                ),
+            )
+            assert browser.find_element("id", "search-count").text == "1 matching, 1 shown"
+
             browser.get(f"http://127.0.0.1:{web_port}/swarm")
             _wait(
                 browser,

@@ -53,6 +53,7 @@ function renderFleet(s) {
   countsTable("by-tier", inv.by_tier);
   countsTable("by-env", inv.by_env);
   countsTable("by-issuer", inv.by_issuer);
+  issuerChoices(Object.keys(inv.by_issuer || {}));
 
   const ex = s.expiry;
   plot("expiry", [{ type: "bar", x: ex.days, y: ex.counts, name: "expire that day", marker: { color: "#2980b9" } }],
@@ -100,6 +101,15 @@ function renderFleet(s) {
   fillRows(el("alerts-table").querySelector("tbody"), alerts.slice().reverse().map(a => [
     a.at, { text: a.rule, data: { rule: a.rule } }, { text: a.severity, cls: `sev-${a.severity}` }, a.summary,
   ]));
+}
+
+function issuerChoices(issuers) {
+  const select = el("search-issuer");
+  const known = [...select.options].slice(1).map(o => o.value);
+  if (known.join("\n") === issuers.join("\n")) return;
+  const chosen = select.value;
+  select.replaceChildren(select.options[0], ...issuers.map(name => new Option(name, name)));
+  select.value = issuers.includes(chosen) ? chosen : "";
 }
 
 async function search() {
