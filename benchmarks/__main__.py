@@ -8,7 +8,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import broker, control_plane, flood, handshake, provisioning, swarm, traffic
+from benchmarks import (
+    broker,
+    cluster,
+    control_plane,
+    flood,
+    handshake,
+    provisioning,
+    swarm,
+    traffic,
+)
 from benchmarks.mqtt_load import percentile
 
 console = Console(width=max(160, Console().width))  # wide tables stay readable in logs
@@ -404,6 +413,29 @@ def bench_traffic(base: Path) -> None:
             )
 
 
+def bench_cluster(base: Path, devices: int, duration: float) -> None:
+    console.rule("swarm on Dask")
+    report = cluster.run(base / "cluster", devices=devices, duration=duration)
+    local, dask = report.processes, report.dask
+    rows = [
+        [f.runner, f"{f.connected:,} / {f.devices:,}", f"{f.connect_rate:,.0f}/s",
+         f"{f.message_rate:,.0f}/s", f"{f.lost:,}"]
+        for f in (local, dask)
+    ]  # fmt: skip
+    console.print(
+        _table(
+            f"{devices:,} devices on the embedded broker, QoS 1 every second, {duration:g} s "
+            "(the same devices and broker, one run after the other)",
+            ["runner", "connected at the end", "connect rate", "message rate", "lost"],
+            rows,
+        )
+    )
+    console.print(
+        f"Dask / processes: connect rate {dask.connect_rate / local.connect_rate:.0%}, message "
+        f"rate {dask.message_rate / local.message_rate:.0%} (target >= 90% each)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path("bench-data"), help="scratch directory")
@@ -418,6 +450,7 @@ def main() -> None:
             "handshake",
             "control-plane",
             "enrollment",
+            "cluster",
         ],
         help="run one benchmark",
     )
@@ -429,6 +462,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--swarm-seconds", type=float, default=120.0, help="duration of the swarm run"
+    )
+    parser.add_argument(
+        "--cluster-devices", type=int, default=4_000, help="devices in the Dask comparison"
+    )
+    parser.add_argument(
+        "--cluster-seconds", type=float, default=30.0, help="duration of each Dask comparison run"
     )
     args = parser.parse_args()
     if args.only in (None, "provisioning"):
@@ -447,6 +486,8 @@ def main() -> None:
         bench_traffic(args.dir)
     if args.only in (None, "swarm"):
         bench_swarm(args.dir, args.held, args.swarm_seconds)
+    if args.only in (None, "cluster"):
+        bench_cluster(args.dir, args.cluster_devices, args.cluster_seconds)
 
 
 if __name__ == "__main__":

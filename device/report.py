@@ -60,4 +60,9 @@ def summary_table(stats: SwarmStats) -> Table:
         table.add_row(
             "ramp", f"{summary['ramp_rate']:,.0f} connects/s over {summary['ramp_seconds']:.1f} s"
         )
+    for shard in summary["lost_shards"]:
+        table.add_row(
+            "[red]lost with their worker[/]",
+            f"{shard['devices']:,} devices on {shard['worker']} ({shard['why']})",
+        )
     return table

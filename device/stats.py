@@ -37,6 +37,8 @@ class SwarmStats:
     ramp_seconds: float | None = None
     interrupted: bool = False
     handshake: HdrHistogram = field(default_factory=_histogram)
+    # shards whose worker was lost mid-run (--scheduler): {"worker": address, "devices": n}
+    lost_shards: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, attempt: ConnectAttempt) -> None:
         self.attempts[attempt.outcome.value] += 1
@@ -79,6 +81,7 @@ class SwarmStats:
             "elapsed": self.elapsed,
             "ramp_seconds": self.ramp_seconds,
             "handshake": self.handshake.encode(),
+            "lost_shards": list(self.lost_shards),
         }
 
     @classmethod
@@ -102,6 +105,7 @@ class SwarmStats:
             if snap["ramp_seconds"] is not None:
                 ramps.append(snap["ramp_seconds"])
             total.handshake.add(HdrHistogram.decode(snap["handshake"]))
+            total.lost_shards += snap.get("lost_shards", [])
         total.ramp_seconds = max(ramps) if ramps and len(ramps) == len(snapshots) else None
         return total
 
@@ -128,4 +132,6 @@ class SwarmStats:
             else None,
             "elapsed_seconds": self.elapsed,
             "interrupted": self.interrupted,
+            "lost_shards": self.lost_shards,
+            "lost_devices": sum(shard["devices"] for shard in self.lost_shards),
         }

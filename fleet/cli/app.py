@@ -13,6 +13,7 @@ from fleet.cli.admins import admin_app
 from fleet.cli.alerts import alerts_app
 from fleet.cli.authority import ca_app, crl_app
 from fleet.cli.claims import claim_app, enroll
+from fleet.cli.cluster import cluster_app
 from fleet.cli.devices import export, inventory, renew, revoke, show
 from fleet.cli.loadtest import bench_app, swarm
 from fleet.cli.policy import policy_app
@@ -35,6 +36,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(scenario_app, name="scenario")
 app.add_typer(policy_app, name="policy")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(cluster_app, name="cluster")
 _COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, init),
     (None, provision),

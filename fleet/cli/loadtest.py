@@ -67,6 +67,17 @@ def swarm(
         int | None,
         typer.Option(metavar="PORT", help="Show the run live in the browser on this port."),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the shards on this Dask cluster (tls://HOST:8786), one per worker, "
+            "instead of local processes."
+        ),
+    ] = None,
+    cluster_certs: Annotated[
+        Path,
+        typer.Option(help="The client certificate for --scheduler (from 'fleet cluster certs')."),
+    ] = Path("cluster-certs"),
 ) -> None:
     """Connect provisioned devices, each with its own certificate, and keep them publishing."""
     from fleet.cli.swarm import SwarmRequest, run_swarm_command
@@ -88,7 +99,17 @@ def swarm(
         renew_at=renew_at,
         pins=pin or (),
     )
-    stats = run_swarm_command(request, console=out, quiet=quiet, json_out=json_out, web_port=web)
+    if scheduler is not None:
+        from fleet.cli.cluster import cluster_client
+
+        with cluster_client(scheduler, cluster_certs) as client:
+            stats = run_swarm_command(
+                request, console=out, quiet=quiet, json_out=json_out, web_port=web, cluster=client
+            )
+    else:
+        stats = run_swarm_command(
+            request, console=out, quiet=quiet, json_out=json_out, web_port=web
+        )
     if stats.interrupted:
         raise typer.Exit(130)
 

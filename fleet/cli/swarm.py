@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import os
 import re
@@ -11,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -20,6 +20,7 @@ from device.report import progress_table, summary_table
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm
 from fleet.controlplane.swarm_feed import SwarmFeed, SwarmProgress
+from fleet.kernel.addresses import parse_source_ips
 from fleet.kernel.durations import parse_positive_duration
 from fleet.kernel.errors import UsageError
 from fleet.kernel.tls import parse_pin
@@ -92,7 +93,7 @@ class SwarmRequest:
             payload_size=max(0, payload_size),
             duration=parse_positive_duration(duration).total_seconds(),
             mqtt_version=5 if mqtt_version == "5" else 4,
-            source_ips=_parse_source_ips(source_ips) if source_ips else (),
+            source_ips=parse_source_ips(source_ips) if source_ips else (),
             renew_at=_parse_fraction(renew_at) if renew_at else None,
             pins=tuple(_parse_pin(pin) for pin in pins),
         )
@@ -142,28 +143,6 @@ def parse_processes(text: str) -> int | None:
     return int(text)
 
 
-def _parse_source_ips(text: str) -> tuple[str, ...]:
-    """``127.0.0.2-127.0.0.9`` or ``127.0.0.2,127.0.0.3``: loopback addresses only."""
-    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                first, last = (ipaddress.ip_address(x.strip()) for x in part.split("-", 1))
-                addresses += [ipaddress.ip_address(n) for n in range(int(first), int(last) + 1)]
-            else:
-                addresses.append(ipaddress.ip_address(part.strip()))
-    except ValueError as exc:
-        raise UsageError(f"invalid --source-ips {text!r}: {exc}") from None
-    outside = [str(a) for a in addresses if not a.is_loopback]
-    if outside:
-        raise UsageError(
-            f"--source-ips must be loopback addresses (127.0.0.0/8 or ::1), not {outside[0]}"
-        )
-    if not addresses or len(addresses) > 1024:
-        raise UsageError("--source-ips must name between 1 and 1024 addresses")
-    return tuple(str(a) for a in addresses)
-
-
 def run_swarm_command(
     request: SwarmRequest,
     *,
@@ -171,10 +150,12 @@ def run_swarm_command(
     quiet: bool,
     json_out: Path | None,
     web_port: int | None = None,
+    cluster: Any = None,
 ) -> SwarmStats:
+    """Run the swarm (on ``cluster``'s Dask workers when given) and print its summary."""
     config = request.config
     run = functools.partial(
-        _run, console=console, quiet=quiet, json_out=json_out, web_port=web_port
+        _run, console=console, quiet=quiet, json_out=json_out, web_port=web_port, cluster=cluster
     )
     if request.embedded_broker:
         with launched_broker(config.workspace) as broker:
@@ -248,14 +229,17 @@ def _run(
     quiet: bool,
     json_out: Path | None,
     web_port: int | None,
+    cluster: Any,
 ) -> SwarmStats:
     config = request.config
     title = f"{len(config.device_ids):,} devices -> mqtts://{config.host}:{config.port}"
-    processes = request.processes or os.cpu_count() or 1
-    line = (
-        f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {processes} process(es), "
-        f"{config.duration:g} s"
-    )
+    if cluster is not None:
+        from device.cluster import cluster_workers
+
+        where = f"{len(cluster_workers(cluster))} Dask worker(s) of {cluster.scheduler.address}"
+    else:
+        where = f"{request.processes or os.cpu_count() or 1} process(es)"
+    line = f"swarm: {title}, ramp {config.ramp_per_second:g}/s, {where}, {config.duration:g} s"
     live_view = not quiet and console.is_terminal
     with ExitStack() as stack:
         feed = stack.enter_context(_web_view(web_port, title, console))
@@ -270,12 +254,18 @@ def _run(
             if feed is not None:
                 feed.push(swarm_progress(stats))
 
-        stats = run_swarm(
-            config,
-            processes=request.processes,
-            on_start=None if live_view else lambda: console.print(line),
-            on_progress=progress if live is not None or feed is not None else None,
-        )
+        on_start = None if live_view else lambda: console.print(line)
+        on_progress = progress if live is not None or feed is not None else None
+        if cluster is not None:
+            from device.cluster import run_swarm_on_cluster
+
+            stats = run_swarm_on_cluster(
+                config, cluster, on_progress=on_progress, on_start=on_start
+            ).stats
+        else:
+            stats = run_swarm(
+                config, processes=request.processes, on_start=on_start, on_progress=on_progress
+            )
         if feed is not None:
             feed.push(swarm_progress(stats, finished=True))
     if stats.interrupted:

@@ -354,8 +354,10 @@ class CertificateAuthority:
         public_key: PublicKey,
         not_before: dt.datetime,
         not_after: dt.datetime,
+        extended_key_usage: Sequence[x509.ObjectIdentifier] = (ExtendedKeyUsageOID.SERVER_AUTH,),
     ) -> x509.Certificate:
-        """A broker certificate with EKU serverAuth and a SAN for every host name or IP."""
+        """A broker certificate with EKU serverAuth (or ``extended_key_usage``: a cluster
+        member that is server and client both) and a SAN for every host name or IP."""
         names: list[x509.GeneralName] = []
         for host in dict.fromkeys(hosts):  # de-duplicate, keep order
             try:
@@ -373,7 +375,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(extended_key_usage)), critical=False)
             .sign(self.issuing_key, self._hash)
         )
 

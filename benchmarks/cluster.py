@@ -1,0 +1,95 @@
+"""The swarm on 2 Dask workers (a LocalCluster with mutual TLS) against ``--processes 2``: same
+devices, same broker, same run, one after the other; connect rate and message rate side by side."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker import launched_broker
+from device.cluster import run_swarm_on_cluster
+from device.stats import SwarmStats
+from device.swarm import SwarmConfig, run_swarm
+from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
+from fleet.store.cluster_certs import ClusterCertificates, issue_cluster_certificates
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    runner: str
+    devices: int
+    connected: int
+    connect_rate: float  # connects per second while ramping
+    message_rate: float  # QoS 1 messages acknowledged per second over the run
+    lost: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterReport:
+    processes: RunFigures
+    dask: RunFigures
+
+
+def _figures(runner: str, stats: SwarmStats) -> RunFigures:
+    connected = stats.attempts.get("connected", 0)
+    ramp = stats.ramp_seconds or stats.elapsed
+    return RunFigures(
+        runner=runner,
+        devices=stats.devices,
+        connected=stats.connected_at_deadline,
+        connect_rate=connected / ramp if ramp else 0.0,
+        message_rate=stats.acknowledged / stats.elapsed if stats.elapsed else 0.0,
+        lost=stats.lost,
+    )
+
+
+def _security(files: ClusterCertificates, *, cluster: bool) -> Any:
+    from distributed.security import Security
+
+    roles = {
+        "tls_client_cert": str(files.cert("client")),
+        "tls_client_key": str(files.key("client")),
+    }
+    if cluster:
+        for role in ("scheduler", "worker"):
+            roles[f"tls_{role}_cert"] = str(files.cert(role))
+            roles[f"tls_{role}_key"] = str(files.key(role))
+    return Security(tls_ca_file=str(files.ca), require_encryption=True, **roles)
+
+
+def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
+    from distributed import Client, LocalCluster
+
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    init_workspace(base / "fleet", config=FleetConfig())
+    workspace = Workspace.open(base / "fleet")
+    ids = provision_devices(workspace, ProvisionSpec(count=devices)).device_ids
+    files = issue_cluster_certificates(workspace, base / "certs")
+    with launched_broker(workspace.paths.root) as broker:
+        config = SwarmConfig(
+            workspace=workspace.paths.root,
+            device_ids=tuple(ids),
+            port=broker.port,
+            ramp_per_second=2000.0,  # more than two cores can do: the runner's own limit shows
+            publish_every=1.0,
+            qos=1,
+            duration=duration,
+        )
+        local = _figures("--processes 2", run_swarm(config, processes=2))
+        with (
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                protocol="tls",
+                host="127.0.0.1",
+                security=_security(files, cluster=True),
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster.scheduler_address, security=_security(files, cluster=False)) as client,
+        ):
+            dask = _figures("2 Dask workers (TLS)", run_swarm_on_cluster(config, client).stats)
+    return ClusterReport(local, dask)

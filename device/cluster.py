@@ -1,0 +1,237 @@
+"""The swarm on Dask distributed (``fleet swarm --scheduler tls://HOST:8786``).
+
+The fleet is split into one shard per worker; each shard is one long-running task pinned to its
+worker, running the same :class:`~device.swarm.Swarm` as a ``--processes`` shard. Identities
+travel with the task (each device's chain and key, and the root), over Dask's comms, which the
+caller secures with mutual TLS (certificates from ``fleet cluster certs``); the worker writes
+them to a private temporary directory (0700, keys 0600) for the run and removes it after.
+
+While shards run, each keeps its latest statistics (four times a second) in a Dask ``Variable``
+of its own: latest wins, so nothing piles up at the scheduler however slow the reader (a queue
+or the scheduler's event log would keep every snapshot). The client merges the latest of every
+shard into one live view, and the final ones (the tasks' results) into the summary. Ctrl-C sets a Dask event every shard watches: they drain,
+disconnect and return. A worker that disappears mid-run loses its shard: its devices are
+reported as lost with the worker's address (what the shard had reported until then is kept),
+the others carry on, and the run still ends with a summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from device.stats import SwarmStats
+from device.swarm import ProgressCallback, Swarm, SwarmConfig, SwarmError, split
+from fleet.kernel.addresses import parse_source_ips
+from fleet.kernel.files import PRIVATE_DIR_MODE, write_public, write_secret
+from fleet.kernel.signals import stop_on_signals
+from fleet.store.workspace import WorkspacePaths
+
+SOURCE_IPS_VARIABLE = "FLEET_SOURCE_IPS"  # set where 'dask worker' starts: its own --source-ips
+PROGRESS_EVERY = 0.25
+_WATCH_EVERY = 0.5  # how often the client looks for lost workers, a shard for the stop event
+_ANSWER_GRACE = 120.0  # past the run's duration, shards still silent are reported lost
+
+
+@dataclass(frozen=True, slots=True)
+class ShardIdentities:
+    """What a worker needs to be a shard's devices: the root and each device's chain and key."""
+
+    root_pem: bytes
+    devices: tuple[tuple[str, bytes, bytes], ...]  # (device id, chain PEM, key PEM)
+
+    @classmethod
+    def read(cls, workspace: Path, device_ids: tuple[str, ...]) -> ShardIdentities:
+        paths = WorkspacePaths(workspace)
+        return cls(
+            paths.root_cert.read_bytes(),
+            tuple(
+                (i, paths.device_cert(i).read_bytes(), paths.device_key(i).read_bytes())
+                for i in device_ids
+            ),
+        )
+
+    def write(self, directory: Path) -> Path:
+        """Lay them out as a workspace under ``directory`` (keys 0600); returns its root."""
+        paths = WorkspacePaths(directory / "fleet")
+        paths.root_cert.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+        write_public(paths.root_cert, self.root_pem)
+        for device_id, chain, key in self.devices:
+            paths.device_cert(device_id).parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+            write_public(paths.device_cert(device_id), chain)
+            write_secret(paths.device_key(device_id), key)
+        return paths.root
+
+
+def run_shard(config: SwarmConfig, identities: ShardIdentities, run: str, index: int) -> Any:
+    """The task on a worker: run one shard, publishing progress, and return its final stats.
+
+    Dask reschedules the tasks of a lost worker on another; a shard does not start twice (its
+    devices would connect from two places): the second start finds the first's claim and
+    returns ``None``.
+    """
+    from distributed import Event, Variable, get_worker
+
+    worker = get_worker().address
+    own_sources = os.environ.get(SOURCE_IPS_VARIABLE)
+    if own_sources:  # this worker's addresses, e.g. to pass ~28,000 connections per address
+        config = replace(config, source_ips=parse_source_ips(own_sources, what=SOURCE_IPS_VARIABLE))
+    claim = Variable(f"{run}-shard-{index}")
+    with contextlib.suppress(TimeoutError):
+        claim.get(timeout=0)
+        return None
+    claim.set(worker)
+    progress = Variable(progress_name(run, index))
+    stop_event = Event(f"{run}-stop")
+
+    async def main(root: Path) -> SwarmStats:
+        stop = asyncio.Event()
+        sending: list[asyncio.Future[None]] = []
+
+        def publish(stats: SwarmStats) -> None:
+            """Off the loop (a scheduler round trip); one at a time, the newest wins."""
+            if sending and not sending[0].done():
+                return
+            sending[:] = [asyncio.ensure_future(asyncio.to_thread(progress.set, stats.to_wire()))]
+
+        async def watch() -> None:
+            while not stop.is_set():
+                if await asyncio.to_thread(stop_event.is_set):
+                    stop.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _WATCH_EVERY)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await Swarm(replace(config, workspace=root)).run(
+                stop,
+                on_progress=publish,
+                progress_every=PROGRESS_EVERY,
+            )
+        finally:
+            stop.set()
+            await asyncio.gather(watcher, *sending, return_exceptions=True)
+
+    with tempfile.TemporaryDirectory(prefix="fleet-shard-") as directory:
+        os.chmod(directory, PRIVATE_DIR_MODE)
+        final = asyncio.run(main(identities.write(Path(directory))))
+    return final.to_wire()
+
+
+def progress_name(run: str, index: int) -> str:
+    return f"{run}-progress-{index}"
+
+
+def cluster_workers(client: Any) -> list[str]:
+    return sorted(client.scheduler_info(n_workers=-1)["workers"])
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRun:
+    """A run's merged statistics, and what each shard reported last (its final stats when it
+    finished), with the worker it ran on."""
+
+    stats: SwarmStats
+    shards: dict[int, dict[str, Any]]
+    workers: list[str]
+
+
+def run_swarm_on_cluster(
+    config: SwarmConfig,
+    client: Any,
+    *,
+    on_progress: ProgressCallback | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> ClusterRun:
+    """Run ``config`` over the workers of ``client`` (a ``distributed.Client``), one shard each.
+
+    Returns the merged statistics (``lost_shards`` names any worker lost mid-run); raises
+    :class:`SwarmError` when there is no worker, or a shard fails by a defect of its own.
+    """
+    from distributed import Event, Variable
+
+    workers = cluster_workers(client)
+    if not workers:
+        raise SwarmError(f"the Dask scheduler {client.scheduler.address} has no workers")
+    shards = split(list(config.device_ids), len(workers))
+    run = f"fleet-swarm-{uuid.uuid4().hex[:12]}"
+    stop_event = Event(f"{run}-stop", client=client)
+    futures = {}
+    progress = {i: Variable(progress_name(run, i), client=client) for i in range(len(shards))}
+    for index, ids in enumerate(shards):
+        shard = replace(
+            config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
+        )
+        futures[index] = client.submit(
+            run_shard,
+            shard,
+            ShardIdentities.read(config.workspace, ids),
+            run,
+            index,
+            workers=[workers[index]],
+            allow_other_workers=False,
+            pure=False,
+            key=f"{run}-shard-{index}",
+        )
+    latest: dict[int, dict[str, Any]] = {}
+    finals: dict[int, dict[str, Any]] = {}
+    lost: dict[int, str] = {}
+    errors: list[str] = []
+    stopping = False
+    give_up = time.monotonic() + config.duration + _ANSWER_GRACE
+    next_watch = 0.0
+    with stop_on_signals() as interrupted:
+        if on_start is not None:
+            on_start()
+        while len(finals) + len(lost) + len(errors) < len(futures):
+            if interrupted.requested and not stopping:
+                stop_event.set()
+                stopping = True
+                give_up = time.monotonic() + _ANSWER_GRACE
+            time.sleep(PROGRESS_EVERY)
+            for index in futures.keys() - finals.keys() - lost.keys():
+                with contextlib.suppress(TimeoutError):
+                    latest[index] = progress[index].get(timeout=0)
+            if on_progress is not None and latest:
+                on_progress(SwarmStats.merge(list(latest.values())))
+            for index, future in futures.items():
+                if index in finals or index in lost or not future.done():
+                    continue
+                if future.status == "finished" and future.result() is not None:
+                    finals[index] = latest[index] = future.result()
+                elif future.status == "finished":
+                    lost[index] = "restarted elsewhere after its worker was lost"
+                else:
+                    errors.append(f"shard {index} on {workers[index]}: {future.exception()!r}")
+            if time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + _WATCH_EVERY
+                alive = set(cluster_workers(client))
+                for index, future in futures.items():
+                    if index in finals or index in lost:
+                        continue
+                    if workers[index] not in alive:
+                        lost[index] = "worker lost mid-run"
+                        future.cancel()
+                    elif time.monotonic() > give_up:
+                        lost[index] = "no answer in time"
+                        future.cancel()
+        stop_event.set()  # every shard has answered or is lost: nothing may run on
+    if errors:
+        raise SwarmError("; ".join(errors))
+    for index, why in lost.items():
+        snapshot = latest.get(index) or SwarmStats(devices=len(shards[index])).to_wire()
+        snapshot["lost_shards"] = [
+            {"worker": workers[index], "devices": len(shards[index]), "why": why}
+        ]
+        latest[index] = snapshot
+    stats = SwarmStats.merge([latest[i] for i in sorted(latest)])
+    stats.interrupted = interrupted.requested
+    return ClusterRun(stats, latest, workers[: len(shards)])
