@@ -1,5 +1,6 @@
 """The swarm on 2 Dask workers (a LocalCluster with mutual TLS) against ``--processes 2``: same
-devices, same broker, same run, one after the other; connect rate and message rate side by side."""
+devices, same broker, same run; the two alternate for ``ROUNDS`` rounds (a 2-core machine's
+figures move by a quarter from one run to the next), and the means are compared."""
 
 from __future__ import annotations
 
@@ -26,10 +27,20 @@ class RunFigures:
     lost: int
 
 
+ROUNDS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterReport:
-    processes: RunFigures
-    dask: RunFigures
+    runs: list[RunFigures]  # in the order they ran
+
+    def mean(self, runner: str, figure: str) -> float:
+        values: list[float] = [getattr(r, figure) for r in self.runs if r.runner == runner]
+        return sum(values) / len(values)
+
+
+PROCESSES = "--processes 2"
+DASK = "2 Dask workers (TLS)"
 
 
 def _figures(runner: str, stats: SwarmStats) -> RunFigures:
@@ -78,7 +89,7 @@ def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
             qos=1,
             duration=duration,
         )
-        local = _figures("--processes 2", run_swarm(config, processes=2))
+        runs = []
         with (
             LocalCluster(
                 n_workers=2,
@@ -91,5 +102,7 @@ def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
             ) as cluster,
             Client(cluster.scheduler_address, security=_security(files, cluster=False)) as client,
         ):
-            dask = _figures("2 Dask workers (TLS)", run_swarm_on_cluster(config, client).stats)
-    return ClusterReport(local, dask)
+            for _ in range(ROUNDS):
+                runs.append(_figures(PROCESSES, run_swarm(config, processes=2)))
+                runs.append(_figures(DASK, run_swarm_on_cluster(config, client).stats))
+    return ClusterReport(runs)

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from device.stats import SwarmStats
-from device.swarm import ProgressCallback, Swarm, SwarmConfig, SwarmError, split
+from device.swarm import (
+    ProgressCallback,
+    Swarm,
+    SwarmConfig,
+    SwarmError,
+    event_loop_runner,
+    split,
+    tune_for_many_devices,
+)
 from fleet.kernel.addresses import parse_source_ips
 from fleet.kernel.files import PRIVATE_DIR_MODE, write_public, write_secret
 from fleet.kernel.signals import stop_on_signals
@@ -80,13 +88,15 @@ def run_shard(config: SwarmConfig, identities: ShardIdentities, run: str, index:
     """
     from distributed import Event, Variable, get_worker
 
-    worker = get_worker().address
+    host = get_worker()
+    worker = host.address
+    tune_for_many_devices()  # the worker process is the shard's, as a --processes one is
+    _stop_worker_profiler(host)
     own_sources = os.environ.get(SOURCE_IPS_VARIABLE)
     if own_sources:  # this worker's addresses, e.g. to pass ~28,000 connections per address
         config = replace(config, source_ips=parse_source_ips(own_sources, what=SOURCE_IPS_VARIABLE))
-    claim = Variable(f"{run}-shard-{index}")
-    with contextlib.suppress(TimeoutError):
-        claim.get(timeout=0)
+    claim = Variable(claim_name(run, index))
+    if claim.get(timeout=10):  # the client set it to "" before submitting
         return None
     claim.set(worker)
     progress = Variable(progress_name(run, index))
@@ -122,12 +132,28 @@ def run_shard(config: SwarmConfig, identities: ShardIdentities, run: str, index:
 
     with tempfile.TemporaryDirectory(prefix="fleet-shard-") as directory:
         os.chmod(directory, PRIVATE_DIR_MODE)
-        final = asyncio.run(main(identities.write(Path(directory))))
+        final = event_loop_runner()(main(identities.write(Path(directory))))
     return final.to_wire()
+
+
+def _stop_worker_profiler(worker: Any) -> None:
+    """Dask's statistical profiler walks the running task's stack every 10 ms: on a shard (an
+    event loop over thousands of devices, for minutes) it took GIL time from the devices (py-spy
+    on a worker: ``Worker.trigger_profile`` on the worker's loop). Stopped for the worker's
+    life, on its own loop (tornado callbacks are not thread-safe); the equivalent at start is
+    ``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False``."""
+    for name in ("profile", "profile-cycle"):
+        callback = worker.periodic_callbacks.pop(name, None)
+        if callback is not None:
+            worker.loop.add_callback(callback.stop)
 
 
 def progress_name(run: str, index: int) -> str:
     return f"{run}-progress-{index}"
+
+
+def claim_name(run: str, index: int) -> str:
+    return f"{run}-shard-{index}"
 
 
 def cluster_workers(client: Any) -> list[str]:
@@ -166,6 +192,9 @@ def run_swarm_on_cluster(
     stop_event = Event(f"{run}-stop", client=client)
     futures = {}
     progress = {i: Variable(progress_name(run, i), client=client) for i in range(len(shards))}
+    for index in range(len(shards)):  # set before any get: an unset Variable's get is an error
+        progress[index].set(None)
+        Variable(claim_name(run, index), client=client).set("")
     for index, ids in enumerate(shards):
         shard = replace(
             config, device_ids=ids, ramp_per_second=config.ramp_per_second / len(shards)
@@ -198,8 +227,9 @@ def run_swarm_on_cluster(
                 give_up = time.monotonic() + _ANSWER_GRACE
             time.sleep(PROGRESS_EVERY)
             for index in futures.keys() - finals.keys() - lost.keys():
-                with contextlib.suppress(TimeoutError):
-                    latest[index] = progress[index].get(timeout=0)
+                snapshot = progress[index].get()
+                if snapshot is not None:
+                    latest[index] = snapshot
             if on_progress is not None and latest:
                 on_progress(SwarmStats.merge(list(latest.values())))
             for index, future in futures.items():
@@ -224,6 +254,9 @@ def run_swarm_on_cluster(
                         lost[index] = "no answer in time"
                         future.cancel()
         stop_event.set()  # every shard has answered or is lost: nothing may run on
+    for index in range(len(shards)):  # nothing of the run stays at the scheduler
+        progress[index].delete()
+        Variable(claim_name(run, index), client=client).delete()
     if errors:
         raise SwarmError("; ".join(errors))
     for index, why in lost.items():

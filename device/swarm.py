@@ -181,7 +181,8 @@ def split(device_ids: list[str], shards: int) -> list[tuple[str, ...]]:
     return [group for group in (tuple(device_ids[k::shards]) for k in range(shards)) if group]
 
 
-def _event_loop_runner() -> Callable[[Any], Any]:
+def event_loop_runner() -> Callable[[Any], Any]:
+    """What runs a shard's event loop: uvloop where installed, else asyncio."""
     try:
         import uvloop
     except ImportError:
@@ -189,12 +190,17 @@ def _event_loop_runner() -> Callable[[Any], Any]:
     return uvloop.run
 
 
+def tune_for_many_devices() -> None:
+    """A shard's process: thousands of devices are millions of objects, and full garbage
+    collections would stall the loop; collect rarely, and never what exists already."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def _shard_main(config: SwarmConfig, messages: Any, stop_flag: Any, index: int) -> None:
     """Entry point of a shard process: run, stream snapshots, send the final one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    # Thousands of devices are millions of objects: full collections would stall the loop.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_for_many_devices()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -213,7 +219,7 @@ def _shard_main(config: SwarmConfig, messages: Any, stop_flag: Any, index: int) 
         messages.put((index, "final", final.to_wire()))
 
     try:
-        _event_loop_runner()(main())
+        event_loop_runner()(main())
     except Exception as exc:  # reported to the parent, which prints it; never a silent death
         messages.put((index, "error", f"{type(exc).__name__}: {exc}"))
 

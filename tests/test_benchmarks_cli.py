@@ -40,3 +40,14 @@ def test_swarm_seconds_and_held_scale_the_swarm_benchmark(tmp_path: Path) -> Non
     assert title + "QoS 1 every 10 s, for 3 s" in " ".join(out.split()), out  # the title wraps
     connected = re.search(r"│ connected at the deadline\s*│\s*(\d+) │\s*(\d+) │", out)
     assert connected is not None and connected.groups() == ("30", "30"), out
+
+
+@pytest.mark.slow
+def test_cluster_devices_and_seconds_scale_the_dask_comparison(tmp_path: Path) -> None:
+    out = _bench(tmp_path, "--only", "cluster", "--cluster-devices", "40", "--cluster-seconds", "3")
+    title = "40 devices on the embedded broker, QoS 1 every second, 3 s a run"
+    assert title in " ".join(out.split()), out
+    runs = re.findall(r"│ (--processes 2|2 Dask workers \(TLS\))\s*│\s*(\d+) / (\d+) │", out)
+    assert [r[0] for r in runs] == ["--processes 2", "2 Dask workers (TLS)"] * 2, out
+    assert all(r[1:] == ("40", "40") for r in runs), out
+    assert "Dask / processes (means): connect rate" in out
