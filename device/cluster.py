@@ -23,11 +23,20 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from device.handshake_bench import (
+    BenchError,
+    BenchResult,
+    BenchSettings,
+    Identity,
+    ShardResult,
+    bench_result,
+    run_bench_shard,
+)
 from device.stats import SwarmStats
 from device.swarm import (
     ProgressCallback,
@@ -46,7 +55,8 @@ from fleet.store.workspace import WorkspacePaths
 SOURCE_IPS_VARIABLE = "FLEET_SOURCE_IPS"  # set where 'dask worker' starts: its own --source-ips
 PROGRESS_EVERY = 0.25
 _WATCH_EVERY = 0.5  # how often the client looks for lost workers, a shard for the stop event
-_ANSWER_GRACE = 120.0  # past the run's duration, shards still silent are reported lost
+_ANSWER_GRACE = 120.0
+_BENCH_LEAD = 3.0  # seconds for the identities to reach the workers before the churn starts  # past the run's duration, shards still silent are reported lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +69,18 @@ class ShardIdentities:
     @classmethod
     def read(cls, workspace: Path, device_ids: tuple[str, ...]) -> ShardIdentities:
         paths = WorkspacePaths(workspace)
+        return cls.from_files(
+            paths.root_cert, [(i, paths.device_cert(i), paths.device_key(i)) for i in device_ids]
+        )
+
+    @classmethod
+    def from_files(
+        cls, root_cert: Path, entries: Sequence[tuple[str, Path, Path]]
+    ) -> ShardIdentities:
+        """From ``(device id, chain file, key file)`` entries (ids unique in one shard)."""
         return cls(
-            paths.root_cert.read_bytes(),
-            tuple(
-                (i, paths.device_cert(i).read_bytes(), paths.device_key(i).read_bytes())
-                for i in device_ids
-            ),
+            root_cert.read_bytes(),
+            tuple((i, cert.read_bytes(), key.read_bytes()) for i, cert, key in entries),
         )
 
     def write(self, directory: Path) -> Path:
@@ -146,6 +162,60 @@ def _stop_worker_profiler(worker: Any) -> None:
         callback = worker.periodic_callbacks.pop(name, None)
         if callback is not None:
             worker.loop.add_callback(callback.stop)
+
+
+def bench_shard(
+    settings: BenchSettings,
+    identities: ShardIdentities,
+    expected: tuple[str, ...],
+    start_at: float,
+) -> list[ShardResult]:
+    """The handshake bench's task on a worker: one shard's churn from ``start_at`` (wall
+    clock: the machines' clocks must agree, as NTP keeps them, to well under a second)."""
+    from distributed import get_worker
+
+    _stop_worker_profiler(get_worker())
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as directory:
+        os.chmod(directory, PRIVATE_DIR_MODE)
+        paths = WorkspacePaths(identities.write(Path(directory)))
+        shard = [
+            Identity(device_id, paths.device_cert(device_id), paths.device_key(device_id), why)
+            for (device_id, _, _), why in zip(identities.devices, expected, strict=True)
+        ]
+        return run_bench_shard(replace(settings, trust_anchor=paths.root_cert), shard, start_at)
+
+
+def run_handshake_bench_on_cluster(
+    settings: BenchSettings, identities: list[Identity], client: Any
+) -> BenchResult:
+    """``fleet bench handshake --scheduler``: the identities split over the workers of
+    ``client``, one shard each pinned to its worker, ``concurrency`` in flight overall; the
+    merged result is the same as with processes."""
+    if not identities:
+        raise BenchError("no identities to connect with")
+    workers = cluster_workers(client)
+    if not workers:
+        raise BenchError(f"the Dask scheduler {client.scheduler.address} has no workers")
+    count = min(len(workers), len(identities))
+    shards = [identities[i::count] for i in range(count)]
+    shard_settings = replace(settings, concurrency=max(1, settings.concurrency // count))
+    start_at = time.time() + _BENCH_LEAD + len(identities) / count * 0.0005  # contexts first
+    futures = [
+        client.submit(
+            bench_shard,
+            shard_settings,
+            ShardIdentities.from_files(
+                settings.trust_anchor, [(i.device_id, i.cert, i.key) for i in shard]
+            ),
+            tuple(i.expected for i in shard),
+            start_at,
+            workers=[worker],
+            allow_other_workers=False,
+            pure=False,
+        )
+        for shard, worker in zip(shards, workers, strict=False)
+    ]
+    return bench_result(client.gather(futures), settings, count)
 
 
 def progress_name(run: str, index: int) -> str:

@@ -226,9 +226,10 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run_shard(
+def run_bench_shard(
     settings: BenchSettings, identities: list[Identity], start_at: float
 ) -> list[ShardResult]:
+    """One shard's churn from ``start_at`` (wall clock); one result per pass (two with resume)."""
     try:
         import uvloop
 
@@ -329,11 +330,18 @@ def run_handshake_bench(
     start_at = time.time() + 1.0 + len(identities) / max(1, count) * 0.0005  # contexts first
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
-        futures = [pool.submit(_run_shard, shard_settings, s, start_at) for s in shards]
+        futures = [pool.submit(run_bench_shard, shard_settings, s, start_at) for s in shards]
         passes = [future.result() for future in futures]
-    result = merge([p[-1] for p in passes], settings, count)
+    return bench_result(passes, settings, count)
+
+
+def bench_result(
+    passes: list[list[ShardResult]], settings: BenchSettings, shards: int
+) -> BenchResult:
+    """The merged result of every shard's passes (the last pass; with resume, the first too)."""
+    result = merge([p[-1] for p in passes], settings, shards)
     if settings.resume:
-        full = merge([p[0] for p in passes], replace(settings, resume=False), count)
+        full = merge([p[0] for p in passes], replace(settings, resume=False), shards)
         result.full = {
             "rate": full.rate,
             "accepted": full.accepted,

@@ -260,3 +260,38 @@ def test_real_dask_processes_run_the_swarm_and_a_worker_killed_mid_run_loses_onl
     assert set(by_source) == {"127.0.0.5", "127.0.0.1"}
     sources = {e["device"] for e in connected if e["peer"].startswith("127.0.0.5:")}
     assert len(sources) == 100
+
+
+@pytest.mark.slow
+def test_the_handshake_bench_on_a_local_tls_cluster_reports_as_with_processes(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    from distributed import LocalCluster
+
+    from tests.test_handshake_bench import _consistent
+
+    certs = tmp_path / "certs"
+    files = issue_cluster_certificates(workspace, certs)
+    report = tmp_path / "report"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
+        security=_security(files, cluster=True), dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        ran = subprocess.run(
+            fleet_command("bench", "handshake", "--dir", workspace.paths.root,
+                          "--connections", "200", "--concurrency", "20", "--reject-mix", "15%",
+                          "--scheduler", cluster.scheduler_address, "--cluster-certs", certs,
+                          "--report", report),
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    (run,) = json.loads((report / "report.json").read_text())["runs"]
+    _consistent(run, 200)
+    assert run["processes"] == 2  # one shard per worker
+    assert run["by_expectation"] == {
+        "accepted -> accepted": 170,
+        "expired -> rejected": 10,
+        "revoked -> rejected": 10,
+        "rogue-ca -> rejected": 10,
+    }
+    assert run["outcomes"]["rejected_by_broker: certificate_revoked"] == 10

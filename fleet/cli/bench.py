@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -113,8 +114,14 @@ def _broker(workspace: Workspace, request: BenchRequest) -> Iterator[tuple[str, 
 
 
 def run_bench_command(
-    workspace: Workspace, request: BenchRequest, *, console: Console, report: Path | None
+    workspace: Workspace,
+    request: BenchRequest,
+    *,
+    console: Console,
+    report: Path | None,
+    cluster: Any = None,
 ) -> list[BenchResult]:
+    """Run the bench (on ``cluster``'s Dask workers when given, else in processes)."""
     results = []
     reference = None
     with (
@@ -140,11 +147,18 @@ def run_bench_command(
             resume=request.resume,
         )
         for concurrency in request.concurrency:
-            result = run_handshake_bench(
-                replace(settings, concurrency=concurrency),
-                identities,
-                processes=request.processes,
-            )
+            if cluster is not None:
+                from device.cluster import run_handshake_bench_on_cluster
+
+                result = run_handshake_bench_on_cluster(
+                    replace(settings, concurrency=concurrency), identities, cluster
+                )
+            else:
+                result = run_handshake_bench(
+                    replace(settings, concurrency=concurrency),
+                    identities,
+                    processes=request.processes,
+                )
             results.append(result)
             if request.sweep:
                 console.print(

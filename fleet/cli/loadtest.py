@@ -152,6 +152,14 @@ def bench_handshake(
     report: Annotated[
         Path | None, typer.Option(help="Write report.json and PNG plots to this directory.")
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Run the client shards on this Dask cluster (tls://HOST:8786)."),
+    ] = None,
+    cluster_certs: Annotated[
+        Path,
+        typer.Option(help="The client certificate for --scheduler (from 'fleet cluster certs')."),
+    ] = Path("cluster-certs"),
 ) -> None:
     """Connection churn (TLS + CONNECT/CONNACK + DISCONNECT) with a certificate per connection."""
     from fleet.cli.bench import BenchRequest, run_bench_command
@@ -169,7 +177,15 @@ def bench_handshake(
         sweep=sweep,
         reference=reference,
     )
-    run_bench_command(Workspace.open(directory), request, console=out, report=report)
+    if scheduler is None:
+        run_bench_command(Workspace.open(directory), request, console=out, report=report)
+        return
+    from fleet.cli.cluster import cluster_client
+
+    with cluster_client(scheduler, cluster_certs) as client:
+        run_bench_command(
+            Workspace.open(directory), request, console=out, report=report, cluster=client
+        )
 
 
 @bench_app.command("compare")
