@@ -260,7 +260,7 @@ def run_swarm_on_cluster(
     shards = split(list(config.device_ids), len(workers))
     run = f"fleet-swarm-{uuid.uuid4().hex[:12]}"
     stop_event = Event(f"{run}-stop", client=client)
-    futures = {}
+    futures: dict[int, Any] = {}
     progress = {i: Variable(progress_name(run, i), client=client) for i in range(len(shards))}
     for index in range(len(shards)):  # set before any get: an unset Variable's get is an error
         progress[index].set(None)
@@ -280,61 +280,103 @@ def run_swarm_on_cluster(
             pure=False,
             key=f"{run}-shard-{index}",
         )
-    latest: dict[int, dict[str, Any]] = {}
-    finals: dict[int, dict[str, Any]] = {}
-    lost: dict[int, str] = {}
-    errors: list[str] = []
-    stopping = False
+    tracker = _ShardTracker(futures, progress, workers, [len(ids) for ids in shards])
     give_up = time.monotonic() + config.duration + _ANSWER_GRACE
     next_watch = 0.0
     with stop_on_signals() as interrupted:
         if on_start is not None:
             on_start()
-        while len(finals) + len(lost) + len(errors) < len(futures):
-            if interrupted.requested and not stopping:
+        while tracker.pending:
+            if interrupted.requested and not stop_event.is_set():
                 stop_event.set()
-                stopping = True
                 give_up = time.monotonic() + _ANSWER_GRACE
             time.sleep(PROGRESS_EVERY)
-            for index in futures.keys() - finals.keys() - lost.keys():
-                snapshot = progress[index].get()
-                if snapshot is not None:
-                    latest[index] = snapshot
-            if on_progress is not None and latest:
-                on_progress(SwarmStats.merge(list(latest.values())))
-            for index, future in futures.items():
-                if index in finals or index in lost or not future.done():
-                    continue
-                if future.status == "finished" and future.result() is not None:
-                    finals[index] = latest[index] = future.result()
-                elif future.status == "finished":
-                    lost[index] = "restarted elsewhere after its worker was lost"
-                else:
-                    errors.append(f"shard {index} on {workers[index]}: {future.exception()!r}")
+            tracker.read_progress()
+            if on_progress is not None and tracker.latest:
+                on_progress(SwarmStats.merge(list(tracker.latest.values())))
+            tracker.collect_finished()
             if time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + _WATCH_EVERY
-                alive = set(cluster_workers(client))
-                for index, future in futures.items():
-                    if index in finals or index in lost:
-                        continue
-                    if workers[index] not in alive:
-                        lost[index] = "worker lost mid-run"
-                        future.cancel()
-                    elif time.monotonic() > give_up:
-                        lost[index] = "no answer in time"
-                        future.cancel()
+                tracker.lose_missing(
+                    set(cluster_workers(client)), overdue=time.monotonic() > give_up
+                )
         stop_event.set()  # every shard has answered or is lost: nothing may run on
     for index in range(len(shards)):  # nothing of the run stays at the scheduler
         progress[index].delete()
         Variable(claim_name(run, index), client=client).delete()
-    if errors:
-        raise SwarmError("; ".join(errors))
-    for index, why in lost.items():
-        snapshot = latest.get(index) or SwarmStats(devices=len(shards[index])).to_wire()
-        snapshot["lost_shards"] = [
-            {"worker": workers[index], "devices": len(shards[index]), "why": why}
-        ]
-        latest[index] = snapshot
-    stats = SwarmStats.merge([latest[i] for i in sorted(latest)])
+    if tracker.errors:
+        raise SwarmError("; ".join(tracker.errors))
+    snapshots = tracker.snapshots()
+    stats = SwarmStats.merge([snapshots[i] for i in sorted(snapshots)])
     stats.interrupted = interrupted.requested
-    return ClusterRun(stats, latest, workers[: len(shards)])
+    return ClusterRun(stats, snapshots, workers[: len(shards)])
+
+
+class _ShardTracker:
+    """What the client knows of each shard: its latest statistics, its final ones once its
+    task returned, or why it was lost (its worker left, it restarted elsewhere, no answer)."""
+
+    def __init__(
+        self,
+        futures: dict[int, Any],
+        progress: dict[int, Any],
+        workers: list[str],
+        sizes: list[int],
+    ) -> None:
+        self.futures = futures
+        self.progress = progress
+        self.workers = workers
+        self.sizes = sizes
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.finals: set[int] = set()
+        self.lost: dict[int, str] = {}
+        self.errors: list[str] = []
+
+    @property
+    def running(self) -> list[int]:
+        done = self.finals | self.lost.keys()
+        return [i for i in self.futures if i not in done]
+
+    @property
+    def pending(self) -> bool:
+        return not self.errors and bool(self.running)
+
+    def read_progress(self) -> None:
+        for index in self.running:
+            snapshot = self.progress[index].get()
+            if snapshot is not None:
+                self.latest[index] = snapshot
+
+    def collect_finished(self) -> None:
+        for index in self.running:
+            future = self.futures[index]
+            if not future.done():
+                continue
+            if future.status != "finished":
+                self.errors.append(
+                    f"shard {index} on {self.workers[index]}: {future.exception()!r}"
+                )
+            elif future.result() is None:
+                self.lost[index] = "restarted elsewhere after its worker was lost"
+            else:
+                self.latest[index] = future.result()
+                self.finals.add(index)
+
+    def lose_missing(self, alive: set[str], *, overdue: bool) -> None:
+        for index in self.running:
+            if self.workers[index] not in alive:
+                self.lost[index] = "worker lost mid-run"
+            elif overdue:
+                self.lost[index] = "no answer in time"
+            else:
+                continue
+            self.futures[index].cancel()
+
+    def snapshots(self) -> dict[int, dict[str, Any]]:
+        """Every shard's last word; a lost one's carries ``lost_shards`` with its worker."""
+        result = dict(self.latest)
+        for index, why in self.lost.items():
+            snapshot = result.get(index) or SwarmStats(devices=self.sizes[index]).to_wire()
+            lost = {"worker": self.workers[index], "devices": self.sizes[index], "why": why}
+            result[index] = snapshot | {"lost_shards": [lost]}
+        return result

@@ -295,3 +295,53 @@ def test_the_handshake_bench_on_a_local_tls_cluster_reports_as_with_processes(
         "rogue-ca -> rejected": 10,
     }
     assert run["outcomes"]["rejected_by_broker: certificate_revoked"] == 10
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_shard_on_the_cluster_and_still_prints_the_summary(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    from distributed import LocalCluster
+
+    provision_devices(workspace, ProvisionSpec(count=60))
+    certs = tmp_path / "certs"
+    files = issue_cluster_certificates(workspace, certs)
+    web = free_port()
+    summary = tmp_path / "summary.json"
+    with (
+        launched_broker(workspace.paths.root) as broker,
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
+            security=_security(files, cluster=True), dashboard_address=None,
+        ) as cluster,
+    ):  # fmt: skip
+        swarm = subprocess.Popen(
+            fleet_command("swarm", "--dir", workspace.paths.root, "--devices", "60",
+                          "--target", broker.target, "--scheduler", cluster.scheduler_address,
+                          "--cluster-certs", certs, "--duration", "10m", "--quiet",
+                          "--web", str(web), "--json", summary),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            assert swarm.stdout is not None
+            said = []
+            for line in swarm.stdout:
+                said.append(line)
+                if line.startswith("web view on "):
+                    break
+            wait_for_snapshot(
+                f"http://127.0.0.1:{web}", "swarm",
+                lambda s: (s["latest"] or {}).get("connected") == 60, timeout=60,
+            )  # fmt: skip
+            swarm.send_signal(signal.SIGINT)
+            rest, _ = swarm.communicate(timeout=60)  # not the 10 minutes asked
+        finally:
+            if swarm.poll() is None:
+                swarm.kill()
+                swarm.wait()
+    output = "".join(said) + rest
+    assert swarm.returncode == 130, output
+    assert "interrupted: the summary covers what happened until Ctrl-C" in output
+    result = json.loads(summary.read_text())
+    assert result["interrupted"] is True and result["lost_shards"] == []
+    assert result["outcomes"]["connected"] >= 60 and result["devices"] == 60

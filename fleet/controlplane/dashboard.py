@@ -86,14 +86,14 @@ class _Cached:
 
     def __init__(self, compute: Snapshot, every: float = STREAM_EVERY) -> None:
         self._compute = compute
-        self._every = every
+        self.every = every
         self._value: bytes | None = None
         self._at = 0.0
         self._lock = asyncio.Lock()
 
     async def get(self) -> bytes:
         async with self._lock:
-            if self._value is None or time.monotonic() - self._at >= self._every:
+            if self._value is None or time.monotonic() - self._at >= self.every:
                 try:
                     value = await asyncio.to_thread(self._compute)
                 except Exception as exc:  # shown on the page; the next second tries again
@@ -132,7 +132,7 @@ class Dashboard:
         if fleet is not None:
             self._snapshots["fleet"] = _Cached(fleet.snapshot)
         if swarm is not None:
-            self._snapshots["swarm"] = _Cached(swarm.snapshot, every=0.25)
+            self._snapshots["swarm"] = _Cached(swarm.snapshot, every=0.5)
 
     @property
     def url(self) -> str:
@@ -165,9 +165,7 @@ class Dashboard:
         site = web.TCPSite(runner, self.host, self.requested_port, reuse_address=True)
         await site.start()
         self._runner = runner
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        return int(server.sockets[0].getsockname()[1])
+        return int(runner.addresses[0][1])
 
     def stop(self, *, grace: float = 0.0) -> None:
         """Stop serving; with ``grace``, open live pages first get up to that long to read the
@@ -243,7 +241,7 @@ class Dashboard:
             while True:
                 body = await cached.get()
                 await response.write(b"data: " + body + b"\n\n")
-                await asyncio.sleep(STREAM_EVERY if cached is self._snapshots.get("fleet") else 0.5)
+                await asyncio.sleep(cached.every)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         except Exception:
