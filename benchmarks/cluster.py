@@ -7,14 +7,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from broker import launched_broker
 from device.cluster import run_swarm_on_cluster
 from device.stats import SwarmStats
 from device.swarm import SwarmConfig, run_swarm
 from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provision_devices
-from fleet.store.cluster_certs import ClusterCertificates, issue_cluster_certificates
+from fleet.store.cluster_certs import issue_cluster_certificates
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,20 +55,6 @@ def _figures(runner: str, stats: SwarmStats) -> RunFigures:
     )
 
 
-def _security(files: ClusterCertificates, *, cluster: bool) -> Any:
-    from distributed.security import Security
-
-    roles = {
-        "tls_client_cert": str(files.cert("client")),
-        "tls_client_key": str(files.key("client")),
-    }
-    if cluster:
-        for role in ("scheduler", "worker"):
-            roles[f"tls_{role}_cert"] = str(files.cert(role))
-            roles[f"tls_{role}_key"] = str(files.key(role))
-    return Security(tls_ca_file=str(files.ca), require_encryption=True, **roles)
-
-
 def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
     from distributed import Client, LocalCluster
 
@@ -97,10 +82,10 @@ def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
                 processes=True,
                 protocol="tls",
                 host="127.0.0.1",
-                security=_security(files, cluster=True),
+                security=files.security(cluster=True),
                 dashboard_address=None,
             ) as cluster,
-            Client(cluster.scheduler_address, security=_security(files, cluster=False)) as client,
+            Client(cluster.scheduler_address, security=files.security()) as client,
         ):
             for _ in range(ROUNDS):
                 runs.append(_figures(PROCESSES, run_swarm(config, processes=2)))

@@ -45,12 +45,34 @@ def served_control_plane(
                     break
         yield ServedControlPlane(process, url, dashboard)
     finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within 20 s."""
+    if process.poll() is None:
         process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def connected_swarm(swarm: subprocess.Popen[str], web: int, devices: int) -> list[str]:
+    """Read ``fleet swarm --web``'s output until its page is up, then follow the page until
+    ``devices`` are connected; returns what the swarm printed so far."""
+    assert swarm.stdout is not None
+    said = []
+    for line in swarm.stdout:
+        said.append(line)
+        if line.startswith("web view on "):
+            break
+    wait_for_snapshot(
+        f"http://127.0.0.1:{web}", "swarm",
+        lambda s: (s["latest"] or {}).get("connected") == devices, timeout=60,
+    )  # fmt: skip
+    return said
 
 
 def get_json(url: str) -> tuple[int, Any]:

@@ -27,28 +27,11 @@ from fleet import FleetConfig, ProvisionSpec, Workspace, init_workspace, provisi
 from fleet.store.cluster_certs import ClusterCertificates, issue_cluster_certificates
 from tests.broker_support import free_port
 from tests.conftest import fleet_command, openssl
-from tests.observability_support import wait_for_snapshot
+from tests.observability_support import connected_swarm, stop_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 DASK = str(Path(sys.executable).parent / "dask")
-
-
-def _security(files: ClusterCertificates, *, cluster: bool) -> Any:
-    from distributed.security import Security
-
-    roles: dict[str, str] = {
-        "tls_client_cert": str(files.cert("client")),
-        "tls_client_key": str(files.key("client")),
-    }
-    if cluster:
-        roles |= {
-            "tls_scheduler_cert": str(files.cert("scheduler")),
-            "tls_scheduler_key": str(files.key("scheduler")),
-            "tls_worker_cert": str(files.cert("worker")),
-            "tls_worker_key": str(files.key("worker")),
-        }
-    return Security(tls_ca_file=str(files.ca), require_encryption=True, **roles)
 
 
 def test_fleet_cluster_certs_writes_what_dask_needs(workspace: Workspace, tmp_path: Path) -> None:
@@ -107,9 +90,9 @@ def test_a_local_tls_cluster_runs_2000_devices_and_the_summary_is_the_sum_of_its
         launched_broker(workspace.paths.root) as broker,
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-            security=_security(files, cluster=True), dashboard_address=None,
+            security=files.security(cluster=True), dashboard_address=None,
         ) as cluster,
-        Client(cluster.scheduler_address, security=_security(files, cluster=False)) as client,
+        Client(cluster.scheduler_address, security=files.security()) as client,
     ):  # fmt: skip
         # a client whose certificate another CA issued is refused in the handshake
         init_workspace(tmp_path / "other", config=FleetConfig())
@@ -175,13 +158,7 @@ def _dask_cluster(
         yield address, procs
     finally:
         for process in reversed(started):
-            if process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _wait_for_line(process: subprocess.Popen[str], marker: str) -> str:
@@ -222,16 +199,7 @@ def test_real_dask_processes_run_the_swarm_and_a_worker_killed_mid_run_loses_onl
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
-            assert swarm.stdout is not None
-            said = []
-            for line in swarm.stdout:  # the page is up once the run says so
-                said.append(line)
-                if line.startswith("web view on "):
-                    break
-            wait_for_snapshot(
-                f"http://127.0.0.1:{web}", "swarm",
-                lambda s: (s["latest"] or {}).get("connected") == 200, timeout=60,
-            )  # fmt: skip
+            said = connected_swarm(swarm, web, 200)
             victim = workers[1]
             os.kill(victim.pid, signal.SIGKILL)  # the machine is gone, not asked to leave
             victim.wait(10)
@@ -275,7 +243,7 @@ def test_the_handshake_bench_on_a_local_tls_cluster_reports_as_with_processes(
     report = tmp_path / "report"
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-        security=_security(files, cluster=True), dashboard_address=None,
+        security=files.security(cluster=True), dashboard_address=None,
     ) as cluster:  # fmt: skip
         ran = subprocess.run(
             fleet_command("bench", "handshake", "--dir", workspace.paths.root,
@@ -312,7 +280,7 @@ def test_ctrl_c_stops_every_shard_on_the_cluster_and_still_prints_the_summary(
         launched_broker(workspace.paths.root) as broker,
         LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-            security=_security(files, cluster=True), dashboard_address=None,
+            security=files.security(cluster=True), dashboard_address=None,
         ) as cluster,
     ):  # fmt: skip
         swarm = subprocess.Popen(
@@ -323,16 +291,7 @@ def test_ctrl_c_stops_every_shard_on_the_cluster_and_still_prints_the_summary(
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
-            assert swarm.stdout is not None
-            said = []
-            for line in swarm.stdout:
-                said.append(line)
-                if line.startswith("web view on "):
-                    break
-            wait_for_snapshot(
-                f"http://127.0.0.1:{web}", "swarm",
-                lambda s: (s["latest"] or {}).get("connected") == 60, timeout=60,
-            )  # fmt: skip
+            said = connected_swarm(swarm, web, 60)
             swarm.send_signal(signal.SIGINT)
             rest, _ = swarm.communicate(timeout=60)  # not the 10 minutes asked
         finally:

@@ -71,7 +71,6 @@ def cluster_certs(
 def cluster_client(scheduler: str, certs: Path) -> Iterator[Any]:
     """A Dask client of ``scheduler`` (``tls://HOST:PORT``, mutual TLS with ``certs``)."""
     from distributed import Client
-    from distributed.security import Security
 
     from fleet.store.cluster_certs import ClusterCertificates
 
@@ -87,14 +86,8 @@ def cluster_client(scheduler: str, certs: Path) -> Iterator[Any]:
             f"--cluster-certs {certs}: missing {', '.join(p.name for p in missing)}; "
             "run 'fleet cluster certs --out DIR' first"
         )
-    security = Security(
-        tls_ca_file=str(files.ca),
-        tls_client_cert=str(files.cert("client")),
-        tls_client_key=str(files.key("client")),
-        require_encryption=True,
-    )
     try:
-        client = Client(scheduler, security=security, timeout=CONNECT_TIMEOUT)
+        client = Client(scheduler, security=files.security(), timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise UsageError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
     try:

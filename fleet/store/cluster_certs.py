@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -51,6 +52,18 @@ class ClusterCertificates:
 
     def key(self, role: str) -> Path:
         return self.directory / f"{role}.key"
+
+    def security(self, *, cluster: bool = False) -> Any:
+        """A ``distributed.security.Security``: the client's (default), or with ``cluster``
+        the scheduler's and workers' too (a LocalCluster's); mutual TLS required."""
+        from distributed.security import Security
+
+        roles = ("client", "scheduler", "worker") if cluster else ("client",)
+        files = {}
+        for role in roles:
+            files[f"tls_{role}_cert"] = str(self.cert(role))
+            files[f"tls_{role}_key"] = str(self.key(role))
+        return Security(tls_ca_file=str(self.ca), require_encryption=True, **files)
 
     def missing(self) -> list[Path]:
         files = [self.ca, *(p for r in ROLES for p in (self.cert(r), self.key(r)))]
