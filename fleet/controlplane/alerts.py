@@ -133,21 +133,15 @@ class AlertEngine:
     def check(self, *, now: dt.datetime | None = None) -> None:
         """Judge every periodic rule once."""
         now = now or dt.datetime.now(dt.UTC)
-        expiry = self.view.expiry(now=now) if self._has(AlertKind.CERTIFICATE_EXPIRING) else None
         for rule in self.rules.periodic_rules:
             try:
-                verdict = self._judge(rule, now, expiry)
+                verdict = self._judge(rule, now)
             except Exception:  # one broken rule does not stop the others
                 log.exception("alert rule %s could not be judged", rule.name)
                 continue
             self._settle(rule, verdict)
 
-    def _has(self, kind: AlertKind) -> bool:
-        return any(rule.kind is kind for rule in self.rules.rules)
-
-    def _judge(
-        self, rule: AlertRule, now: dt.datetime, expiry: dict[str, Any] | None
-    ) -> tuple[str, float] | None:
+    def _judge(self, rule: AlertRule, now: dt.datetime) -> tuple[str, float] | None:
         """(summary, value) while the rule's condition holds, else None."""
         if rule.kind is AlertKind.CERTIFICATE_EXPIRING:
             horizon = now + dt.timedelta(seconds=rule.within_seconds)
