@@ -56,7 +56,7 @@ def _figures(runner: str, stats: SwarmStats) -> RunFigures:
 
 
 def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
@@ -76,15 +76,7 @@ def run(base: Path, *, devices: int, duration: float) -> ClusterReport:
         )
         runs = []
         with (
-            LocalCluster(
-                n_workers=2,
-                threads_per_worker=1,
-                processes=True,
-                protocol="tls",
-                host="127.0.0.1",
-                security=files.security(cluster=True),
-                dashboard_address=None,
-            ) as cluster,
+            files.local_cluster() as cluster,
             Client(cluster.scheduler_address, security=files.security()) as client,
         ):
             for _ in range(ROUNDS):

@@ -82,16 +82,13 @@ def test_a_scheduler_must_be_tls_and_the_client_certificate_present(
 def test_a_local_tls_cluster_runs_2000_devices_and_the_summary_is_the_sum_of_its_shards(
     workspace: Workspace, tmp_path: Path
 ) -> None:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     ids = provision_devices(workspace, ProvisionSpec(count=2000)).device_ids
     files = issue_cluster_certificates(workspace, tmp_path / "certs")
     with (
         launched_broker(workspace.paths.root) as broker,
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-            security=files.security(cluster=True), dashboard_address=None,
-        ) as cluster,
+        files.local_cluster() as cluster,
         Client(cluster.scheduler_address, security=files.security()) as client,
     ):  # fmt: skip
         # a client whose certificate another CA issued is refused in the handshake
@@ -234,17 +231,12 @@ def test_real_dask_processes_run_the_swarm_and_a_worker_killed_mid_run_loses_onl
 def test_the_handshake_bench_on_a_local_tls_cluster_reports_as_with_processes(
     workspace: Workspace, tmp_path: Path
 ) -> None:
-    from distributed import LocalCluster
-
     from tests.test_handshake_bench import _consistent
 
     certs = tmp_path / "certs"
     files = issue_cluster_certificates(workspace, certs)
     report = tmp_path / "report"
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-        security=files.security(cluster=True), dashboard_address=None,
-    ) as cluster:  # fmt: skip
+    with files.local_cluster() as cluster:
         ran = subprocess.run(
             fleet_command("bench", "handshake", "--dir", workspace.paths.root,
                           "--connections", "200", "--concurrency", "20", "--reject-mix", "15%",
@@ -269,7 +261,6 @@ def test_the_handshake_bench_on_a_local_tls_cluster_reports_as_with_processes(
 def test_ctrl_c_stops_every_shard_on_the_cluster_and_still_prints_the_summary(
     workspace: Workspace, tmp_path: Path
 ) -> None:
-    from distributed import LocalCluster
 
     provision_devices(workspace, ProvisionSpec(count=60))
     certs = tmp_path / "certs"
@@ -278,10 +269,7 @@ def test_ctrl_c_stops_every_shard_on_the_cluster_and_still_prints_the_summary(
     summary = tmp_path / "summary.json"
     with (
         launched_broker(workspace.paths.root) as broker,
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-            security=files.security(cluster=True), dashboard_address=None,
-        ) as cluster,
+        files.local_cluster() as cluster,
     ):  # fmt: skip
         swarm = subprocess.Popen(
             fleet_command("swarm", "--dir", workspace.paths.root, "--devices", "60",

@@ -65,6 +65,21 @@ class ClusterCertificates:
             files[f"tls_{role}_key"] = str(self.key(role))
         return Security(tls_ca_file=str(self.ca), require_encryption=True, **files)
 
+    def local_cluster(self, workers: int = 2) -> Any:
+        """A ``distributed.LocalCluster`` of ``workers`` single-threaded worker processes on
+        127.0.0.1 with these certificates (for tests and the benchmark); a context manager."""
+        from distributed import LocalCluster
+
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            protocol="tls",
+            host="127.0.0.1",
+            security=self.security(cluster=True),
+            dashboard_address=None,
+        )
+
     def missing(self) -> list[Path]:
         files = [self.ca, *(p for r in ROLES for p in (self.cert(r), self.key(r)))]
         return [path for path in files if not path.is_file()]
