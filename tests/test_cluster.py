@@ -104,7 +104,7 @@ def test_a_local_tls_cluster_runs_2000_devices_and_the_summary_is_the_sum_of_its
             Client(cluster.scheduler_address, security=stranger, timeout="3s")
         config = SwarmConfig(
             workspace=workspace.paths.root, device_ids=tuple(ids), port=broker.port,
-            ramp_per_second=500, publish_every=1.0, qos=1, duration=10.0, max_in_flight=50,
+            ramp_per_second=500, publish_every=1.0, qos=1, duration=20.0, max_in_flight=50,
         )  # fmt: skip
         run = run_swarm_on_cluster(config, client)
     stats, shards = run.stats, run.shards
