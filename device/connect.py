@@ -28,6 +28,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
+from fleet.kernel.handshake_trace import HandshakeFacts
 from fleet.kernel.tls import DeviceTls
 
 
@@ -218,6 +219,9 @@ class DeviceConnection:
     # the broker is known to have accepted our certificate (TLS 1.2's handshake, or TLS 1.3
     # session tickets): an end of the connection after this is an MQTT-level refusal
     certificate_accepted: bool = False
+    group: str | None = None  # the key exchange's group, e.g. X25519MLKEM768
+    broker_signature: str | None = None  # the scheme the broker signed with, e.g. mldsa65
+    handshake_bytes: int = 0  # TLS records both ways until the broker's verdict
 
 
 async def open_device_tls(
@@ -239,22 +243,36 @@ async def open_device_tls(
             await _tcp_connect(loop, raw, host, port, on_connected)
             connected = time.perf_counter()
             connection = _client_connection(credentials, raw, server_name or host)
-            await _drive_handshake(loop, connection, raw)
-            accepted = await _await_verdict(loop, connection, raw)
+            facts = credentials.tracer.track(connection) if credentials.tracer else None
+            try:
+                await _drive_handshake(loop, connection, raw)
+                accepted = await _await_verdict(loop, connection, raw)
+            except ssl.SSLError as exc:
+                failure = _negotiation_failure(exc, facts, credentials)
+                if failure is None:
+                    raise
+                raise failure from exc
+            finally:
+                if credentials.tracer is not None:
+                    credentials.tracer.finish(connection)
     except BaseException:
         raw.close()
         raise
     done = time.perf_counter()
     return DeviceConnection(
-        TlsConnection(connection, raw), connected - started, done - connected, accepted
+        TlsConnection(connection, raw),
+        connected - started,
+        done - connected,
+        accepted,
+        connection.get_group_name(),
+        facts.peer_signature if facts else None,
+        facts.bytes_on_wire if facts else 0,
     )
 
 
 def _client_connection(credentials: DeviceTls, raw: socket.socket, name: str) -> SSL.Connection:
     connection = SSL.Connection(credentials.context, raw)
-    if credentials.certificate is not None and credentials.key is not None:
-        connection.use_certificate(credentials.certificate)
-        connection.use_privatekey(credentials.key)
+    credentials.use_identity(connection)
     encoded = name.encode("idna")
     if not _is_ip_address(name):
         connection.set_tlsext_host_name(encoded)
@@ -327,6 +345,43 @@ async def _await_verdict(
     except SSL.Error as exc:
         raise _as_ssl_error(exc, connection) from exc
     return True  # application data already (a broker that speaks first): accepted
+
+
+class NegotiationFailure(ssl.SSLError):
+    """The broker and the device had no key-exchange group, or no signature algorithm for the
+    device's certificate, in common: ``reason`` is ``no_shared_group`` or
+    ``no_shared_signature_algorithm``."""
+
+
+def _negotiation_failure(
+    exc: ssl.SSLError, facts: HandshakeFacts | None, credentials: DeviceTls
+) -> NegotiationFailure | None:
+    """What a refusal means when the handshake says more than its alert.
+
+    ``handshake_failure`` before any ServerHello: the broker took none of the offered groups
+    (the device offers all of OpenSSL's cipher suites and signature schemes; groups are what
+    it narrows). ``certificate_required`` after the device sent an empty Certificate although
+    it holds one: none of the schemes the broker accepts can sign with its key (an ML-DSA
+    device before a broker on OpenSSL 3.0)."""
+    if facts is None:
+        return None
+    alert = getattr(exc, "reason", "") or ""
+    offered = ", ".join(credentials.groups) or "P-256"
+    if alert.endswith("ALERT_HANDSHAKE_FAILURE") and not facts.server_hello_seen:
+        failure = NegotiationFailure(
+            1, f"the broker accepts none of the key-exchange groups offered ({offered})"
+        )
+        failure.reason = "no_shared_group"
+        return failure
+    if facts.sent_empty_certificate and credentials.certificate is not None:
+        failure = NegotiationFailure(
+            1,
+            f"the broker accepts no signature scheme the device's {credentials.key_kind} key "
+            "can make, so the device could present no certificate",
+        )
+        failure.reason = "no_shared_signature_algorithm"
+        return failure
+    return None
 
 
 def _as_ssl_error(exc: Exception, connection: SSL.Connection) -> OSError:

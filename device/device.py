@@ -113,6 +113,7 @@ class Device:
                 s.key,
                 device_id=s.device_id,
                 present_certificate=s.present_certificate,
+                groups=s.groups,
             )
         return self._context
 
@@ -125,6 +126,7 @@ class Device:
             key,
             device_id=s.device_id,
             present_certificate=s.present_certificate,
+            groups=s.groups,
         )
         self._not_after = None
 
@@ -353,7 +355,15 @@ class Device:
             outcome = ConnectOutcome.REJECTED_BY_BROKER
         return self._record(
             ConnectAttempt(
-                s.device_id, outcome, detail, tls.tcp_seconds, tls.tls_seconds, mqtt_seconds
+                s.device_id,
+                outcome,
+                detail,
+                tls.tcp_seconds,
+                tls.tls_seconds,
+                mqtt_seconds,
+                group=tls.group,
+                broker_signature=tls.broker_signature,
+                handshake_bytes=tls.handshake_bytes,
             )
         )
 

@@ -34,6 +34,9 @@ class ConnectAttempt:
     mqtt_seconds: float | None = None
     message: str | None = None
     local_address: str | None = None  # "IP:PORT": how the broker's logs name this attempt
+    group: str | None = None  # the key exchange's group (X25519MLKEM768, P-256 …) once agreed
+    broker_signature: str | None = None  # the scheme the broker signed with (mldsa65 …)
+    handshake_bytes: int | None = None  # TLS records both ways, until the broker's verdict
 
     @property
     def total_seconds(self) -> float | None:
@@ -108,6 +111,9 @@ HANDSHAKE_TIMEOUT = "handshake_timeout"
 NO_CONNACK = "no_connack"
 CONNECTION_REFUSED = "connection_refused"
 TLS_ERROR = "tls_error"  # a TLS failure that is neither an alert nor a verification error
+# refused because the two sides could agree on nothing (device.connect.NegotiationFailure)
+NO_SHARED_GROUP = "no_shared_group"  # no key-exchange group in common
+NO_SHARED_SIGNATURE_ALGORITHM = "no_shared_signature_algorithm"  # none the device's key makes
 OTHER = "other"
 
 
@@ -162,7 +168,13 @@ CONNACK_V311_REASONS = {
 # and reports compare, exactly.
 REASONS_BY_OUTCOME: dict[str, tuple[str, ...]] = {
     ConnectOutcome.CONNECTED: (),
-    ConnectOutcome.REJECTED_BY_BROKER: (*TLS_ALERTS, CLOSED_BY_BROKER, OTHER),
+    ConnectOutcome.REJECTED_BY_BROKER: (
+        *TLS_ALERTS,
+        CLOSED_BY_BROKER,
+        NO_SHARED_GROUP,
+        NO_SHARED_SIGNATURE_ALGORITHM,
+        OTHER,
+    ),
     ConnectOutcome.BROKER_UNTRUSTED: tuple(UntrustedReason),
     ConnectOutcome.CONNACK_REFUSED: (*CONNACK_REASONS, CLOSED_AT_CONNECT),
     ConnectOutcome.TIMEOUT: (HANDSHAKE_TIMEOUT, NO_CONNACK),
@@ -205,12 +217,17 @@ class Failure:
     message: str
 
 
+_NEGOTIATION_REASONS = (NO_SHARED_GROUP, NO_SHARED_SIGNATURE_ALGORITHM)
+
+
 def classify_tls_failure(exc: BaseException) -> Failure:
     """Map what the client saw during or right after the handshake to an outcome and reason."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         message = exc.verify_message or str(exc)
         reason = _VERIFY_CODES.get(exc.verify_code, UntrustedReason.OTHER)
         return Failure(ConnectOutcome.BROKER_UNTRUSTED, reason, message)
+    if isinstance(exc, ssl.SSLError) and exc.reason in _NEGOTIATION_REASONS:
+        return Failure(ConnectOutcome.REJECTED_BY_BROKER, exc.reason, exc.args[-1])
     if isinstance(exc, ssl.SSLError):
         message = getattr(exc, "reason", None) or str(exc)
         alert = alert_name(exc)

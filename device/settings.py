@@ -56,6 +56,8 @@ class DeviceSettings(DeviceBehaviour):
     # curl --pinnedpubkey spell them): when given, a valid chain must also carry one of them
     pins: tuple[str, ...] = ()
     present_certificate: bool = True  # False: show the broker no client certificate at all
+    # key-exchange groups offered, in order (fleet.kernel.tls.parse_groups); empty: P-256 only
+    groups: tuple[str, ...] = ()
 
 
 @dataclass

@@ -227,7 +227,7 @@ def test_devices_of_one_issuing_ca_share_one_context_and_keep_their_own_identity
     )
     assert first.context is second.context  # the trust store and chain, parsed once
     assert first.certificate is not None and second.certificate is not None
-    assert first.certificate.serial_number != second.certificate.serial_number
+    assert first.certificate.get_serial_number() != second.certificate.get_serial_number()
     bare = device_tls(
         paths.root_cert,
         paths.device_cert("dev-00001"),

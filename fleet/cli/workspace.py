@@ -27,8 +27,22 @@ def init(
         str, typer.Option(help="SPIFFE trust domain of device identities.")
     ] = "fleet.local",
     key_type: Annotated[
-        str, typer.Option(help="ec-p256, ec-p384, rsa2048 or rsa3072.")
+        str,
+        typer.Option(
+            help="Devices' default key: ec-p256, ec-p384, rsa2048, rsa3072, ed25519, ml-dsa-44, "
+            "ml-dsa-65 or ml-dsa-87 (post-quantum)."
+        ),
     ] = "ec-p256",
+    ca_key_type: Annotated[
+        str | None,
+        typer.Option(
+            help="The root and issuing CAs' key, of the same choices [default: --key-type]."
+        ),
+    ] = None,
+    broker_key_type: Annotated[
+        str | None,
+        typer.Option(help="The broker certificate's key [default: the CA's]."),
+    ] = None,
     host: Annotated[
         list[str] | None, typer.Option(help="Extra broker host name or IP (repeatable).")
     ] = None,
@@ -44,6 +58,8 @@ def init(
     config = FleetConfig(
         trust_domain=validate_trust_domain(trust_domain),
         key_type=KeyType.parse(key_type),
+        ca_key_type=KeyType.parse(ca_key_type) if ca_key_type else None,
+        broker_key_type=KeyType.parse(broker_key_type) if broker_key_type else None,
         device_valid_for=parse_positive_duration(device_valid_for),
         crl_valid_for=parse_positive_duration(crl_valid_for),
         crl_url=crl_url,

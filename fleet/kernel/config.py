@@ -23,10 +23,17 @@ class FleetConfig:
     """What ``fleet init`` decided for the workspace; later commands read it back."""
 
     trust_domain: str = "fleet.local"
-    key_type: KeyType = KeyType.EC_P256
+    key_type: KeyType = KeyType.EC_P256  # devices' default
+    ca_key_type: KeyType | None = None  # root and issuing CAs; None: key_type
+    broker_key_type: KeyType | None = None  # the broker's certificate; None: the CA's
     device_valid_for: dt.timedelta = dt.timedelta(days=90)
     crl_valid_for: dt.timedelta = dt.timedelta(days=7)
     crl_url: str | None = None
+
+    @property
+    def authority_key_type(self) -> KeyType:
+        """The key type of the root and issuing CAs (``ca_key_type``, or ``key_type``)."""
+        return self.ca_key_type or self.key_type
 
     def to_toml(self) -> str:
         fleet: dict[str, Any] = {
@@ -38,6 +45,10 @@ class FleetConfig:
         }
         if self.crl_url:
             fleet["crl_url"] = self.crl_url
+        if self.ca_key_type is not None:
+            fleet["ca_key_type"] = self.ca_key_type.value
+        if self.broker_key_type is not None:
+            fleet["broker_key_type"] = self.broker_key_type.value
         return tomli_w.dumps({"fleet": fleet})
 
     @classmethod
@@ -58,6 +69,8 @@ class FleetConfig:
             "version",
             "trust_domain",
             "key_type",
+            "ca_key_type",
+            "broker_key_type",
             "device_valid_for",
             "crl_valid_for",
             "crl_url",
@@ -74,6 +87,8 @@ class FleetConfig:
                     _str(section, "trust_domain", defaults.trust_domain)
                 ),
                 key_type=KeyType.parse(_str(section, "key_type", defaults.key_type.value)),
+                ca_key_type=_key_type(section, "ca_key_type"),
+                broker_key_type=_key_type(section, "broker_key_type"),
                 device_valid_for=_duration(section, "device_valid_for", defaults.device_valid_for),
                 crl_valid_for=_duration(section, "crl_valid_for", defaults.crl_valid_for),
                 crl_url=section.get("crl_url") or None,
@@ -87,6 +102,10 @@ def _str(section: dict[str, Any], field: str, default: str) -> str:
     if not isinstance(value, str):
         raise WorkspaceError(f"field fleet.{field} must be a string, not {type(value).__name__}")
     return value
+
+
+def _key_type(section: dict[str, Any], field: str) -> KeyType | None:
+    return KeyType.parse(_str(section, field, "")) if field in section else None
 
 
 def _duration(section: dict[str, Any], field: str, default: dt.timedelta) -> dt.timedelta:

@@ -32,14 +32,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from fleet.kernel.bounded_json import JsonRejected, loads_bounded
 from fleet.kernel.errors import UsageError
-from fleet.kernel.keys import PrivateKey
+from fleet.kernel.keys import PrivateKey, sign_bytes, signature_is_valid
 
 PROVISION = "provision"
 RENEW = "renew"
@@ -132,12 +129,7 @@ def request_age_problem(timestamp: str, now: dt.datetime) -> str | None:
 
 def sign_proof(key: PrivateKey, proof: Proof) -> str:
     """Base64 signature by ``key`` over everything ``proof`` names."""
-    data = proof.signed_bytes()
-    if isinstance(key, rsa.RSAPrivateKey):
-        signature = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-    else:
-        signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
-    return base64.b64encode(signature).decode()
+    return base64.b64encode(sign_bytes(key, proof.signed_bytes())).decode()
 
 
 def verify_proof(cert: x509.Certificate, signature: str, proof: Proof) -> bool:
@@ -146,18 +138,7 @@ def verify_proof(cert: x509.Certificate, signature: str, proof: Proof) -> bool:
         raw = base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError):
         return False
-    data = proof.signed_bytes()
-    key = cert.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(raw, data, padding.PKCS1v15(), hashes.SHA256())
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(raw, data, ec.ECDSA(hashes.SHA256()))
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
+    return signature_is_valid(cert.public_key(), raw, proof.signed_bytes())
 
 
 # -- messages -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import ssl
 import threading
 from collections.abc import Callable
@@ -31,11 +32,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 
-from fleet.kernel.errors import CertificateError, FleetError
+from fleet.kernel.errors import CertificateError, FleetError, UsageError
+from fleet.kernel.handshake_trace import HandshakeTracer
 from fleet.kernel.identity_files import recover_identity
+from fleet.kernel.keys import PrivateKey, key_type_of
 
 
 def device_tls_context(
@@ -93,27 +97,34 @@ def device_tls_context(
     return context
 
 
-TlsKey = (
-    rsa.RSAPrivateKey
-    | ec.EllipticCurvePrivateKey
-    | ed25519.Ed25519PrivateKey
-    | ed448.Ed448PrivateKey
-    | dsa.DSAPrivateKey
-)  # the key types OpenSSL's TLS stack takes through pyOpenSSL
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class DeviceTls:
     """What a device connects with: the shared context (trust anchor, issuing chain, TLS
-    settings) and its own certificate and key (None: it presents nothing)."""
+    settings, groups) and its tracer, and its own certificate and key, parsed once into
+    OpenSSL's objects (None: it presents nothing)."""
 
     context: SSL.Context
-    certificate: x509.Certificate | None
-    key: TlsKey | None
+    certificate: crypto.X509 | None
+    key: crypto.PKey | None
     check_hostname: bool = True
+    tracer: HandshakeTracer | None = None
+    groups: tuple[str, ...] = ()  # offered key-exchange groups; empty: P-256 only
+    key_kind: str = "-"  # the key's type (ec-p256, ml-dsa-65 …), for messages
+
+    def use_identity(self, connection: SSL.Connection) -> None:
+        """Give ``connection`` this device's certificate and key (pyOpenSSL's own calls would
+        convert them from ``cryptography`` objects again at every connection, and refuse
+        ML-DSA keys)."""
+        if self.certificate is None or self.key is None:
+            return
+        if not _lib.SSL_use_certificate(connection._ssl, self.certificate._x509):
+            raise SSL.Error("SSL_use_certificate failed")
+        if not _lib.SSL_use_PrivateKey(connection._ssl, self.key._pkey):
+            raise SSL.Error("SSL_use_PrivateKey failed")
 
 
-_shared_contexts: dict[tuple[bytes, tuple[bytes, ...], bool, str | None], SSL.Context] = {}
+_ContextKey = tuple[bytes, tuple[bytes, ...], bool, str | None, tuple[str, ...]]
+_shared_contexts: dict[_ContextKey, tuple[SSL.Context, HandshakeTracer]] = {}
 _shared_lock = threading.Lock()  # credentials are loaded in worker threads too
 
 
@@ -126,9 +137,12 @@ def device_tls(
     check_hostname: bool = True,
     keylog_file: str | None = None,
     present_certificate: bool = True,
+    groups: tuple[str, ...] = (),
 ) -> DeviceTls:
     """The device's credentials over a context shared with every device of the same trust
-    anchor and issuing chain; the same checks and errors as :func:`device_tls_context`."""
+    anchor, issuing chain and ``groups`` (key-exchange groups in order of preference, see
+    :func:`parse_groups`; empty: P-256 only); the same checks and errors as
+    :func:`device_tls_context`."""
     try:
         anchor = trust_anchor.read_bytes()
     except OSError as exc:
@@ -139,16 +153,19 @@ def device_tls(
         ) from exc
     keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
     if not present_certificate:
-        context = _shared_context(anchor, (), check_hostname, keylog, trust_anchor, device_id)
-        return DeviceTls(context, None, None, check_hostname)
-    certificate, chain, private_key = _load_identity(cert, key, device_id)
-    context = _shared_context(anchor, chain, check_hostname, keylog, trust_anchor, device_id)
-    return DeviceTls(context, certificate, private_key, check_hostname)
+        key_ = (anchor, (), check_hostname, keylog, groups)
+        context, tracer = _shared_context(key_, trust_anchor, device_id)
+        return DeviceTls(context, None, None, check_hostname, tracer, groups)
+    certificate, chain, private_key, kind = _load_identity(cert, key, device_id)
+    context, tracer = _shared_context(
+        (anchor, chain, check_hostname, keylog, groups), trust_anchor, device_id
+    )
+    return DeviceTls(context, certificate, private_key, check_hostname, tracer, groups, kind)
 
 
 def _load_identity(
     cert: Path, key: Path, device_id: str
-) -> tuple[x509.Certificate, tuple[bytes, ...], TlsKey]:
+) -> tuple[crypto.X509, tuple[bytes, ...], crypto.PKey, str]:
     recover_identity(cert, key)  # a renewal that a crash interrupted
     try:
         cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
@@ -169,7 +186,7 @@ def _load_identity(
         raise CertificateError(
             f"unusable certificate or key ({exc})", device_id=device_id, code="unusable_certificate"
         ) from exc
-    if not isinstance(private_key, TlsKey):
+    if not isinstance(private_key, PrivateKey):
         raise CertificateError(
             f"unusable certificate or key ({type(private_key).__name__} is not a TLS key type)",
             device_id=device_id,
@@ -187,39 +204,51 @@ def _load_identity(
             code="key_mismatch",
         )
     chain = tuple(c.public_bytes(der) for c in certificates[1:])
-    return leaf, chain, private_key
+    pkcs8 = private_key.private_bytes(
+        der, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pkey = crypto.load_privatekey(crypto.FILETYPE_ASN1, pkcs8)
+    try:
+        kind = key_type_of(private_key).value
+    except UsageError:
+        kind = type(private_key).__name__
+    return crypto.X509.from_cryptography(leaf), chain, pkey, kind
 
 
 def _shared_context(
-    anchor: bytes,
-    chain: tuple[bytes, ...],
-    check_hostname: bool,
-    keylog: str | None,
-    anchor_path: Path,
-    device_id: str,
-) -> SSL.Context:
-    key = (anchor, chain, check_hostname, keylog)
+    key: _ContextKey, anchor_path: Path, device_id: str
+) -> tuple[SSL.Context, HandshakeTracer]:
     with _shared_lock:
-        context = _shared_contexts.get(key)
-        if context is None:
-            context = _new_context(anchor, chain, keylog, anchor_path, device_id)
+        shared = _shared_contexts.get(key)
+        if shared is None:
+            anchor, chain, _, keylog, groups = key
+            context = _new_context(anchor, chain, keylog, groups, anchor_path, device_id)
+            shared = (context, HandshakeTracer(context))
             if len(_shared_contexts) >= 64:  # a bound, should something churn trust anchors
                 _shared_contexts.clear()
-            _shared_contexts[key] = context
-    return context
+            _shared_contexts[key] = shared
+    return shared
 
 
 def _new_context(
-    anchor: bytes, chain: tuple[bytes, ...], keylog: str | None, anchor_path: Path, device_id: str
+    anchor: bytes,
+    chain: tuple[bytes, ...],
+    keylog: str | None,
+    groups: tuple[str, ...],
+    anchor_path: Path,
+    device_id: str,
 ) -> SSL.Context:
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections hold no record buffers
-    # Classical ECDHE, as the devices offered with Python's ssl (OpenSSL 3.0): OpenSSL 4.0 would
-    # offer the hybrid X25519MLKEM768 first, which costs a broker on OpenSSL 4.0 ~5 KB more per
-    # connection (measured: 52 against 47 KB). P-256 is the group every TLS 1.3 peer must
-    # support (RFC 8446, 9.1); pyOpenSSL has no call for a list of groups.
-    context.set_tmp_ecdh(ec.SECP256R1())
+    if groups:
+        apply_groups(context, groups)
+    else:
+        # Classical ECDHE by default, as the devices offered with Python's ssl (OpenSSL 3.0):
+        # OpenSSL 4.0 would offer the hybrid X25519MLKEM768 first, which costs a broker on
+        # OpenSSL 4.0 ~5 KB more per connection (measured: 52 against 47 KB). P-256 is the group
+        # every TLS 1.3 peer must support (RFC 8446, 9.1). ``groups`` chooses others.
+        context.set_tmp_ecdh(ec.SECP256R1())
     try:
         store = context.get_cert_store()
         assert store is not None
@@ -237,6 +266,55 @@ def _new_context(
     if keylog:
         context.set_keylog_callback(_keylog_writer(keylog))
     return context
+
+
+# -- key-exchange groups ---------------------------------------------------------------------
+
+# What OpenSSL 4.0 offers: the hybrids (ML-KEM with a classical curve), ML-KEM alone, the
+# classical curves and finite-field groups. OpenSSL's names; P-256 is secp256r1 and so on.
+KNOWN_GROUPS = (
+    "X25519MLKEM768", "SecP256r1MLKEM768", "SecP384r1MLKEM1024",
+    "MLKEM512", "MLKEM768", "MLKEM1024",
+    "X25519", "X448", "P-256", "P-384", "P-521",
+    "ffdhe2048", "ffdhe3072", "ffdhe4096",
+)  # fmt: skip
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+_MAX_GROUPS = 16
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """``X25519MLKEM768,X25519,P-256`` → the groups in order of preference, each checked
+    against this OpenSSL (4.0: the same library the broker and the devices use)."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise UsageError(
+            f"no key-exchange group in {text!r}: name one or more, e.g. X25519MLKEM768"
+        )
+    if len(names) > _MAX_GROUPS:
+        raise UsageError(f"{len(names)} key-exchange groups: at most {_MAX_GROUPS}")
+    scratch = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    for name in names:
+        if not _GROUP_NAME.fullmatch(name) or not _lib.SSL_CTX_set1_curves_list(
+            scratch._context, name.encode()
+        ):
+            _lib.ERR_clear_error()
+            raise UsageError(
+                f"unknown key-exchange group {name[:40]!r}: OpenSSL 4.0 offers "
+                + ", ".join(KNOWN_GROUPS)
+            )
+    if len(set(names)) != len(names):
+        raise UsageError(f"a key-exchange group is named twice in {text!r}")
+    return names
+
+
+def apply_groups(context: SSL.Context, groups: tuple[str, ...]) -> None:
+    """Offer (a client) or accept (a server) exactly ``groups``, in that order of preference.
+
+    pyOpenSSL has no call for it; OpenSSL's ``SSL_CTX_set1_groups_list`` is in cryptography's
+    bindings under its older name, ``SSL_CTX_set1_curves_list``."""
+    if not _lib.SSL_CTX_set1_curves_list(context._context, ":".join(groups).encode()):
+        _lib.ERR_clear_error()
+        raise UsageError(f"OpenSSL refused the key-exchange groups {', '.join(groups)}")
 
 
 def _keep_openssl_verdict(

@@ -90,7 +90,11 @@ class ScenarioCredentials:
         """Replace ``broker/server.crt`` and ``.key`` (the broker uses them from its next start)."""
         now = dt.datetime.now(dt.UTC)
         if kind is BrokerCertificate.FLEET:
-            issue_broker_certificate(self.workspace.paths, self.workspace.ca)
+            issue_broker_certificate(
+                self.workspace.paths,
+                self.workspace.ca,
+                key_type=self.workspace.config.broker_key_type,
+            )
         elif kind is BrokerCertificate.SAME_KEY:
             install_broker_certificate(self.workspace, same_key=True)
         elif kind is BrokerCertificate.ROGUE_CA:

@@ -233,7 +233,7 @@ class DeviceCertificateTemplate:
         self,
         builder: x509.CertificateBuilder,
         signing_key: PrivateKey,
-        digest: hashes.SHA256 | hashes.SHA384,
+        digest: hashes.SHA256 | hashes.SHA384 | None,
     ) -> None:
         self._builder = builder
         self._signing_key = signing_key
@@ -400,7 +400,7 @@ class CertificateAuthority:
         public_key = csr.public_key()
         if not isinstance(public_key, PublicKey):
             raise CertificateError(
-                "the CSR's key algorithm is not supported: use ECDSA or RSA",
+                "the CSR's key algorithm is not supported: use ECDSA, RSA, Ed25519 or ML-DSA",
                 device_id=identity.device_id,
             )
         key_type_of(public_key)  # raises for unsupported curves and sizes

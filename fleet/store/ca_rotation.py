@@ -50,7 +50,7 @@ def rotate_issuing_ca(workspace: Workspace, *, now: dt.datetime | None = None) -
             parent_key=root_key,
             common_name=f"{domain} issuing CA {generation + 2}",
             organization=domain,
-            key_type=workspace.config.key_type,
+            key_type=workspace.config.authority_key_type,
             not_before=now,
             not_after=now + ISSUING_VALIDITY,
         )

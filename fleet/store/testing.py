@@ -19,7 +19,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleet.kernel.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.kernel.identity import DeviceIdentity
-from fleet.kernel.keys import KeyType, generate_private_key, load_private_key, private_key_pem
+from fleet.kernel.keys import (
+    KeyType,
+    generate_private_key,
+    key_type_of,
+    load_private_key,
+    private_key_pem,
+)
 from fleet.store.ca import CertificateAuthority, create_intermediate_ca, create_root_ca
 from fleet.store.workspace import DEFAULT_HOSTS, Workspace, issue_broker_certificate
 
@@ -37,7 +43,7 @@ def rogue_authority(workspace: Workspace) -> CertificateAuthority:
     """An unrelated root and intermediate that copy the fleet's names (valid for a year)."""
     now = dt.datetime.now(dt.UTC)
     domain = workspace.config.trust_domain
-    key_type = workspace.config.key_type
+    key_type = workspace.config.authority_key_type
     root_cert, root_key = create_root_ca(
         common_name=f"{domain} root CA",
         organization=domain,
@@ -72,7 +78,7 @@ def expired_intermediate(workspace: Workspace) -> CertificateAuthority:
         parent_key=root_key,
         common_name=f"{domain} issuing CA (retired)",
         organization=domain,
-        key_type=workspace.config.key_type,
+        key_type=workspace.config.authority_key_type,
         not_before=now - dt.timedelta(days=30),
         not_after=now - dt.timedelta(days=1),
     )
@@ -153,7 +159,9 @@ def install_broker_certificate(
         return
     now = dt.datetime.now(dt.UTC)
     authority = ca or workspace.ca
-    key = generate_private_key(workspace.config.key_type)
+    key = generate_private_key(
+        workspace.config.broker_key_type or key_type_of(workspace.ca.issuing_key)
+    )
     cert = authority.issue_server(
         common_name="mtls-fleet broker",
         hosts=hosts,

@@ -36,6 +36,7 @@ from fleet.kernel.errors import WorkspaceError
 from fleet.kernel.files import PRIVATE_DIR_MODE, replace_atomically, write_public, write_secret
 from fleet.kernel.identity import ADMIN, DeviceIdentity
 from fleet.kernel.keys import (
+    KeyType,
     PrivateKey,
     generate_private_key,
     key_type_of,
@@ -329,7 +330,7 @@ def init_workspace(
     root_cert, root_key = create_root_ca(
         common_name=f"{domain} root CA",
         organization=domain,
-        key_type=config.key_type,
+        key_type=config.authority_key_type,
         not_before=now,
         not_after=now + ROOT_VALIDITY,
     )
@@ -338,7 +339,7 @@ def init_workspace(
         parent_key=root_key,
         common_name=f"{domain} issuing CA 1",
         organization=domain,
-        key_type=config.key_type,
+        key_type=config.authority_key_type,
         not_before=now,
         not_after=now + ISSUING_VALIDITY,
     )
@@ -352,7 +353,7 @@ def init_workspace(
         issuing_key=issuing_key,
         crl_distribution_url=config.crl_url,
     )
-    issue_broker_certificate(paths, ca, hosts=hosts, now=now)
+    issue_broker_certificate(paths, ca, hosts=hosts, now=now, key_type=config.broker_key_type)
     admin = issue_admin_bundle(paths.admin_dir, ADMIN_NAME, ca, config, now=now)
 
     registry = Registry(paths.db, create=True)
@@ -378,11 +379,13 @@ def issue_broker_certificate(
     hosts: Sequence[str] = (),
     now: dt.datetime | None = None,
     key: PrivateKey | None = None,
+    key_type: KeyType | None = None,
 ) -> x509.Certificate:
     """(Re)issue ``broker/server.crt`` and ``server.key`` for localhost, 127.0.0.1 and ``hosts``,
-    for a new key (or for ``key``: a renewal that keeps the key, so pins of it still hold)."""
+    for a new key of ``key_type`` (default: the issuing CA's) or for ``key``: a renewal that
+    keeps the key, so pins of it still hold."""
     now = now or dt.datetime.now(dt.UTC)
-    key = key or generate_private_key(key_type_of(ca.issuing_key))
+    key = key or generate_private_key(key_type or key_type_of(ca.issuing_key))
     cert = ca.issue_server(
         common_name="mtls-fleet broker",
         hosts=[*DEFAULT_HOSTS, *hosts],
