@@ -61,6 +61,9 @@ class BrokerSettings:
     log_connections: bool = False  # also one event per admitted session and per session end
     policy: Path | None = None  # the access policy file (None: broker.policy.DEFAULT_POLICY)
     policy_poll_interval: float = 0.25  # how often the policy file is looked at (live reload)
+    # key-exchange groups accepted, preferred first (fleet.kernel.tls.parse_groups); empty:
+    # OpenSSL 4.0's defaults (X25519MLKEM768, X25519, P-256 … as the client offers)
+    groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.env is not None and self.env not in ENVIRONMENTS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -91,7 +92,9 @@ class PeerConnection(asyncio.Protocol):
         "closed",
         "connect_request",
         "connected_at",
+        "device_signature",
         "ended_by",
+        "group",
         "handshaken",
         "identity",
         "issuer",
@@ -123,6 +126,8 @@ class PeerConnection(asyncio.Protocol):
         self.outcome: Outcome | None = None
         self.leaf: Any = None  # the client's leaf as the verify callback saw it (OpenSSL X509)
         self.verify_code: int | None = None
+        self.group: str | None = None  # the key exchange's group, once the handshake ended
+        self.device_signature: str | None = None  # the scheme the client signed with
         self.issuer_revoked = False  # the chain's issuing CA is on the root's CRL
         self.issuer: x509.Name | None = None  # of the accepted certificate (shared object)
         self.issuer_key_id: bytes | None = None  # its Authority Key Identifier
@@ -191,6 +196,7 @@ class PeerConnection(asyncio.Protocol):
         self.tls = SSL.Connection(self.broker.tls_context, None)
         self.tls.set_app_data(self)
         self.tls.set_accept_state()
+        self.broker.handshake_tracer.track(self.tls)
         loop = asyncio.get_running_loop()
         self._timers.append(
             loop.call_later(self.broker.settings.handshake_timeout, self._handshake_timed_out)
@@ -214,6 +220,8 @@ class PeerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.handshaken and self.tls is not None:
+            self.broker.handshake_tracer.finish(self.tls)
         for timer in self._timers:
             timer.cancel()
         self._end_session(graceful=False)
@@ -245,8 +253,10 @@ class PeerConnection(asyncio.Protocol):
             self._flush()
             return
         except SSL.Error as exc:
+            self._note_negotiated()
             self._handshake_failed(classify_tls_error(exc, self.verify_code), exc)
             return
+        self._note_negotiated()
         if self.verify_code is not None:  # never admit a chain the verify callback saw fail
             failure = SSL.Error([("", "", "certificate verify failed")])
             self._handshake_failed(classify_tls_error(failure, self.verify_code), failure)
@@ -287,6 +297,15 @@ class PeerConnection(asyncio.Protocol):
         self._timers.append(
             loop.call_later(self.broker.settings.handshake_timeout, self._connect_timed_out)
         )
+
+    def _note_negotiated(self) -> None:
+        """What the handshake agreed on: the group, and the scheme the client signed with."""
+        assert self.tls is not None
+        facts = self.broker.handshake_tracer.finish(self.tls)
+        group = self.tls.get_group_name()
+        self.group = sys.intern(group) if group else None
+        signature = facts.peer_signature if facts is not None else None
+        self.device_signature = sys.intern(signature) if signature else None
 
     def _handshake_failed(self, outcome: Outcome, exc: SSL.Error) -> None:
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=False)

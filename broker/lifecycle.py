@@ -43,6 +43,8 @@ class LifecyclePublisher:
             peer,
             clean_session=request.clean_session,
             keep_alive=request.keep_alive,
+            group=peer.group,
+            signature=peer.device_signature,
         )
 
     def disconnected(self, peer: PeerConnection, reason: str) -> None:
@@ -53,7 +55,15 @@ class LifecyclePublisher:
 
     def rejected(self, peer: PeerConnection, outcome: Outcome, detail: str | None) -> None:
         stage = "tls" if outcome in _TLS_OUTCOMES or not peer.handshaken else "connect"
-        self._publish(Lifecycle.REJECTED, peer, stage=stage, reason=outcome.value, detail=detail)
+        self._publish(
+            Lifecycle.REJECTED,
+            peer,
+            stage=stage,
+            reason=outcome.value,
+            detail=detail,
+            group=peer.group,
+            signature=peer.device_signature,
+        )
 
     def _publish(self, kind: Lifecycle, peer: PeerConnection, **fields: Any) -> None:
         serial = peer.serial

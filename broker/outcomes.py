@@ -52,6 +52,10 @@ _PROTOCOL_REASONS = (
 )
 
 
+# OpenSSL 4.0's words when the client offered no group, or no signature scheme, the broker has
+_NO_SHARED_GROUP = ("no suitable key share", "no shared group")
+_NO_SHARED_SIGNATURE = ("no suitable signature algorithm", "no shared signature algorithms")
+
 _VERIFY_TEXT: dict[int, str] = {
     2: "unable to get issuer certificate",
     3: "unable to get certificate CRL",
@@ -97,6 +101,10 @@ def classify_tls_error(exc: SSL.Error, verify_code: int | None) -> Outcome:
     reason = openssl_reason(exc).lower()
     if "did not return a certificate" in reason or "certificate required" in reason:
         return Outcome.NO_CERTIFICATE
+    if any(marker in reason for marker in _NO_SHARED_GROUP):
+        return Outcome.NO_SHARED_GROUP
+    if any(marker in reason for marker in _NO_SHARED_SIGNATURE):
+        return Outcome.NO_SHARED_SIGNATURE_ALGORITHM
     if any(marker in reason for marker in _PROTOCOL_REASONS):
         return Outcome.PROTOCOL_ERROR
     return Outcome.OTHER

@@ -22,6 +22,7 @@ from broker.crl_source import CrlSource
 from broker.metrics import BrokerMetrics
 from broker.outcomes import BrokerEvent
 from broker.tls import BrokerError, CrlHistory, build_server_context
+from fleet.kernel.handshake_trace import HandshakeTracer
 from fleet.store.crls import (
     CrlError,
     CrlState,
@@ -50,6 +51,7 @@ class LiveRevocation:
         on_installed: Callable[[CrlState], Awaitable[None] | None],
     ) -> None:
         self.settings, self.paths, self.metrics = settings, paths, metrics
+        self.tracer = HandshakeTracer()  # every context's: the group and scheme of each peer
         self._log_event = log_event
         self._on_installed = on_installed
         self._issuers = load_issuers(paths)
@@ -140,7 +142,12 @@ class LiveRevocation:
         being past nextUpdate, so a known revocation still ends the handshake with the
         ``certificate_revoked`` alert the device can report."""
         return build_server_context(
-            self.paths, crl=crl, check_crl=True, verify_callback=verify_client
+            self.paths,
+            crl=crl,
+            check_crl=True,
+            verify_callback=verify_client,
+            groups=self.settings.groups,
+            tracer=self.tracer,
         )
 
     async def _watch(self) -> None:

@@ -27,6 +27,7 @@ from broker.policy import DEFAULT_POLICY, AccessPolicy, WindowVerdict, load_poli
 from broker.policy_reload import PolicyReload
 from broker.revocation import LiveRevocation
 from broker.tls import BrokerError
+from fleet.kernel.handshake_trace import HandshakeTracer
 from fleet.kernel.identity import ADMIN, CLAIM, DEVICE, DeviceIdentity
 from fleet.kernel.lifecycle import Disconnect
 from fleet.kernel.mqtt_api import ADMIN_CLIENT_PREFIX, ENROLL_CLIENT_PREFIX, is_request_id
@@ -146,6 +147,11 @@ class FleetBroker:
         return {device_id: peer.serial for device_id, peer in self._sessions.items()}
 
     # -- TLS context and CRL (kept by LiveRevocation) -----------------------------------------
+
+    @property
+    def handshake_tracer(self) -> HandshakeTracer:
+        """Reads each handshake's signature scheme (every context of the broker reports here)."""
+        return self.revocation.tracer
 
     @property
     def tls_context(self) -> SSL.Context:
@@ -335,7 +341,9 @@ class FleetBroker:
         self.record(peer, Outcome.OK, None)
         self.lifecycle.connected(peer, request)
         if self.settings.log_connections:
-            self.log_event(BrokerEvent.CONNECTED, peer)
+            self.log_event(
+                BrokerEvent.CONNECTED, peer, group=peer.group, signature=peer.device_signature
+            )
         return ConnackCode.ACCEPTED
 
     def acl_denied(self, peer: PeerConnection, action: str, topic: str) -> None:
@@ -360,7 +368,14 @@ class FleetBroker:
         peer.outcome = outcome
         self.metrics.connections.labels(outcome.value).inc()
         if outcome is not Outcome.OK:
-            self.log_event(BrokerEvent.REJECTED, peer, reason=outcome.value, detail=detail)
+            self.log_event(
+                BrokerEvent.REJECTED,
+                peer,
+                reason=outcome.value,
+                detail=detail,
+                group=peer.group,
+                signature=peer.device_signature,
+            )
             self.lifecycle.rejected(peer, outcome, detail)
 
     def log_event(self, event: BrokerEvent, peer: PeerConnection | None, **fields: Any) -> None:

@@ -14,6 +14,7 @@ from OpenSSL import SSL
 
 from fleet.kernel.errors import FleetError
 from fleet.kernel.files import replace_atomically
+from fleet.kernel.handshake_trace import HandshakeTracer
 from fleet.kernel.tls import ServerFiles, VerifyCallback, broker_context
 from fleet.store.crls import CrlState, issuer_files
 from fleet.store.workspace import WorkspacePaths
@@ -64,6 +65,8 @@ def build_server_context(
     crl: CrlState | None,
     check_crl: bool,
     verify_callback: VerifyCallback,
+    groups: tuple[str, ...] = (),
+    tracer: HandshakeTracer | None = None,
 ) -> SSL.Context:
     """The broker's server context over the workspace's files, the leaf checked against
     ``crl`` when ``check_crl`` (the whole chain once the root has a CRL of its own)."""
@@ -77,6 +80,8 @@ def build_server_context(
             crls=enforced.crls if enforced else (),
             check_whole_chain=enforced is not None and enforced.has_root_crl,
             verify_callback=verify_callback,
+            groups=groups,
+            tracer=tracer,
         )
     except FleetError as exc:
         raise BrokerError(str(exc)) from exc

@@ -148,10 +148,18 @@ def broker_command(
             help="Access policy (YAML rules granting topics); default: the tier model.",
         ),
     ] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="Key-exchange groups accepted, preferred first (e.g. X25519MLKEM768,X25519); "
+            "default: OpenSSL 4.0's list, the hybrid X25519MLKEM768 first."
+        ),
+    ] = None,
 ) -> None:
     """Run the mutual-TLS MQTT broker in the foreground (Ctrl-C or SIGTERM stops it)."""
     from broker.cli import emit_mosquitto_config, run_broker
     from broker.config import BrokerSettings, RevocationPolicy
+    from fleet.kernel.tls import parse_groups
 
     workspace = Workspace.open(directory)
     try:
@@ -176,6 +184,7 @@ def broker_command(
         max_inflight_messages=max_inflight_messages,
         max_claim_sessions=max_claim_sessions,
         policy=policy_file,
+        groups=parse_groups(groups) if groups else (),
     )
     access = None
     if policy_file is not None:
@@ -183,6 +192,11 @@ def broker_command(
 
         access = load_policy(policy_file)  # a bad file is named before anything starts
     if emit_mosquitto_conf is not None:
+        if groups:
+            raise UsageError(
+                "--groups: Mosquitto 2.0 has no setting for key-exchange groups; give them to "
+                "its OpenSSL instead (an OPENSSL_CONF with Groups = ... in its system_default)"
+            )
         acl = emit_mosquitto_config(
             workspace, emit_mosquitto_conf, host=host, port=port, limits=settings, policy=access
         )

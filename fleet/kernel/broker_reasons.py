@@ -26,6 +26,9 @@ class Outcome(enum.StrEnum):
     TOO_MANY_SESSIONS = "too_many_sessions"  # a claim certificate past --max-claim-sessions
     POLICY_REFUSED = "policy_refused"  # the certificate misses the access policy's requirements
     OUTSIDE_WINDOW = "outside_window"  # the access policy's time windows keep it out now
+    NO_SHARED_GROUP = "no_shared_group"  # no key-exchange group in common (--groups)
+    # no signature scheme in common for a certificate (an ML-DSA one and a classical client)
+    NO_SHARED_SIGNATURE_ALGORITHM = "no_shared_signature_algorithm"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     PROTOCOL_ERROR = "protocol_error"
     OTHER = "other"

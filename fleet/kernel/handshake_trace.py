@@ -74,14 +74,18 @@ class HandshakeFacts:
 
 
 class HandshakeTracer:
-    """Installs the message callback on ``context``; keep the tracer as long as the context."""
+    """OpenSSL's message callback for the contexts it is :meth:`attach`-ed to (keep the tracer
+    as long as they live: it holds the callback)."""
 
-    def __init__(self, context: SSL.Context) -> None:
+    def __init__(self) -> None:
         self._traced: dict[int, HandshakeFacts] = {}
         self._lock = threading.Lock()
         self._callback = _ffi.callback(
             "void(int, int, int, void *, size_t, SSL *, void *)", self._on_message
         )
+
+    def attach(self, context: SSL.Context) -> None:
+        """Trace the connections of ``context`` that :meth:`track` names."""
         _lib.SSL_CTX_set_msg_callback(context._context, self._callback)
 
     def track(self, connection: SSL.Connection) -> HandshakeFacts:

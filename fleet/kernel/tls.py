@@ -223,7 +223,9 @@ def _shared_context(
         if shared is None:
             anchor, chain, _, keylog, groups = key
             context = _new_context(anchor, chain, keylog, groups, anchor_path, device_id)
-            shared = (context, HandshakeTracer(context))
+            tracer = HandshakeTracer()
+            tracer.attach(context)
+            shared = (context, tracer)
             if len(_shared_contexts) >= 64:  # a bound, should something churn trust anchors
                 _shared_contexts.clear()
             _shared_contexts[key] = shared
@@ -270,16 +272,27 @@ def _new_context(
 
 # -- key-exchange groups ---------------------------------------------------------------------
 
-# What OpenSSL 4.0 offers: the hybrids (ML-KEM with a classical curve), ML-KEM alone, the
-# classical curves and finite-field groups. OpenSSL's names; P-256 is secp256r1 and so on.
+# What OpenSSL 4.0 offers, as it reports a negotiated group (``get_group_name``, the IANA
+# names): the hybrids (ML-KEM with a classical curve), ML-KEM alone, the classical curves and
+# the finite-field groups. ``--groups`` takes these, any case, and P-256/P-384/P-521.
 KNOWN_GROUPS = (
     "X25519MLKEM768", "SecP256r1MLKEM768", "SecP384r1MLKEM1024",
     "MLKEM512", "MLKEM768", "MLKEM1024",
-    "X25519", "X448", "P-256", "P-384", "P-521",
+    "x25519", "x448", "secp256r1", "secp384r1", "secp521r1",
     "ffdhe2048", "ffdhe3072", "ffdhe4096",
 )  # fmt: skip
+_GROUP_ALIASES = {"p-256": "secp256r1", "p-384": "secp384r1", "p-521": "secp521r1",
+                  "prime256v1": "secp256r1"}  # fmt: skip
+_CANONICAL_GROUPS = {name.lower(): name for name in KNOWN_GROUPS}
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 _MAX_GROUPS = 16
+
+
+def canonical_group(name: str) -> str | None:
+    """The name OpenSSL reports for the group ``name`` (``P-256`` → ``secp256r1``,
+    ``X25519`` → ``x25519``); None when it is none of :data:`KNOWN_GROUPS`."""
+    key = name.strip().lower()
+    return _CANONICAL_GROUPS.get(_GROUP_ALIASES.get(key, key))
 
 
 def parse_groups(text: str) -> tuple[str, ...]:
@@ -302,7 +315,7 @@ def parse_groups(text: str) -> tuple[str, ...]:
                 f"unknown key-exchange group {name[:40]!r}: OpenSSL 4.0 offers "
                 + ", ".join(KNOWN_GROUPS)
             )
-    if len(set(names)) != len(names):
+    if len({canonical_group(name) or name for name in names}) != len(names):
         raise UsageError(f"a key-exchange group is named twice in {text!r}")
     return names
 
@@ -382,13 +395,16 @@ def broker_context(
     crls: tuple[x509.CertificateRevocationList, ...] = (),
     check_whole_chain: bool = False,
     verify_callback: VerifyCallback,
+    groups: tuple[str, ...] = (),
+    tracer: HandshakeTracer | None = None,
 ) -> SSL.Context:
     """A pyOpenSSL server context that *requires* a client certificate chaining to the root.
 
     TLS 1.2 minimum (1.3 preferred by OpenSSL), clientAuth purpose checked by OpenSSL on the
     server side; with ``crls`` the leaf is checked against them, and with
-    ``check_whole_chain`` every link of the chain (the root's CRL revokes issuing CAs).
-    Raises :class:`FleetError` naming the files when they cannot be loaded.
+    ``check_whole_chain`` every link of the chain (the root's CRL revokes issuing CAs);
+    ``groups`` the key-exchange groups accepted (empty: OpenSSL 4.0's default list, the hybrid
+    X25519MLKEM768 first); ``tracer`` sees each handshake's messages. Raises :class:`FleetError` naming the files when they cannot be loaded.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -410,6 +426,10 @@ def broker_context(
     context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify_callback)
     context.set_session_id(b"mtls-fleet-broker")  # lets clients resume sessions (tickets)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # idle connections hold no 16 KB record buffers
+    if groups:
+        apply_groups(context, groups)
+    if tracer is not None:
+        tracer.attach(context)
     if crls:
         store = context.get_cert_store()
         assert store is not None

@@ -29,6 +29,7 @@ class BrokerOptions:
     revocation_policy: str = "fail-closed"
     crl_url: str | None = None  # fetch the CRL from the control plane (every 200 ms)
     policy: Path | None = None  # the access policy file the broker reads (and watches)
+    groups: tuple[str, ...] = ()  # the key-exchange groups it accepts (--groups)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class EmbeddedBroker:
             options += ["--crl-url", self.options.crl_url, "--crl-url-every", "0.2s"]
         if self.options.policy is not None:
             options += ["--policy", str(self.options.policy)]
+        if self.options.groups:
+            options += ["--groups", ",".join(self.options.groups)]
         return broker_command(self.workspace, *options, port=self.port)
 
     async def start(self) -> None:

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from device import ConnectOutcome
 from fleet.scenario.broker_process import BrokerLog
@@ -118,6 +118,8 @@ class Checker:
             for name, value in (
                 ("broker", self.step.broker),
                 ("broker_event", self.step.broker_event),
+                ("signature", self.step.signature),
+                ("group in the broker's record", self.step.group),
             )
             if value
         ]
@@ -212,10 +214,48 @@ class Checker:
             problems.append(f"enrollment {m.enrollment or 'not tried'}{detail}")
         if step.renewed_at_least is not None:
             problems.extend(self._renewal_problems(m, step.renewed_at_least))
+        problems.extend(self._handshake_problems(m))
         if step.renewal_failures is not None and m.renewal_failures > step.renewal_failures:
             failures = m.device.stats.renewal_failures if m.device else {}
             problems.append(f"{m.renewal_failures} renewals failed ({dict(failures)})")
         return [f"{m.label} ({m.device_id}): {', '.join(problems)}"] if problems else []
+
+    def _handshake_problems(self, m: Member) -> list[str]:
+        """The group and schemes of ``m``'s latest connection since the last action: on the
+        device's side, and (with our broker) in the broker's record of that session."""
+        step = self.step
+        if step.group is None and step.broker_signature is None and step.signature is None:
+            return []
+        latest = m.latest_connection(self.window.start)
+        if latest is None:
+            return ["no connection to read a handshake from"]
+        problems = []
+        if step.group is not None and latest.group != step.group:
+            problems.append(f"group {latest.group or 'none'}")
+        if step.broker_signature is not None and latest.broker_signature != step.broker_signature:
+            problems.append(f"broker signed with {latest.broker_signature or 'nothing seen'}")
+        if self.broker is None or (step.group is None and step.signature is None):
+            return problems
+        sessions = self._broker_sessions(m)
+        if not sessions:
+            return [*problems, "the broker logged no session of it"]
+        group, signature = sessions[-1].get("group"), sessions[-1].get("signature")
+        if step.group is not None and group != step.group:
+            problems.append(f"the broker logged group {group or 'none'}")
+        if step.signature is not None and signature != step.signature:
+            problems.append(f"the broker saw it sign with {signature or 'nothing'}")
+        return problems
+
+    def _broker_sessions(self, m: Member) -> list[dict[str, Any]]:
+        assert self.broker is not None
+        first = bisect.bisect_left(
+            self.broker.events, self.window.start, key=lambda e: float(e["at"])
+        )
+        return [
+            e
+            for e in self.broker.events[first:]
+            if e["event"] == "connected" and e.get("device") == m.device_id
+        ]
 
     def _reasons_for(self, m: Member) -> list[str]:
         """What the broker said about ``m``: by its device id, and by the addresses of its
@@ -269,6 +309,13 @@ class Checker:
             delivered = sum(self._delivered(m) for m in self.members)
             received = sum(m.received - self.window.received.get(m.label, 0) for m in self.members)
             parts.append(f"acknowledged {acked}, delivered {delivered}, received {received}")
+        if self.step.group is not None or self.step.broker_signature is not None:
+            latest = [m.latest_connection(since) for m in self.members]
+            groups = Counter((s.group or "none") if s else "not connected" for s in latest)
+            parts.append("groups " + _top(groups))
+            if self.step.broker_signature is not None:
+                schemes = Counter((s.broker_signature or "none") for s in latest if s)
+                parts.append("broker signed with " + _top(schemes))
         if self.step.subscription is not None:
             parts.append("SUBACK " + _top(Counter(m.subscription or "none" for m in self.members)))
         if self.step.enrollment is not None:

@@ -25,6 +25,7 @@ from fleet.kernel.lined_yaml import (
     parse_lined_yaml,
     suggest,
 )
+from fleet.kernel.tls import KNOWN_GROUPS, canonical_group, parse_groups
 
 T = TypeVar("T")
 
@@ -237,6 +238,30 @@ def as_fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
         raise ValueError("expected a fraction of the lifetime between 0 and 1, e.g. 0.66")
     return float(value)
+
+
+def as_groups(value: Any) -> tuple[str, ...]:
+    """Key-exchange groups, preferred first: a list, or one comma-separated string."""
+    if isinstance(value, LinedSeq):
+        text = ",".join(as_text(item) for item in value)
+    else:
+        text = as_text(value)
+    try:
+        return parse_groups(text)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def as_group(value: Any) -> str:
+    """One negotiated key-exchange group, as OpenSSL reports it (``P-256`` → ``secp256r1``)."""
+    text = as_text(value)
+    group = canonical_group(text)
+    if group is None:
+        raise ValueError(
+            f"{text!r} is not a key-exchange group{suggest(text, KNOWN_GROUPS)}: one of "
+            + ", ".join(KNOWN_GROUPS)
+        )
+    return group
 
 
 def as_group_name(value: Any) -> str:

@@ -30,6 +30,7 @@ from fleet.scenario.fields import (
     as_flag,
     as_fraction,
     as_group_name,
+    as_groups,
     as_positive_count,
     as_positive_duration,
     as_qos,
@@ -65,6 +66,7 @@ _TOP_FIELDS = (
     "timeout",
     "crl_valid_for",
     "certificate_requests",
+    "ca_key_type",
     "tags",
     "broker",
     "devices",
@@ -89,6 +91,7 @@ _GROUP_FIELDS = (
     "pin_broker",
     "presents_certificate",
     "key_type",
+    "groups",
 )
 
 
@@ -150,6 +153,7 @@ def _scenario(path: Path, document: LinedMap) -> Scenario:
         timeout=top.get("timeout", as_positive_duration, 120.0),
         crl_valid_for=top.get("crl_valid_for", as_positive_duration, None),
         certificate_requests=requests,
+        ca_key_type=top.get("ca_key_type", one_of(KeyType), None),
         tags=tuple(top.get("tags", lambda v: [as_text(t) for t in as_sequence(v)], [])),
     )
 
@@ -171,8 +175,9 @@ def _broker(path: Path, top: Fields) -> BrokerSpec:
         path,
         mapping,
         "broker",
-        ("env", "revocation_policy", "needs_fleet_broker", "crl_from", "policy"),
-    )
+        ("env", "revocation_policy", "needs_fleet_broker", "crl_from", "policy", "groups",
+         "key_type"),
+    )  # fmt: skip
     return BrokerSpec(
         env=fields.get("env", one_of(ENVIRONMENTS), None),
         revocation_policy=fields.get(
@@ -181,6 +186,8 @@ def _broker(path: Path, top: Fields) -> BrokerSpec:
         needs_fleet_broker=fields.get("needs_fleet_broker", as_text, None),
         crl_from=fields.get("crl_from", one_of(CRL_SOURCES), "file"),
         policy=fields.get("policy", lambda value: policy_file(path, value), None),
+        groups=fields.get("groups", as_groups, ()),
+        key_type=fields.get("key_type", one_of(KeyType), None),
     )
 
 
@@ -260,6 +267,7 @@ def _group(path: Path, item: LinedMap, where: str, groups: dict[str, Group]) -> 
         pin_broker=fields.get("pin_broker", as_flag, False),
         presents_certificate=fields.get("presents_certificate", as_flag, True),
         key_type=fields.get("key_type", one_of(KeyType), None),
+        groups=fields.get("groups", as_groups, ()),
     )
     if group.impersonates is not None and group.issuer is Issuer.FLEET:
         raise fields.error(

@@ -72,6 +72,7 @@ class Group:
     pin_broker: bool = False  # pin the key the broker presents when the group is provisioned
     presents_certificate: bool = True  # False: connects without a client certificate
     key_type: str | None = None  # the workspace's default, or e.g. rsa2048 (a weak key)
+    groups: tuple[str, ...] = ()  # key-exchange groups offered, preferred first; (): P-256
 
     @property
     def fleet_issued(self) -> bool:
@@ -96,6 +97,8 @@ class BrokerSpec:
     needs_fleet_broker: str | None = None  # why the scenario cannot run against --target
     crl_from: str = "file"  # or "control-plane": the broker fetches it from 'fleet serve'
     policy: Path | None = None  # the embedded broker's access policy (--policy)
+    groups: tuple[str, ...] = ()  # key-exchange groups the embedded broker accepts (--groups)
+    key_type: str | None = None  # the broker certificate's key (fleet init --broker-key-type)
 
 
 # A scenario's devices unless its ``devices:`` says otherwise: quicker than a real fleet's.
@@ -125,6 +128,7 @@ class Scenario:
     timeout: float = 120.0  # the whole scenario, a safety net
     crl_valid_for: float | None = None  # the fresh workspace's CRL lifetime (default 7 days)
     certificate_requests: bool = False  # the control plane answers enrollment/renewal over MQTT
+    ca_key_type: str | None = None  # the fresh workspace's CAs (fleet init --ca-key-type)
     tags: tuple[str, ...] = field(default=())
 
     def group(self, name: str) -> Group:

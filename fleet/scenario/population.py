@@ -38,6 +38,8 @@ class Sighting:
     outcome: str  # a ConnectOutcome value, or "dropped"
     detail: str | None
     local_address: str | None = None  # how the broker's log names the attempt (IP:PORT)
+    group: str | None = None  # the key-exchange group a handshake agreed on
+    broker_signature: str | None = None  # the scheme the broker signed it with
 
     def text(self) -> str:
         return f"{self.outcome}: {self.detail}" if self.detail else self.outcome
@@ -125,6 +127,15 @@ class Member:
     def sightings_since(self, start: float) -> list[Sighting]:
         return [s for s in self.sightings if s.at >= start]
 
+    def latest_connection(self, since: float) -> Sighting | None:
+        """The latest attempt since ``since`` that connected (its handshake's facts)."""
+        for sighting in reversed(self.sightings):
+            if sighting.at < since:
+                return None
+            if sighting.outcome == "connected":
+                return sighting
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -190,6 +201,7 @@ class Population:
             renew_at=member.group.auto_renew,
             pins=member.pins,
             present_certificate=member.group.presents_certificate,
+            groups=member.group.groups,
             **self.defaults.behaviour(),
         )
         member.stop = asyncio.Event()
@@ -224,7 +236,14 @@ class Population:
 
     def _attempted(self, member: Member, attempt: ConnectAttempt) -> None:
         member.sightings.append(
-            Sighting(self._clock(), attempt.outcome.value, attempt.detail, attempt.local_address)
+            Sighting(
+                self._clock(),
+                attempt.outcome.value,
+                attempt.detail,
+                attempt.local_address,
+                attempt.group,
+                attempt.broker_signature,
+            )
         )
 
     async def stop(self, members: Iterable[Member]) -> None:

@@ -21,12 +21,15 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from cryptography import x509
+
 from device.enrollment import ClaimBundle
 from device.requests import new_request_id
 from fleet.controlplane.server import ControlPlane
 from fleet.kernel.config import FleetConfig
-from fleet.kernel.errors import FleetError
+from fleet.kernel.errors import FleetError, UsageError
 from fleet.kernel.files import replace_atomically
+from fleet.kernel.keys import KeyType, key_type_of
 from fleet.kernel.mqtt_api import enroll_client_id
 from fleet.scenario.broker_process import BrokerLog, BrokerOptions, EmbeddedBroker
 from fleet.scenario.credentials import ScenarioCredentials
@@ -55,6 +58,14 @@ def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
         return f"needs the mtls-fleet broker: {scenario.broker.needs_fleet_broker}"
     if scenario.broker.policy is not None:
         return "needs the mtls-fleet broker: its access policy (broker.policy)"
+    for name in ("groups", "key_type"):
+        if getattr(scenario.broker, name):
+            return f"needs the mtls-fleet broker: its {name.replace('_', ' ')} (broker.{name})"
+    if scenario.ca_key_type is not None:
+        return (
+            f"needs a fresh workspace whose CAs have {scenario.ca_key_type} keys (ca_key_type); "
+            "the target trusts the workspace in --dir"
+        )
     for step in scenario.steps:
         if step.embedded_only:
             return f"line {step.line}: '{step.kind}' acts on the embedded broker itself"
@@ -67,6 +78,28 @@ def skip_reason(scenario: Scenario, target: Target | None) -> str | None:
     return None
 
 
+def _key_type(name: str | None) -> KeyType | None:
+    return KeyType(name) if name else None
+
+
+def _check_key_types(scenario: Scenario, workspace: Workspace) -> None:
+    """A workspace from --dir must have the CA and broker keys the scenario declares."""
+    broker_cert = x509.load_pem_x509_certificate(workspace.paths.server_cert.read_bytes())
+    wanted = (
+        ("ca_key_type", scenario.ca_key_type, workspace.ca.issuing_key),
+        ("broker.key_type", scenario.broker.key_type, broker_cert.public_key()),
+    )
+    for field, name, key in wanted:
+        if name is None:
+            continue
+        have = key_type_of(key).value
+        if have != name:
+            raise UsageError(
+                f"{scenario.path}: {field} is {name}, but the workspace in --dir has {have} "
+                "keys: run the scenario without --dir (a fresh workspace is made for it)"
+            )
+
+
 def _counts_deliveries(scenario: Scenario) -> bool:
     for step in scenario.steps:
         expectation = step.expectation()
@@ -75,7 +108,7 @@ def _counts_deliveries(scenario: Scenario) -> bool:
     return False
 
 
-_BROKER_SIDE = frozenset({"broker", "broker_event"})
+_BROKER_SIDE = frozenset({"broker", "broker_event", "signature"})
 _NOT_CHECKS = frozenset({"line", "devices", "within", "text"})
 
 
@@ -191,13 +224,17 @@ class ScenarioRun:
             self._temporary = parent
             directory = parent / "fleet"
         if not WorkspacePaths(directory).config.exists():
-            config = FleetConfig()
+            config = FleetConfig(
+                ca_key_type=_key_type(self.scenario.ca_key_type),
+                broker_key_type=_key_type(self.scenario.broker.key_type),
+            )
             if self.scenario.crl_valid_for is not None:
                 config = replace(
                     config, crl_valid_for=dt.timedelta(seconds=self.scenario.crl_valid_for)
                 )
             await asyncio.to_thread(init_workspace, directory, config=config)
         self.workspace = Workspace.open(directory)
+        _check_key_types(self.scenario, self.workspace)
         self.result.workspace = str(directory)
         run_dir = f"scenario/{self.scenario.name}-{int(time.time() * 1000)}"
         self.credentials = ScenarioCredentials(self.workspace, directory / run_dir)
@@ -217,6 +254,7 @@ class ScenarioRun:
                 revocation_policy=self.scenario.broker.revocation_policy,
                 crl_url=crl_url,
                 policy=policy,
+                groups=self.scenario.broker.groups,
             )
             self.broker = EmbeddedBroker(directory, options, clock=self.clock)
             await self.broker.start()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from device.enrollment import ENROLLMENT_FAILURES
 from device.outcomes import REASONS_BY_OUTCOME
 from fleet.kernel.broker_reasons import DEVICE_REASONS, BrokerEvent
+from fleet.kernel.handshake_trace import SIGNATURE_SCHEMES
 from fleet.kernel.lined_yaml import LinedMap, suggest
 from fleet.scenario.fields import (
     Fields,
@@ -17,6 +18,7 @@ from fleet.scenario.fields import (
     as_count,
     as_duration,
     as_flag,
+    as_group,
     as_positive_duration,
     note_error,
     one_of,
@@ -47,7 +49,7 @@ class ExpectStep(Step):
         "devices", "state", "broker", "device", "lost", "drops", "refusals",
         "delivered_at_least", "acknowledged_at_least", "received", "received_at_least",
         "subscription", "others_unaffected", "broker_event", "enrollment", "renewed_at_least",
-        "renewal_failures", "within",
+        "renewal_failures", "group", "broker_signature", "signature", "within",
     )  # fmt: skip
     observes = True
 
@@ -70,6 +72,10 @@ class ExpectStep(Step):
     enrollment_counts: tuple[tuple[str, int], ...] | None = None
     renewed_at_least: int | None = None  # renewals over MQTT per device (and in the registry)
     renewal_failures: int | None = None  # at most this many failed renewals per device
+    # the key-exchange group of each device's latest connection (and the broker's record of it)
+    group: str | None = None
+    broker_signature: str | None = None  # the scheme the broker signed that handshake with
+    signature: str | None = None  # the scheme the device signed with, as the broker logged it
     within: float = 5.0
     text: str = ""
 
@@ -101,6 +107,9 @@ class ExpectStep(Step):
             enrollment_counts=_enrollment_counts(reader, fields),
             renewed_at_least=fields.get("renewed_at_least", as_count, None),
             renewal_failures=fields.get("renewal_failures", as_count, None),
+            group=fields.get("group", as_group, None),
+            broker_signature=fields.get("broker_signature", one_of(SIGNATURE_NAMES), None),
+            signature=fields.get("signature", one_of(SIGNATURE_NAMES), None),
             within=fields.get("within", as_positive_duration, 5.0),
             text=_describe(fields),
         )
@@ -124,6 +133,8 @@ class ExpectStep(Step):
     def expectation(self) -> ExpectStep:
         return self
 
+
+SIGNATURE_NAMES = tuple(SIGNATURE_SCHEMES.values())
 
 # Fields of 'expect' that are not a check of each named device.
 _FLEET_WIDE_CHECKS = ("devices", "others_unaffected", "broker_event", "within")
