@@ -38,6 +38,7 @@ from benchmarks.mqtt_load import (
 )
 from broker import broker_command, listening_port
 from broker.cli import mosquitto_config
+from device.handshake_bench import process_cpu_seconds
 from fleet import (
     FleetConfig,
     ProvisionSpec,
@@ -48,7 +49,6 @@ from fleet import (
 )
 
 T = TypeVar("T")
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -58,9 +58,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+_cpu_seconds = process_cpu_seconds
 
 
 def _rss_bytes(pid: int) -> int:

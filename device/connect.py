@@ -133,7 +133,7 @@ async def _handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> No
 
 
 async def wait_ready(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, *, readable: bool
+    loop: asyncio.AbstractEventLoop, sock: socket.socket | TlsConnection, *, readable: bool
 ) -> None:
     """Wait until ``sock`` is readable (or writable) without blocking the loop."""
     future: asyncio.Future[None] = loop.create_future()
@@ -233,8 +233,10 @@ async def open_device_tls(
     timeout: float = 10.0,
     source_ip: str | None = None,
     on_connected: Callable[[str], None] | None = None,
+    session: SSL.Session | None = None,
 ) -> DeviceConnection:
-    """:func:`open_tls_socket` for a simulated device: the same phases, timings and errors."""
+    """:func:`open_tls_socket` for a simulated device: the same phases, timings and errors
+    (``session``: a TLS session of an earlier connection to resume)."""
     loop = asyncio.get_running_loop()
     raw = await _new_socket(loop, host, port, source_ip)
     try:
@@ -243,6 +245,8 @@ async def open_device_tls(
             await _tcp_connect(loop, raw, host, port, on_connected)
             connected = time.perf_counter()
             connection = _client_connection(credentials, raw, server_name or host)
+            if session is not None:
+                connection.set_session(session)
             facts = credentials.tracer.track(connection) if credentials.tracer else None
             try:
                 await _drive_handshake(loop, connection, raw)

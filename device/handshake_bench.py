@@ -1,7 +1,9 @@
 """Handshake load testing: connection churn with a distinct device certificate per connection.
 
 Each connection is TCP connect, mutual-TLS handshake, MQTT CONNECT/CONNACK and DISCONNECT,
-timed phase by phase. Shards run in separate processes (one per core by default), each with
+timed phase by phase, on the simulated devices' own TLS stack (pyOpenSSL on OpenSSL 4.0: any
+key type, ML-DSA included, and the key-exchange groups of ``groups``); the bytes each
+handshake put on the wire, its group and the broker's signature scheme are counted too. Shards run in separate processes (one per core by default), each with
 its share of the concurrency, and their statistics (HDR histograms, outcome counts, a
 per-second completion series, CPU time) are merged. With ``resume`` every identity first makes
 one full handshake to obtain a TLS session, then the timed run resumes those sessions.
@@ -25,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
-from device.connect import open_tls_socket, wait_ready
+from device.connect import TlsConnection, open_device_tls, wait_ready
 from device.outcomes import CONNACK_V311_REASONS, classify_tls_failure
 from fleet.kernel.errors import FleetError
-from fleet.kernel.tls import device_tls_context
+from fleet.kernel.tls import DeviceTls, device_tls
 
 PHASES = ("tcp", "tls", "mqtt", "total")
 _MAX_MICROSECONDS = 60_000_000
@@ -61,6 +65,8 @@ class BenchSettings:
     tls_version: str | None = None  # "1.2", "1.3" or None (negotiate, 1.2 minimum)
     resume: bool = False
     timeout: float = 10.0
+    groups: tuple[str, ...] = ()  # key-exchange groups offered; (): P-256, as devices do
+    key_type: str = ""  # of the identities, for the report
 
 
 def _connect_packet(client_id: str) -> bytes:
@@ -86,24 +92,27 @@ class ShardResult:
     ended: float = 0.0
     cpu_seconds: float = 0.0
     resumed: int = 0  # connections that resumed a TLS session
+    handshake_bytes: int = 0  # TLS records both ways of the accepted connections' handshakes
+    groups: Counter[str] = field(default_factory=Counter)  # of the accepted connections
+    broker_signatures: Counter[str] = field(default_factory=Counter)
 
 
-def _context(settings: BenchSettings, identity: Identity) -> ssl.SSLContext:
-    context = device_tls_context(
-        settings.trust_anchor, identity.cert, identity.key, device_id=identity.device_id
+def _credentials(settings: BenchSettings, identity: Identity) -> DeviceTls:
+    return device_tls(
+        settings.trust_anchor,
+        identity.cert,
+        identity.key,
+        device_id=identity.device_id,
+        groups=settings.groups,
+        tls_version=settings.tls_version,
     )
-    if settings.tls_version == "1.2":
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-    elif settings.tls_version == "1.3":
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-    return context
 
 
-async def _send(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, data: bytes) -> None:
+async def _send(loop: asyncio.AbstractEventLoop, sock: TlsConnection, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            sent = sock.send(view)
+            sent = sock.send(bytes(view))
             view = view[sent:]
         except (ssl.SSLWantWriteError, BlockingIOError):
             await wait_ready(loop, sock, readable=False)
@@ -111,7 +120,7 @@ async def _send(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, data: byte
             await wait_ready(loop, sock, readable=True)
 
 
-async def _receive(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket, size: int) -> bytes:
+async def _receive(loop: asyncio.AbstractEventLoop, sock: TlsConnection, size: int) -> bytes:
     data = b""
     while len(data) < size:
         try:
@@ -131,8 +140,8 @@ class _Shard:
     def __init__(self, settings: BenchSettings, identities: list[Identity]) -> None:
         self.settings = settings
         self.identities = identities
-        self.contexts = [_context(settings, identity) for identity in identities]
-        self.sessions: list[ssl.SSLSession | None] = [None] * len(identities)
+        self.credentials = [_credentials(settings, identity) for identity in identities]
+        self.sessions: list[SSL.Session | None] = [None] * len(identities)
         self.result = ShardResult()
         self.histograms = {phase: _histogram() for phase in PHASES}
 
@@ -166,10 +175,10 @@ class _Shard:
         s, identity = self.settings, self.identities[index]
         outcome, phases, resumed = "accepted", None, False
         try:
-            tls = await open_tls_socket(
+            tls = await open_device_tls(
                 s.host,
                 s.port,
-                self.contexts[index],
+                self.credentials[index],
                 server_name=s.server_name,
                 timeout=s.timeout,
                 session=self.sessions[index],
@@ -178,7 +187,7 @@ class _Shard:
             failure = classify_tls_failure(exc)
             outcome = f"{failure.outcome.value}: {failure.reason}"
         else:
-            sock = tls.sock
+            sock = tls.tls
             try:
                 started = time.perf_counter()
                 async with asyncio.timeout(s.timeout):
@@ -191,9 +200,10 @@ class _Shard:
                     else:
                         mqtt_seconds = time.perf_counter() - started
                         phases = (tls.tcp_seconds, tls.tls_seconds, mqtt_seconds)
-                        resumed = bool(sock.session_reused)
+                        resumed = bool(_lib.SSL_session_reused(sock.connection._ssl))
                         if s.resume and self.sessions[index] is None:
-                            self.sessions[index] = sock.session  # fetching one costs ~0.2 ms
+                            self.sessions[index] = sock.connection.get_session()
+                        self._note_handshake(tls.group, tls.broker_signature, tls.handshake_bytes)
                         await _send(loop, sock, _DISCONNECT)
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 failure = classify_tls_failure(exc)
@@ -201,6 +211,11 @@ class _Shard:
             finally:
                 sock.close()
         self._record(identity, outcome, phases, resumed)
+
+    def _note_handshake(self, group: str | None, signature: str | None, size: int) -> None:
+        self.result.handshake_bytes += size
+        self.result.groups[group or "-"] += 1
+        self.result.broker_signatures[signature or "-"] += 1
 
     def _record(
         self,
@@ -224,6 +239,15 @@ class _Shard:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds process ``pid`` has used so far (Linux's /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def run_bench_shard(
@@ -256,6 +280,10 @@ class BenchResult:
     processes: int
     resumed: int
     full: dict[str, Any] | None = None  # --resume: rate and latency of the full handshakes
+    bytes_per_handshake: float = float("nan")  # TLS bytes both ways, accepted connections
+    groups: dict[str, int] = field(default_factory=dict)  # negotiated, accepted connections
+    broker_signatures: dict[str, int] = field(default_factory=dict)
+    broker_cpu_seconds_per_handshake: float | None = None  # the embedded broker's, per attempt
 
     @property
     def accepted(self) -> int:
@@ -285,9 +313,13 @@ def merge(shards: list[ShardResult], settings: BenchSettings, processes: int) ->
     histograms = {phase: _histogram() for phase in PHASES}
     outcomes: Counter[str] = Counter()
     expectations: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
+    signatures: Counter[str] = Counter()
     for shard in shards:
         outcomes.update(shard.outcomes)
         expectations.update(shard.by_expectation)
+        groups.update(shard.groups)
+        signatures.update(shard.broker_signatures)
         for phase, encoded in shard.histograms.items():
             histograms[phase].add(HdrHistogram.decode(encoded))
     started = min(s.started for s in shards)
@@ -301,6 +333,8 @@ def merge(shards: list[ShardResult], settings: BenchSettings, processes: int) ->
             "concurrency": settings.concurrency,
             "tls": settings.tls_version or "negotiated",
             "resume": settings.resume,
+            "key_type": settings.key_type,
+            "groups": ",".join(settings.groups) or "P-256",
         },
         attempts=attempts,
         outcomes=dict(outcomes.most_common()),
@@ -314,6 +348,13 @@ def merge(shards: list[ShardResult], settings: BenchSettings, processes: int) ->
         cpu_seconds_per_handshake=sum(s.cpu_seconds for s in shards) / max(1, attempts),
         processes=processes,
         resumed=sum(s.resumed for s in shards),
+        bytes_per_handshake=(
+            sum(s.handshake_bytes for s in shards) / sum(groups.values())
+            if groups
+            else float("nan")
+        ),
+        groups=dict(groups.most_common()),
+        broker_signatures=dict(signatures.most_common()),
     )
 
 

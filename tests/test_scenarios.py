@@ -44,8 +44,12 @@ _LIBRARY_NAMES = {
     "replacement",
     "ca-compromise",
     "access-policy",
+    "pq-migration",
+    "pq-legacy-broker",
+    "pq-revoke",
+    "pq-lifetime-compression",
 }
-_LONG = {"short-lived"}  # 5 minutes: run by hand or in a nightly job, and below in miniature
+_LONG = {"short-lived", "pq-lifetime-compression"}  # 5 minutes: run by hand or in a nightly job, and below in miniature
 
 
 @pytest.mark.slow

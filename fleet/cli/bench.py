@@ -16,6 +16,7 @@ from device.handshake_bench import (
     BenchResult,
     BenchSettings,
     openssl_s_time_rate,
+    process_cpu_seconds,
     run_handshake_bench,
 )
 from fleet.cli.bench_identities import bench_identities
@@ -23,6 +24,7 @@ from fleet.cli.bench_report import print_result, print_sweep, write_report
 from fleet.cli.swarm import parse_processes, parse_target
 from fleet.kernel.errors import UsageError
 from fleet.kernel.keys import KeyType
+from fleet.kernel.tls import parse_groups
 from fleet.store.workspace import Workspace
 
 
@@ -36,6 +38,7 @@ class BenchRequest:
     server_name: str
     tls_version: str | None
     key_type: KeyType | None
+    groups: tuple[str, ...]
     resume: bool
     reject_mix: float
     processes: int | None
@@ -55,6 +58,7 @@ class BenchRequest:
         server_name: str,
         tls: str | None,
         key_type: str | None,
+        groups: str | None,
         resume: bool,
         reject_mix: str,
         processes: str,
@@ -76,6 +80,7 @@ class BenchRequest:
             server_name=server_name,
             tls_version=tls,
             key_type=KeyType.parse(key_type) if key_type else None,
+            groups=parse_groups(groups) if groups else (),
             resume=resume,
             reject_mix=_parse_fraction(reject_mix),
             processes=parse_processes(processes),
@@ -105,12 +110,13 @@ def _parse_sweep(text: str) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def _broker(workspace: Workspace, request: BenchRequest) -> Iterator[tuple[str, int]]:
+def _broker(workspace: Workspace, request: BenchRequest) -> Iterator[tuple[str, int, int | None]]:
+    """(host, port, the embedded broker's pid: None for a target)."""
     if request.target is not None:
-        yield request.target
+        yield (*request.target, None)
         return
     with launched_broker(workspace.paths.root) as broker:
-        yield ("127.0.0.1", broker.port)
+        yield ("127.0.0.1", broker.port, broker.process.pid)
 
 
 def run_bench_command(
@@ -131,7 +137,7 @@ def run_bench_command(
             key_type=request.key_type,
             reject_mix=request.reject_mix,
         ) as identities,
-        _broker(workspace, request) as (host, port),
+        _broker(workspace, request) as (host, port, broker_pid),
     ):
         where = "embedded broker" if request.target is None else "target"
         console.print(
@@ -145,8 +151,11 @@ def run_bench_command(
             server_name=request.server_name,
             tls_version=request.tls_version,
             resume=request.resume,
+            groups=request.groups,
+            key_type=(request.key_type or workspace.config.key_type).value,
         )
         for concurrency in request.concurrency:
+            broker_cpu = process_cpu_seconds(broker_pid) if broker_pid else None
             if cluster is not None:
                 from device.cluster import run_handshake_bench_on_cluster
 
@@ -159,6 +168,9 @@ def run_bench_command(
                     identities,
                     processes=request.processes,
                 )
+            if broker_pid is not None and broker_cpu is not None:
+                used = process_cpu_seconds(broker_pid) - broker_cpu
+                result.broker_cpu_seconds_per_handshake = used / max(1, result.attempts)
             results.append(result)
             if request.sweep:
                 console.print(

@@ -25,6 +25,14 @@ def sparkline(values: list[int]) -> str:
     return "".join(_BARS[round(v / top * (len(_BARS) - 1))] for v in values)
 
 
+def _count(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
+
+
+def _shares(counts: dict[str, int]) -> str:
+    return ", ".join(f"{escape(name)} {n:,}" for name, n in counts.items()) or "-"
+
+
 def _ms(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
@@ -40,6 +48,18 @@ def print_result(result: BenchResult, console: Console, *, reference: float | No
     table.add_row("handshakes/s (accepted)", f"{result.rate:,.0f}")
     table.add_row("attempts/s", f"{result.attempt_rate:,.0f}")
     table.add_row("client CPU per attempt", f"{result.cpu_seconds_per_handshake * 1000:.2f} ms")
+    if result.broker_cpu_seconds_per_handshake is not None:
+        table.add_row(
+            "broker CPU per attempt",
+            f"{result.broker_cpu_seconds_per_handshake * 1000:.2f} ms (the embedded broker)",
+        )
+    table.add_row(
+        "bytes on the wire per handshake", f"{_count(result.bytes_per_handshake)} (TLS records)"
+    )
+    table.add_row(
+        "key exchange · broker's signature",
+        f"{_shares(result.groups)} · {_shares(result.broker_signatures)}",
+    )
     if result.full is not None:
         ratio = result.rate / result.full["rate"] if result.full["rate"] else float("nan")
         table.add_row(
@@ -201,6 +221,10 @@ def _save(figure: Any, path: Path) -> Path:
 # -- fleet bench compare ------------------------------------------------------------------------
 
 
+def _two(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.2f}"
+
+
 def _load(path: Path) -> dict[str, Any]:
     if path.is_dir():
         path = path / "report.json"
@@ -220,11 +244,17 @@ def _metrics(run: dict[str, Any]) -> dict[str, float]:
         "accepted": float(run["outcomes"].get("accepted", 0)),
         "refused or failed": float(run["attempts"] - run["outcomes"].get("accepted", 0)),
         "client CPU ms/attempt": float(run["cpu_seconds_per_handshake"]) * 1000,
+        "broker CPU ms/attempt": _ms_or_nan(run.get("broker_cpu_seconds_per_handshake")),
+        "bytes/handshake": float(run.get("bytes_per_handshake", math.nan)),
     }
     for phase in PHASES:
         for p in ("p50", "p99"):
             metrics[f"{phase} {p} ms"] = float(run["latency_ms"][phase][p])
     return metrics
+
+
+def _ms_or_nan(seconds: float | None) -> float:
+    return math.nan if seconds is None else float(seconds) * 1000
 
 
 def compare(a: Path, b: Path, console: Console) -> None:
@@ -237,8 +267,9 @@ def compare(a: Path, b: Path, console: Console) -> None:
     table.add_column("B/A", justify="right", no_wrap=True)
     for (name, x), y in zip(_metrics(first).items(), _metrics(second).values(), strict=True):
         ratio = f"{y / x:.2f}" if x and not math.isnan(x) and not math.isnan(y) else "-"
-        table.add_row(name, f"{x:,.2f}", f"{y:,.2f}", ratio)
+        table.add_row(name, _two(x), _two(y), ratio)
     for label, run in (("A", first), ("B", second)):
         settings = ", ".join(f"{k}={v}" for k, v in run["settings"].items())
-        console.print(f"{label}: {escape(settings)}")
+        agreed = f"; negotiated {_shares(run.get('groups', {}))}" if run.get("groups") else ""
+        console.print(f"{label}: {escape(settings)}{agreed}")
     console.print(table)

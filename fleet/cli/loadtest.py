@@ -131,7 +131,18 @@ def bench_handshake(
     concurrency: Annotated[int, typer.Option(help="Connections in flight (all processes).")] = 100,
     tls: Annotated[str | None, typer.Option(help="Pin the TLS version: 1.2 or 1.3.")] = None,
     key_type: Annotated[
-        str | None, typer.Option(help="Device key type: ec-p256, ec-p384, rsa2048, rsa3072.")
+        str | None,
+        typer.Option(
+            help="Device key type: ec-p256, ec-p384, rsa2048, rsa3072, ed25519, ml-dsa-44, "
+            "ml-dsa-65, ml-dsa-87 [default: the workspace's]."
+        ),
+    ] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="Key-exchange groups the devices offer, preferred first "
+            "(e.g. X25519MLKEM768,X25519) [default: P-256]."
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="Also measure TLS session resumption against full handshakes.")
@@ -171,6 +182,7 @@ def bench_handshake(
         server_name=server_name,
         tls=tls,
         key_type=key_type,
+        groups=groups,
         resume=resume,
         reject_mix=reject_mix,
         processes=processes,

@@ -123,7 +123,7 @@ class DeviceTls:
             raise SSL.Error("SSL_use_PrivateKey failed")
 
 
-_ContextKey = tuple[bytes, tuple[bytes, ...], bool, str | None, tuple[str, ...]]
+_ContextKey = tuple[bytes, tuple[bytes, ...], bool, str | None, tuple[str, ...], str | None]
 _shared_contexts: dict[_ContextKey, tuple[SSL.Context, HandshakeTracer]] = {}
 _shared_lock = threading.Lock()  # credentials are loaded in worker threads too
 
@@ -138,11 +138,12 @@ def device_tls(
     keylog_file: str | None = None,
     present_certificate: bool = True,
     groups: tuple[str, ...] = (),
+    tls_version: str | None = None,
 ) -> DeviceTls:
     """The device's credentials over a context shared with every device of the same trust
-    anchor, issuing chain and ``groups`` (key-exchange groups in order of preference, see
-    :func:`parse_groups`; empty: P-256 only); the same checks and errors as
-    :func:`device_tls_context`."""
+    anchor, issuing chain, ``groups`` (key-exchange groups in order of preference, see
+    :func:`parse_groups`; empty: P-256 only) and ``tls_version`` (``"1.2"`` or ``"1.3"`` only;
+    None: 1.2 or later); the same checks and errors as :func:`device_tls_context`."""
     try:
         anchor = trust_anchor.read_bytes()
     except OSError as exc:
@@ -153,12 +154,12 @@ def device_tls(
         ) from exc
     keylog = keylog_file or os.environ.get("SSLKEYLOGFILE")
     if not present_certificate:
-        key_ = (anchor, (), check_hostname, keylog, groups)
+        key_ = (anchor, (), check_hostname, keylog, groups, tls_version)
         context, tracer = _shared_context(key_, trust_anchor, device_id)
         return DeviceTls(context, None, None, check_hostname, tracer, groups)
     certificate, chain, private_key, kind = _load_identity(cert, key, device_id)
     context, tracer = _shared_context(
-        (anchor, chain, check_hostname, keylog, groups), trust_anchor, device_id
+        (anchor, chain, check_hostname, keylog, groups, tls_version), trust_anchor, device_id
     )
     return DeviceTls(context, certificate, private_key, check_hostname, tracer, groups, kind)
 
@@ -221,8 +222,12 @@ def _shared_context(
     with _shared_lock:
         shared = _shared_contexts.get(key)
         if shared is None:
-            anchor, chain, _, keylog, groups = key
+            anchor, chain, _, keylog, groups, version = key
             context = _new_context(anchor, chain, keylog, groups, anchor_path, device_id)
+            if version == "1.2":
+                context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            elif version == "1.3":
+                context.set_min_proto_version(SSL.TLS1_3_VERSION)
             tracer = HandshakeTracer()
             tracer.attach(context)
             shared = (context, tracer)
