@@ -50,6 +50,9 @@ def summary_table(stats: SwarmStats) -> Table:
         f"{messages['sent']:,} sent, {messages['acknowledged']:,} acknowledged, {messages['lost']:,} lost",
     )
     table.add_row("connect latency (TCP+TLS+CONNACK)", _latencies(summary["connect_latency_ms"]))
+    if summary["negotiated"]:
+        agreed = ", ".join(f"{n:,} {what}" for what, n in summary["negotiated"].items())
+        table.add_row("key exchange · broker signs with", agreed)
     renewals = summary["renewals"]
     if renewals["done"] or renewals["failed"]:
         failed = ", ".join(f"{n} {reason}" for reason, n in renewals["failed"].items())

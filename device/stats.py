@@ -39,6 +39,8 @@ class SwarmStats:
     handshake: HdrHistogram = field(default_factory=_histogram)
     # shards whose worker was lost mid-run (--scheduler): {"worker": address, "devices": n}
     lost_shards: list[dict[str, Any]] = field(default_factory=list)
+    # the key exchange of each connection made: "X25519MLKEM768 · mldsa65" (group · broker's scheme)
+    negotiated: Counter[str] = field(default_factory=Counter)
 
     def record(self, attempt: ConnectAttempt) -> None:
         self.attempts[attempt.outcome.value] += 1
@@ -47,7 +49,9 @@ class SwarmStats:
             self.details[kind] += 1
             if kind not in self.examples and attempt.message:
                 self.examples[kind] = f"{attempt.device_id}: {attempt.message}"
-        elif attempt.total_seconds is not None:
+        else:
+            self.negotiated[f"{attempt.group or '-'} · {attempt.broker_signature or '-'}"] += 1
+        if attempt.outcome is ConnectOutcome.CONNECTED and attempt.total_seconds is not None:
             self.handshake.record_value(max(1, int(attempt.total_seconds * 1_000_000)))
 
     @property
@@ -82,6 +86,7 @@ class SwarmStats:
             "ramp_seconds": self.ramp_seconds,
             "handshake": self.handshake.encode(),
             "lost_shards": list(self.lost_shards),
+            "negotiated": dict(self.negotiated),
         }
 
     @classmethod
@@ -106,6 +111,7 @@ class SwarmStats:
                 ramps.append(snap["ramp_seconds"])
             total.handshake.add(HdrHistogram.decode(snap["handshake"]))
             total.lost_shards += snap.get("lost_shards", [])
+            total.negotiated.update(snap.get("negotiated", {}))
         total.ramp_seconds = max(ramps) if ramps and len(ramps) == len(snapshots) else None
         return total
 
@@ -120,6 +126,7 @@ class SwarmStats:
             "connected_at_deadline": self.connected_at_deadline,
             "messages": {"sent": self.sent, "acknowledged": self.acknowledged, "lost": self.lost},
             "renewals": {"done": self.renewals, "failed": dict(self.renewal_failures)},
+            "negotiated": dict(self.negotiated.most_common()),
             "connect_latency_ms": {
                 "p50": self.percentile_ms(50),
                 "p90": self.percentile_ms(90),

@@ -50,6 +50,7 @@ class SwarmConfig(DeviceBehaviour):
     source_ips: tuple[str, ...] = ()
     renew_at: float | None = None  # renew over MQTT at this fraction of each lifetime
     pins: tuple[str, ...] = ()  # sha256/BASE64 pins of the broker's key (none: no pinning)
+    groups: tuple[str, ...] = ()  # key-exchange groups the devices offer (none: P-256)
 
 
 class Swarm:
@@ -75,6 +76,7 @@ class Swarm:
             source_ip=c.source_ips[index % len(c.source_ips)] if c.source_ips else None,
             renew_at=c.renew_at,
             pins=c.pins,
+            groups=c.groups,
             **c.behaviour(),
         )
 

@@ -67,6 +67,13 @@ def swarm(
         int | None,
         typer.Option(metavar="PORT", help="Show the run live in the browser on this port."),
     ] = None,
+    groups: Annotated[
+        str | None,
+        typer.Option(
+            help="Key-exchange groups the devices offer, preferred first "
+            "(e.g. X25519MLKEM768,X25519) [default: P-256]."
+        ),
+    ] = None,
     scheduler: Annotated[
         str | None,
         typer.Option(
@@ -98,6 +105,7 @@ def swarm(
         source_ips=source_ips,
         renew_at=renew_at,
         pins=pin or (),
+        groups=groups,
     )
     if scheduler is not None:
         from fleet.cli.cluster import cluster_client

@@ -23,7 +23,7 @@ from fleet.controlplane.swarm_feed import SwarmFeed, SwarmProgress
 from fleet.kernel.addresses import parse_source_ips
 from fleet.kernel.durations import parse_positive_duration
 from fleet.kernel.errors import UsageError
-from fleet.kernel.tls import parse_pin
+from fleet.kernel.tls import parse_groups, parse_pin
 from fleet.store.workspace import Workspace
 
 _TARGET = re.compile(r"^mqtts://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?$")
@@ -54,6 +54,7 @@ class SwarmRequest:
         source_ips: str | None,
         renew_at: str | None = None,
         pins: Sequence[str] = (),
+        groups: str | None = None,
     ) -> SwarmRequest:
         if devices < 1:
             raise UsageError(f"invalid --devices {devices}: give a positive number")
@@ -96,6 +97,7 @@ class SwarmRequest:
             source_ips=parse_source_ips(source_ips) if source_ips else (),
             renew_at=_parse_fraction(renew_at) if renew_at else None,
             pins=tuple(_parse_pin(pin) for pin in pins),
+            groups=parse_groups(groups) if groups else (),
         )
         return cls(
             config=config, processes=parse_processes(processes), embedded_broker=target is None
