@@ -208,7 +208,11 @@ class TlsConnection:
         return f"{host}:{port}"
 
     def close(self) -> None:
-        self._raw.close()  # as ssl.SSLSocket.close: no close_notify
+        # As ssl.SSLSocket.close: no close_notify. Marked shut down all the same, or OpenSSL
+        # takes the connection for a failed one when it is freed and makes its TLS session
+        # unresumable (ssl_clear_bad_session): a later --resume would find none to resume.
+        self.connection.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+        self._raw.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +238,16 @@ async def open_device_tls(
     source_ip: str | None = None,
     on_connected: Callable[[str], None] | None = None,
     session: SSL.Session | None = None,
+    no_delay: bool = False,
 ) -> DeviceConnection:
     """:func:`open_tls_socket` for a simulated device: the same phases, timings and errors
-    (``session``: a TLS session of an earlier connection to resume)."""
+    (``session``: a TLS session of an earlier connection to resume; ``no_delay``: TCP_NODELAY,
+    so a CONNECT written right after a resumed TLS 1.2 handshake's Finished is not held back
+    by Nagle until the broker's delayed ACK, ~40 ms)."""
     loop = asyncio.get_running_loop()
     raw = await _new_socket(loop, host, port, source_ip)
+    if no_delay:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         started = time.perf_counter()
         async with asyncio.timeout(timeout):

@@ -55,6 +55,21 @@ from fleet.kernel.mqtt_api import (
 from fleet.kernel.tls import DeviceTls, device_tls, spki_pin
 
 
+def load_credentials(
+    settings: DeviceSettings, cert: Path | None = None, key: Path | None = None
+) -> DeviceTls:
+    """What the device of ``settings`` connects with (its files, or ``cert`` and ``key``): its
+    trust anchor, whether it presents a certificate, the groups it offers."""
+    return device_tls(
+        settings.trust_anchor,
+        cert or settings.cert,
+        key or settings.key,
+        device_id=settings.device_id,
+        present_certificate=settings.present_certificate,
+        groups=settings.groups,
+    )
+
+
 class Device:
     """One device: connect with classification, publish telemetry, reconnect with backoff.
 
@@ -106,28 +121,12 @@ class Device:
     def context(self) -> DeviceTls:
         """The TLS credentials, loaded on first use and reused across reconnects."""
         if self._context is None:
-            s = self.settings
-            self._context = device_tls(
-                s.trust_anchor,
-                s.cert,
-                s.key,
-                device_id=s.device_id,
-                present_certificate=s.present_certificate,
-                groups=s.groups,
-            )
+            self._context = load_credentials(self.settings)
         return self._context
 
     def swap_certificate(self, cert: Path, key: Path) -> None:
         """Use a renewed certificate for the next handshake; the live session is kept."""
-        s = self.settings
-        self._context = device_tls(
-            s.trust_anchor,
-            cert,
-            key,
-            device_id=s.device_id,
-            present_certificate=s.present_certificate,
-            groups=s.groups,
-        )
+        self._context = load_credentials(self.settings, cert, key)
         self._not_after = None
 
     def _certificate_expires_at(self) -> float:

@@ -182,6 +182,7 @@ class _Shard:
                 server_name=s.server_name,
                 timeout=s.timeout,
                 session=self.sessions[index],
+                no_delay=True,  # a latency measurement: no Nagle (see open_device_tls)
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             failure = classify_tls_failure(exc)

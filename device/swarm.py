@@ -23,13 +23,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from device.device import Device
+from device.device import Device, load_credentials
 from device.paho_driver import PahoDriver
 from device.settings import DeviceBehaviour, DeviceSettings
 from device.stats import SwarmStats
 from fleet.kernel.errors import CertificateError, FleetError
 from fleet.kernel.signals import stop_on_signals
-from fleet.kernel.tls import DeviceTls, device_tls
+from fleet.kernel.tls import DeviceTls
 from fleet.store.workspace import WorkspacePaths
 
 ProgressCallback = Callable[[SwarmStats], None]
@@ -164,13 +164,7 @@ async def _prepare_context(settings: DeviceSettings) -> DeviceTls | None:
     """Load a device's certificate and key off the event loop (file reads and parsing).
     ``None`` when unusable: the device then reports why when it connects."""
     try:
-        return await asyncio.to_thread(
-            device_tls,
-            settings.trust_anchor,
-            settings.cert,
-            settings.key,
-            device_id=settings.device_id,
-        )
+        return await asyncio.to_thread(load_credentials, settings)
     except CertificateError:
         return None
 

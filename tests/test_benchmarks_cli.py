@@ -51,3 +51,22 @@ def test_cluster_devices_and_seconds_scale_the_dask_comparison(tmp_path: Path) -
     assert [r[0] for r in runs] == ["--processes 2", "2 Dask workers (TLS)"] * 2, out
     assert all(r[1:] == ("40", "40") for r in runs), out
     assert "Dask / processes (means): connect rate" in out
+
+
+@pytest.mark.slow
+def test_pq_handshakes_scale_the_post_quantum_comparison(tmp_path: Path) -> None:
+    out = _bench(tmp_path, "--only", "post-quantum", "--pq-handshakes", "40")
+    assert "post-quantum TLS: fleet bench handshake against our broker, 40 connections a run" in (
+        " ".join(out.split())
+    ), out
+    chains = re.findall(
+        r"│ (classical|hybrid key exchange|ML-DSA-65 leaves|all ML-DSA-65)\s*│\s*(\S+) ·", out
+    )
+    assert chains == [
+        ("classical", "secp256r1"),
+        ("hybrid key exchange", "X25519MLKEM768"),
+        ("ML-DSA-65 leaves", "X25519MLKEM768"),
+        ("all ML-DSA-65", "X25519MLKEM768"),
+    ], out
+    plot = tmp_path / "bench" / "post-quantum" / "post_quantum.png"
+    assert plot.read_bytes().startswith(b"\x89PNG")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,51 @@ def test_resumption_and_a_sweep_then_compare(bench_dir: Path, tmp_path: Path) ->
     assert "handshakes/s (accepted)" in compared.stdout and "B/A" in compared.stdout
 
 
+def test_ml_dsa_devices_over_the_hybrid_group_against_classical_then_compare(
+    bench_dir: Path, tmp_path: Path
+) -> None:
+    classical, pq = tmp_path / "classical", tmp_path / "pq"
+    for out, options in (
+        (classical, ()),
+        (pq, ("--key-type", "ml-dsa-65", "--groups", "X25519MLKEM768")),
+    ):
+        result = _bench(
+            "handshake", "--dir", bench_dir, "--connections", "60", "--concurrency", "10",
+            "--report", out, *options,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    (before,) = json.loads((classical / "report.json").read_text())["runs"]
+    (after,) = json.loads((pq / "report.json").read_text())["runs"]
+    for run in (before, after):
+        _consistent(run, 60)
+        assert run["broker_signatures"] == {"ecdsa_secp256r1_sha256": 60}  # the ECDSA broker
+        assert run["broker_cpu_seconds_per_handshake"] > 0
+    assert (before["settings"]["key_type"], before["settings"]["groups"]) == ("ec-p256", "P-256")
+    assert before["groups"] == {"secp256r1": 60}
+    assert (after["settings"]["key_type"], after["settings"]["groups"]) == (
+        "ml-dsa-65",
+        "X25519MLKEM768",
+    )
+    assert after["groups"] == {"X25519MLKEM768": 60}
+    # an ML-DSA-65 certificate is ~4 KB (ECDSA: ~0.6 KB) and its signature 3,309 bytes (~72),
+    # and the hybrid key share 1,216 bytes (P-256: 65)
+    assert 3_000 < before["bytes_per_handshake"] < 7_000
+    assert after["bytes_per_handshake"] > before["bytes_per_handshake"] + 8_000
+    compared = _bench("compare", classical, pq, timeout=60)
+    assert compared.returncode == 0, compared.stderr
+    row = re.search(
+        r"bytes/handshake\s*│\s*([\d,.]+)\s*│\s*([\d,.]+)\s*│\s*([\d.]+)", compared.stdout
+    )
+    assert row is not None, compared.stdout
+    assert float(row[3]) > 2  # B/A
+    assert "negotiated X25519MLKEM768 60" in compared.stdout
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
+        (("--groups", "X25519,kyber"), "unknown key-exchange group 'kyber'"),
+        (("--key-type", "ml-dsa-66"), "unknown key type 'ml-dsa-66'"),
         (("--tls", "1.1"), "invalid --tls '1.1'"),
         (("--reject-mix", "150%"), "invalid --reject-mix '150%'"),
         (("--sweep", "threads=1,2"), "invalid --sweep 'threads=1,2'"),

@@ -150,6 +150,7 @@ def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_
         fleet_command(
             "swarm", "--dir", fleet_200.paths.root, "--devices", "50", "--ramp", "200/s",
             "--publish-every", "1s", "--duration", "3s", "--processes", "1", "--quiet", "--json", out,
+            "--groups", "X25519MLKEM768,X25519",
         ),
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -158,6 +159,8 @@ def test_fleet_swarm_command_with_the_embedded_broker(fleet_200: Workspace, tmp_
     summary = json.loads(out.read_text())
     assert summary["outcomes"] == {"connected": 50}
     assert summary["messages"]["lost"] == 0
+    # every device offered the hybrid group first, and the broker (OpenSSL 4.0) took it
+    assert summary["negotiated"] == {"X25519MLKEM768 · ecdsa_secp256r1_sha256": 50}
 
 
 def test_mqtt5_devices_are_told_plainly_by_a_3_1_1_broker(
