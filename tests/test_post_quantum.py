@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa
+from cryptography.x509 import ocsp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,7 +29,9 @@ from fleet import (
     generate_private_key,
     init_workspace,
     provision_devices,
+    revoke_device,
 )
+from fleet.controlplane.ocsp import OcspResponder
 from fleet.kernel.errors import CertificateError, UsageError
 from fleet.kernel.handshake_trace import _empty_certificate_list, _signature_scheme
 from fleet.kernel.keys import key_type_of, sign_bytes, signature_is_valid
@@ -358,3 +362,23 @@ def _session_of(device_id: str, event: dict[str, Any]) -> bool:
 
 def _events(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(text) for text in stderr.splitlines() if text.startswith("{")]
+
+
+def test_an_ml_dsa_ca_answers_ocsp_signed_with_ml_dsa(tmp_path: Path) -> None:
+    workspace = init_workspace(
+        tmp_path / "fleet", config=FleetConfig(ca_key_type=KeyType.ML_DSA_65)
+    )
+    ids = provision_devices(workspace, ProvisionSpec(count=2, prefix="d")).device_ids
+    revoke_device(workspace, ids[0])
+    responder = OcspResponder(workspace.registry, [workspace.ca])
+    issuer = workspace.ca.issuing_cert
+    for device_id, status in ((ids[0], "revoked"), (ids[1], "good")):
+        cert = x509.load_pem_x509_certificate(workspace.paths.device_cert(device_id).read_bytes())
+        request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+        answer = responder.answer(request.public_bytes(serialization.Encoding.DER))
+        assert answer.status == status
+        response = ocsp.load_der_ocsp_response(answer.der)
+        assert response.signature_algorithm_oid._name == "ML-DSA-65"
+        assert signature_is_valid(
+            issuer.public_key(), response.signature, response.tbs_response_bytes
+        )

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from fleet.cli.support import (
+    DeviceGroupsOption,
     DirOption,
     friendly_errors,
     out,
@@ -67,13 +68,7 @@ def swarm(
         int | None,
         typer.Option(metavar="PORT", help="Show the run live in the browser on this port."),
     ] = None,
-    groups: Annotated[
-        str | None,
-        typer.Option(
-            help="Key-exchange groups the devices offer, preferred first "
-            "(e.g. X25519MLKEM768,X25519) [default: P-256]."
-        ),
-    ] = None,
+    groups: DeviceGroupsOption = None,
     scheduler: Annotated[
         str | None,
         typer.Option(
@@ -145,13 +140,7 @@ def bench_handshake(
             "ml-dsa-65, ml-dsa-87 [default: the workspace's]."
         ),
     ] = None,
-    groups: Annotated[
-        str | None,
-        typer.Option(
-            help="Key-exchange groups the devices offer, preferred first "
-            "(e.g. X25519MLKEM768,X25519) [default: P-256]."
-        ),
-    ] = None,
+    groups: DeviceGroupsOption = None,
     resume: Annotated[
         bool, typer.Option(help="Also measure TLS session resumption against full handshakes.")
     ] = False,

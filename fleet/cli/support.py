@@ -24,6 +24,16 @@ DirOption = Annotated[
 ]
 
 
+DeviceGroupsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--groups",
+        help="Key-exchange groups the devices offer, preferred first "
+        "(e.g. X25519MLKEM768,X25519) [default: P-256].",
+    ),
+]
+
+
 ServerOption = Annotated[
     str | None,
     typer.Option(

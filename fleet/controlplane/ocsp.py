@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 
-from fleet.kernel.keys import signature_hash
+from fleet.kernel.keys import PublicKey, signature_hash
 from fleet.store.ca import CertificateAuthority
 from fleet.store.registry import Registry
 
@@ -32,6 +32,8 @@ def _key_bits(certificate: x509.Certificate) -> bytes:
         )
     if isinstance(key, rsa.RSAPublicKey):
         return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    if isinstance(key, PublicKey):  # Ed25519, ML-DSA: the raw key is the BIT STRING's contents
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     raise ValueError("unsupported issuer key")
 
 
