@@ -264,6 +264,9 @@ class PeerConnection(asyncio.Protocol):
         self._flush()
         self.handshaken = True
         self._timers[0].cancel()
+        self.broker.metrics.handshakes_negotiated.labels(
+            self.group or "none", self.device_signature or "none"
+        ).inc()
         self.broker.handshake_seconds(time.perf_counter() - self.accepted_at, ok=True)
         try:
             certificate = self.tls.get_peer_certificate(as_cryptography=True)

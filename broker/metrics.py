@@ -27,6 +27,13 @@ class BrokerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.handshakes_negotiated = Counter(
+            "mtls_handshakes_negotiated",
+            "Completed TLS handshakes by key-exchange group and the scheme the client signed "
+            "with (how far a post-quantum migration has come).",
+            ["group", "signature"],
+            registry=self.registry,
+        )
         self.connected = Gauge(
             "mtls_connected_devices",
             "Devices with an authorised MQTT session.",

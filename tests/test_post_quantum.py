@@ -281,6 +281,10 @@ def test_each_device_records_the_group_and_the_broker_records_its_signature(
             assert (attempt.group, attempt.broker_signature) == (group, "ecdsa_secp256r1_sha256")
             event = broker.wait_for_event(functools.partial(_session_of, device_id))
             assert (event["group"], event["signature"]) == (group, signature)
+            counted = broker.broker.metrics.registry.get_sample_value(
+                "mtls_handshakes_negotiated_total", {"group": group, "signature": signature}
+            )
+            assert counted == 1  # the migration's progress on /metrics
     finally:
         broker.stop()
 
