@@ -178,9 +178,9 @@ def bench_swarm(base: Path, devices: int, duration: float) -> None:
         )
 
 
-def bench_post_quantum(base: Path, connections: int) -> None:
+def bench_post_quantum(base: Path, connections: int, rounds: int) -> None:
     console.rule("post-quantum")
-    report = post_quantum.run(base / "post-quantum", connections=connections)
+    report = post_quantum.run(base / "post-quantum", connections=connections, rounds=rounds)
     classical = report.rows[0]
     rows = [
         [
@@ -199,7 +199,8 @@ def bench_post_quantum(base: Path, connections: int) -> None:
     console.print(
         _table(
             f"post-quantum TLS: fleet bench handshake against our broker, {connections:,} "
-            "connections a run, 100 in flight, TLS 1.3, mean of 2 alternating rounds; bytes: "
+            f"connections a run, 100 in flight, TLS 1.3, mean of {rounds} alternating round(s); "
+            "bytes: "
             "TLS records both ways until the broker's tickets",
             [
                 "chain",
@@ -518,6 +519,9 @@ def main() -> None:
         "--pq-handshakes", type=int, default=2_000, help="connections per post-quantum run"
     )
     parser.add_argument(
+        "--pq-rounds", type=int, default=2, help="alternating rounds of the post-quantum runs"
+    )
+    parser.add_argument(
         "--cluster-devices", type=int, default=4_000, help="devices in the Dask comparison"
     )
     parser.add_argument(
@@ -535,7 +539,7 @@ def main() -> None:
     if args.only in (None, "handshake"):
         bench_handshake(args.dir, args.handshakes)
     if args.only in (None, "post-quantum"):
-        bench_post_quantum(args.dir, args.pq_handshakes)
+        bench_post_quantum(args.dir, args.pq_handshakes, args.pq_rounds)
     if args.only in (None, "flood"):
         bench_flood(args.dir)
     if args.only in (None, "traffic"):

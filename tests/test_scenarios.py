@@ -57,13 +57,13 @@ _LONG = {
 
 @pytest.mark.slow
 def test_pq_lifetime_compression_in_miniature(tmp_path: Path) -> None:
-    """pq-lifetime-compression at a third of its length: 60 devices, 9-second certificates."""
+    """pq-lifetime-compression at a quarter of its length: 40 devices, 8-second certificates."""
     text = (LIBRARY / "pq-lifetime-compression.yaml").read_text()
     for old, new in (
-        ("count: 200", "count: 60"),
-        ("valid_for: 20s", "valid_for: 9s"),
-        ("wait: 60s", "wait: 20s"),
-        ("delivered_at_least: 20", "delivered_at_least: 8"),
+        ("count: 200", "count: 40"),
+        ("valid_for: 20s", "valid_for: 8s"),
+        ("wait: 60s", "wait: 16s"),
+        ("delivered_at_least: 20", "delivered_at_least: 6"),
     ):
         assert old in text, old
         text = text.replace(old, new)
