@@ -293,8 +293,16 @@ class SwarmReport:
 
 
 def run(
-    base: Path, *, devices: int = 10_000, duration: float = 120.0, churn_seconds: float = 10.0
+    base: Path,
+    *,
+    devices: int = 10_000,
+    duration: float = 120.0,
+    churn_seconds: float | None = None,
 ) -> SwarmReport:
+    """The held swarm for ``duration``, then the churn against Mosquitto for ``churn_seconds``
+    (default: a twelfth of ``duration``, 2 to 10 s: 10 s at the default two minutes)."""
+    if churn_seconds is None:
+        churn_seconds = min(10.0, max(2.0, duration / 12))
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     init_workspace(base / "ws", config=FleetConfig())

@@ -104,6 +104,8 @@ class HandshakeTracer:
         self, write_p: int, version: int, content_type: int, buf: object, size: int,
         ssl: object, arg: object,
     ) -> None:  # fmt: skip
+        if not self._traced or (content_type != _RECORD_HEADER and content_type != _HANDSHAKE):
+            return  # the steady state: sessions' records, no handshake in progress
         facts = self._traced.get(int(_ffi.cast("uintptr_t", ssl)))
         if facts is None:
             return
